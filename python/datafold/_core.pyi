@@ -1,0 +1,134 @@
+# The interface shared by the Rust core (datafold._core) and the pure-Python core (datafold._pure).
+# Both modules expose exactly these names with the same behaviour and the same exceptions
+# (classes from datafold.errors). Files are byte-compatible; docs/FORMAT.md is the format.
+from collections.abc import Iterable
+from typing import Protocol
+
+from typing_extensions import Buffer
+
+CORE_NAME: str  # "rust" or "pure"
+MAGIC: bytes  # b"DFBACKUP"
+FORMAT_VERSION: int  # 1
+DEFAULT_SEGMENT_SIZE: int  # 1 MiB
+MIN_SEGMENT_SIZE: int  # 4096
+MAX_SEGMENT_SIZE: int  # 64 MiB
+MAX_PREAMBLE_LENGTH: int  # 4096
+
+# (total_items, total_bytes, [(tree name, item_count, byte_count, digest32), ...], stream digest32)
+TreeSummary = tuple[str, int, int, bytes]
+Trailer = tuple[int, int, list[TreeSummary], bytes]
+
+class _Sink(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+class _Source(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+# --- one-shot Tink AES-GCM-HKDF streaming AEAD (first-segment offset 0) -------------------------
+# hkdf_hash: "sha256" (default) or "sha1"; derived_key_size: 32 (AES-256) or 16 (AES-128).
+# salt defaults to random bytes of derived_key_size, nonce_prefix to 7 random bytes.
+# segment_size is the ciphertext segment size; it must leave at least one plaintext byte in the
+# first segment (segment_size > header length + 16). Failures to authenticate raise IntegrityError;
+# bad parameters raise ValueError.
+def encrypt_stream(
+    key: Buffer,
+    plaintext: Buffer,
+    aad: Buffer,
+    segment_size: int,
+    salt: Buffer | None = None,
+    nonce_prefix: Buffer | None = None,
+    *,
+    hkdf_hash: str = "sha256",
+    derived_key_size: int = 32,
+) -> bytes: ...
+def decrypt_stream(
+    key: Buffer,
+    ciphertext: Buffer,
+    aad: Buffer,
+    segment_size: int,
+    *,
+    hkdf_hash: str = "sha256",
+    derived_key_size: int = 32,
+) -> bytes: ...
+
+# --- keys and digests -------------------------------------------------------------------------
+def derive_key_id(backup_key: Buffer) -> bytes: ...  # 16 bytes
+def digest_items(backup_key: Buffer, items: Iterable[tuple[Buffer, Buffer | None]]) -> tuple[int, int, bytes]:
+    """(item_count, byte_count, tree digest) of PUT records (value is bytes) and DELETE records
+    (value is None), exactly as a TREE_END of a tree holding these records in this order."""
+
+# --- preamble ---------------------------------------------------------------------------------
+class Preamble:
+    format_version: int
+    preamble_length: int
+    flags: int
+    segment_size: int
+    key_id: bytes
+    kdf_id: int
+    kdf_params: bytes
+    raw: bytes  # the exact preamble bytes (the stream's associated data)
+
+def encode_preamble(segment_size: int, key_id: Buffer, kdf_id: int = 0, kdf_params: Buffer = b"") -> bytes: ...
+def parse_preamble(data: Buffer) -> Preamble:
+    """data must hold at least the whole preamble (extra bytes are ignored). FormatError /
+    VersionMismatchError as docs/FORMAT.md §1 says."""
+
+# --- writing ----------------------------------------------------------------------------------
+class BackupWriter:
+    """State machine: OPEN -> (begin_tree -> IN_TREE -> end_tree -> OPEN)* -> finish -> FINISHED.
+    Any error poisons it: every later call raises BackupError. Calls out of order raise
+    InvalidArgumentError. Ciphertext goes to sink.write() in whole segments (one or a few per
+    call; memory stays bounded by a few segments); an OSError from the sink becomes BackupIOError. The preamble and Tink header are written by __init__; the
+    HEADER record is the first plaintext."""
+
+    def __init__(
+        self,
+        sink: _Sink,
+        backup_key: Buffer,
+        header: Buffer,
+        *,
+        segment_size: int = ...,
+        kdf_id: int = 0,
+        kdf_params: Buffer = b"",
+        salt: Buffer | None = None,
+        nonce_prefix: Buffer | None = None,
+    ) -> None: ...
+    @property
+    def bytes_written(self) -> int: ...
+    @property
+    def preamble(self) -> bytes: ...
+    def begin_tree(self, name: str) -> None: ...
+    def add_items(self, items: Iterable[tuple[Buffer, Buffer]]) -> int:
+        """PUT records from any iterable of (key, value); returns how many were added."""
+    def add_deletes(self, keys: Iterable[Buffer]) -> int:
+        """DELETE records; returns how many were added."""
+    def end_tree(self) -> TreeSummary: ...
+    def finish(self) -> Trailer:
+        """Writes the TRAILER and the last segment. Does not close or flush the sink."""
+
+# --- reading ----------------------------------------------------------------------------------
+class BackupReader:
+    """State machine: LOCKED -(unlock)-> READY -(next_tree)-> IN_TREE -(read_items until [])->
+    READY ... -(next_tree returns None)-> DONE. Any error poisons it. __init__ reads and checks the
+    preamble only (no key needed, so a passphrase's KDF parameters can be read first)."""
+
+    def __init__(self, source: _Source) -> None: ...
+    @property
+    def preamble(self) -> Preamble: ...
+    def unlock(self, backup_key: Buffer) -> bytes:
+        """Checks the key id (EncryptionKeyError), decrypts up to the end of the HEADER record and
+        returns its payload (the metadata JSON)."""
+    def next_tree(self) -> str | None:
+        """Name of the next tree, or None after the TRAILER was read, checked against everything
+        read, and the stream was found to end right after it. Called while a tree is open, it
+        first reads and checks the rest of that tree (this is how a reader skips a tree)."""
+    def read_items(self, max_items: int = 4096) -> list[tuple[bytes, bytes | None]]:
+        """Up to max_items records of the current tree: (key, value) for PUT, (key, None) for
+        DELETE. [] once the tree's TREE_END was read and its count, bytes and digest checked.
+        max_items < 1 is an InvalidArgumentError."""
+    @property
+    def trailer(self) -> Trailer | None: ...  # set once next_tree() returned None
+    def read_summary(self) -> Trailer:
+        """After unlock(), on a seekable source: decrypts only the last segment(s) holding the
+        TRAILER and returns it, without reading the segments in between (docs/FORMAT.md §6).
+        Checks the trailer's internal sums. The reader is DONE afterwards."""

@@ -1,0 +1,858 @@
+"""BackupWriter / BackupReader / digest_items: the record layer over the streaming AEAD.
+
+docs/FORMAT.md is the format; python/datafold/_core.pyi is the interface shared with the Rust core.
+Both objects are explicit state machines that poison themselves on the first error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NoReturn, cast
+
+import blake3
+
+from ..errors import (
+    ArgumentTypeError,
+    BackupError,
+    BackupIOError,
+    EncryptionKeyError,
+    FormatError,
+    IntegrityError,
+    InvalidArgumentError,
+)
+from ..keys import derive_digest_key, derive_key_id
+from .format import (
+    DEFAULT_SEGMENT_SIZE,
+    DELETE_HEADER,
+    LEN_HEADER,
+    MAX_FIELD_LENGTH,
+    MAX_TREE_NAME_LENGTH,
+    MIN_TRAILER_PAYLOAD_LENGTH,
+    PUT_HEADER,
+    REC_BLOCK,
+    REC_DELETE,
+    REC_HEADER,
+    REC_PUT,
+    REC_TRAILER,
+    REC_TREE_BEGIN,
+    REC_TREE_END,
+    RECORD_NAMES,
+    TREE_END,
+    TREE_END_LENGTH,
+    U32,
+    Preamble,
+    Trailer,
+    TreeSummary,
+    as_bytes,
+    check_segment_size,
+    declared_preamble_length,
+    decode_trailer_payload,
+    encode_preamble,
+    encode_trailer,
+    parse_preamble,
+)
+from .stream import MAX_SEGMENTS, NONCE_PREFIX_LENGTH, TAG_LENGTH, SegmentCipher, header_length
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = ["BackupWriter", "BackupReader", "digest_items"]
+
+KEY_LENGTH = 32
+SALT_LENGTH = 32
+HEADER_LENGTH = header_length(KEY_LENGTH)  # 40
+_CHUNK = 1 << 16  # records are batched up to this size before hashing and buffering
+_PUT_TYPE = REC_PUT
+_DEL_TYPE = REC_DELETE
+
+
+def _check_key(backup_key: object) -> bytes:
+    key = as_bytes(backup_key, "backup_key")
+    if len(key) != KEY_LENGTH:
+        raise InvalidArgumentError(f"backup_key must be {KEY_LENGTH} bytes, got {len(key)}")
+    return key
+
+
+def _buffer(obj: object, what: str) -> Any:
+    """A byte-oriented view of a bytes-like key or value (no copy when possible)."""
+    try:
+        view = memoryview(obj)  # type: ignore[arg-type]
+    except TypeError:
+        raise ArgumentTypeError(f"{what}s must be bytes-like objects, not {type(obj).__name__}") from None
+    if view.ndim != 1 or view.itemsize != 1 or not view.c_contiguous:
+        return view.tobytes()
+    return view
+
+
+def _pair(item: object) -> tuple[Any, Any]:
+    try:
+        key, value = cast(Any, item)
+    except (TypeError, ValueError):
+        raise ArgumentTypeError(f"items must be (key, value) pairs, got {type(item).__name__}") from None
+    return key, value
+
+
+def _too_long(what: str, length: int) -> InvalidArgumentError:
+    return InvalidArgumentError(f"{what} is {length} bytes; the format allows at most {MAX_FIELD_LENGTH}")
+
+
+def _poisoned(what: str) -> BackupError:
+    return BackupError(f"this {what} failed earlier and cannot be used any more; start a new one")
+
+
+# --- writer -----------------------------------------------------------------------------------
+
+_W_OPEN, _W_IN_TREE, _W_FINISHED, _W_POISONED = range(4)
+_W_STATE_NAMES = {_W_OPEN: "open", _W_IN_TREE: "inside a tree", _W_FINISHED: "finished"}
+
+
+class BackupWriter:
+    """OPEN -> (begin_tree -> IN_TREE -> end_tree -> OPEN)* -> finish -> FINISHED; any error poisons."""
+
+    __slots__ = (
+        "_sink",
+        "_cipher",
+        "_digest_key",
+        "_stream_hasher",
+        "_tree_hasher",
+        "_buf",
+        "_seg_plain",
+        "_index",
+        "_bytes_written",
+        "_preamble",
+        "_state",
+        "_tree_name",
+        "_tree_items",
+        "_tree_bytes",
+        "_names",
+        "_summaries",
+    )
+
+    def __init__(
+        self,
+        sink: Any,
+        backup_key: Buffer,
+        header: Buffer,
+        *,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        kdf_id: int = 0,
+        kdf_params: Buffer = b"",
+        salt: Buffer | None = None,
+        nonce_prefix: Buffer | None = None,
+    ) -> None:
+        self._state = _W_POISONED  # until construction completes
+        key = _check_key(backup_key)
+        head = as_bytes(header, "header")
+        if len(head) > MAX_FIELD_LENGTH:
+            raise _too_long("header", len(head))
+        css = check_segment_size(segment_size)
+        if salt is None:
+            salt_b = os.urandom(SALT_LENGTH)
+        else:
+            salt_b = as_bytes(salt, "salt")
+            if len(salt_b) != SALT_LENGTH:
+                raise InvalidArgumentError(f"salt must be {SALT_LENGTH} bytes, got {len(salt_b)}")
+        if nonce_prefix is None:
+            prefix = os.urandom(NONCE_PREFIX_LENGTH)
+        else:
+            prefix = as_bytes(nonce_prefix, "nonce_prefix")
+            if len(prefix) != NONCE_PREFIX_LENGTH:
+                raise InvalidArgumentError(f"nonce_prefix must be {NONCE_PREFIX_LENGTH} bytes, got {len(prefix)}")
+        preamble = encode_preamble(css, derive_key_id(key), kdf_id, kdf_params)
+        self._sink = sink
+        self._preamble = preamble
+        self._cipher = SegmentCipher(key, salt_b, prefix, preamble, css)
+        self._digest_key = derive_digest_key(key)
+        self._stream_hasher = blake3.blake3(key=self._digest_key)
+        self._tree_hasher: Any = None
+        self._buf = bytearray()
+        self._seg_plain = self._cipher.first_plain
+        self._index = 0
+        self._bytes_written = 0
+        self._tree_name = ""
+        self._tree_items = 0
+        self._tree_bytes = 0
+        self._names: set[str] = set()
+        self._summaries: list[TreeSummary] = []
+        self._write(preamble + bytes([HEADER_LENGTH]) + salt_b + prefix)
+        self._feed(LEN_HEADER.pack(REC_HEADER, len(head)) + head)
+        self._state = _W_OPEN
+
+    def __repr__(self) -> str:
+        state = _W_STATE_NAMES.get(self._state, "poisoned")
+        return f"<BackupWriter {state}, {self._bytes_written} bytes written>"
+
+    # -- plumbing --
+
+    def _enter(self, expected: int, method: str) -> None:
+        state = self._state
+        if state == expected:
+            return
+        if state == _W_POISONED:
+            raise _poisoned("BackupWriter")
+        self._state = _W_POISONED
+        raise InvalidArgumentError(
+            f"BackupWriter.{method}() called out of order (the writer is {_W_STATE_NAMES[state]})"
+        )
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._sink.write(data)
+        except OSError as exc:
+            raise BackupIOError(f"writing the backup failed: {exc}") from exc
+        self._bytes_written += len(data)
+
+    def _feed(self, data: Any) -> None:
+        """Plaintext before the TRAILER: into the stream digest, then into the segment buffer."""
+        self._stream_hasher.update(data)
+        self._buf += data
+        if len(self._buf) > self._seg_plain:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Emits every segment that is known not to be the last (more plaintext follows it)."""
+        buf = self._buf
+        while len(buf) > self._seg_plain:
+            size = self._seg_plain
+            if self._index >= MAX_SEGMENTS - 1:
+                raise InvalidArgumentError("backup too large: a stream holds at most 2^32 segments")
+            with memoryview(buf) as view:
+                ct = self._cipher.encrypt(self._index, view[:size], False)
+            del buf[:size]
+            self._write(ct)
+            self._index += 1
+            self._seg_plain = self._cipher.plain
+
+    def _emit_tree(self, data: Any) -> None:
+        self._tree_hasher.update(data)
+        self._feed(data)
+
+    # -- public API --
+
+    @property
+    def bytes_written(self) -> int:
+        return self._bytes_written
+
+    @property
+    def preamble(self) -> bytes:
+        return self._preamble
+
+    def begin_tree(self, name: str) -> None:
+        self._enter(_W_OPEN, "begin_tree")
+        try:
+            if not isinstance(name, str):
+                raise ArgumentTypeError(f"tree name must be a str, not {type(name).__name__}")
+            try:
+                raw = name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidArgumentError("tree name is not valid Unicode (it holds surrogates)") from None
+            if not 1 <= len(raw) <= MAX_TREE_NAME_LENGTH:
+                raise InvalidArgumentError(
+                    f"tree name must be 1..={MAX_TREE_NAME_LENGTH} bytes of UTF-8, got {len(raw)} bytes"
+                )
+            if name in self._names:
+                raise InvalidArgumentError(f"tree {name!r} was already written to this backup")
+            self._names.add(name)
+            self._feed(LEN_HEADER.pack(REC_TREE_BEGIN, len(raw)) + raw)
+            self._tree_name = name
+            self._tree_items = 0
+            self._tree_bytes = 0
+            self._tree_hasher = blake3.blake3(key=self._digest_key)
+            self._state = _W_IN_TREE
+        except BaseException:
+            self._state = _W_POISONED
+            raise
+
+    def add_items(self, items: Iterable[tuple[Buffer, Buffer]]) -> int:
+        self._enter(_W_IN_TREE, "add_items")
+        try:
+            count, nbytes = _frame_items(items, self._emit_tree, deletes=False)
+            self._tree_items += count
+            self._tree_bytes += nbytes
+            return count
+        except BaseException:
+            self._state = _W_POISONED
+            raise
+
+    def add_deletes(self, keys: Iterable[Buffer]) -> int:
+        self._enter(_W_IN_TREE, "add_deletes")
+        try:
+            count, nbytes = _frame_items(keys, self._emit_tree, deletes=True)
+            self._tree_items += count
+            self._tree_bytes += nbytes
+            return count
+        except BaseException:
+            self._state = _W_POISONED
+            raise
+
+    def end_tree(self) -> TreeSummary:
+        self._enter(_W_IN_TREE, "end_tree")
+        try:
+            digest = self._tree_hasher.digest()
+            self._tree_hasher = None
+            self._feed(TREE_END.pack(REC_TREE_END, self._tree_items, self._tree_bytes, digest))
+            summary: TreeSummary = (self._tree_name, self._tree_items, self._tree_bytes, digest)
+            self._summaries.append(summary)
+            self._state = _W_OPEN
+            return summary
+        except BaseException:
+            self._state = _W_POISONED
+            raise
+
+    def finish(self) -> Trailer:
+        self._enter(_W_OPEN, "finish")
+        try:
+            trees = list(self._summaries)
+            total_items = sum(t[1] for t in trees)
+            total_bytes = sum(t[2] for t in trees)
+            digest = self._stream_hasher.digest()
+            self._buf += encode_trailer(total_items, total_bytes, trees, digest)
+            self._drain()
+            # 1 ..= one segment of plaintext is left: the last segment, never empty.
+            ct = self._cipher.encrypt(self._index, self._buf, True)
+            self._buf = bytearray()
+            self._write(ct)
+            self._state = _W_FINISHED
+            return (total_items, total_bytes, trees, digest)
+        except BaseException:
+            self._state = _W_POISONED
+            raise
+
+
+def _frame_items(items: Iterable[Any], emit: Any, *, deletes: bool) -> tuple[int, int]:
+    """Frames PUT (or DELETE) records from a lazily consumed iterable, handing them to `emit` in
+    batches of about _CHUNK bytes; large values are handed over without copying them."""
+    if isinstance(items, (bytes, bytearray, memoryview, str)):
+        raise ArgumentTypeError("items must be an iterable of records, not a single bytes-like object or str")
+    chunk = bytearray()
+    count = 0
+    nbytes = 0
+    put_pack = PUT_HEADER.pack
+    del_pack = DELETE_HEADER.pack
+    for item in items:
+        if deletes:
+            key = item if type(item) is bytes else _buffer(item, "key")
+            klen = len(key)
+            if klen > MAX_FIELD_LENGTH:
+                raise _too_long("key", klen)
+            chunk += del_pack(_DEL_TYPE, klen)
+            chunk += key
+            nbytes += klen
+        else:
+            key, value = _pair(item)
+            if type(key) is not bytes:
+                key = _buffer(key, "key")
+            if type(value) is not bytes:
+                value = _buffer(value, "value")
+            klen = len(key)
+            vlen = len(value)
+            if klen > MAX_FIELD_LENGTH:
+                raise _too_long("key", klen)
+            if vlen > MAX_FIELD_LENGTH:
+                raise _too_long("value", vlen)
+            chunk += put_pack(_PUT_TYPE, klen, vlen)
+            chunk += key
+            if vlen >= _CHUNK:
+                emit(chunk)
+                chunk.clear()
+                emit(value)
+            else:
+                chunk += value
+            nbytes += klen + vlen
+        count += 1
+        if len(chunk) >= _CHUNK:
+            emit(chunk)
+            chunk.clear()
+    if chunk:
+        emit(chunk)
+    return count, nbytes
+
+
+def digest_items(backup_key: Buffer, items: Iterable[tuple[Buffer, Buffer | None]]) -> tuple[int, int, bytes]:
+    """(item_count, byte_count, tree digest) of PUT (value bytes) and DELETE (value None) records."""
+    key = _check_key(backup_key)
+    hasher = blake3.blake3(key=derive_digest_key(key))
+    if isinstance(items, (bytes, bytearray, memoryview, str)):
+        raise ArgumentTypeError("items must be an iterable of (key, value) pairs")
+    chunk = bytearray()
+    count = 0
+    nbytes = 0
+    put_pack = PUT_HEADER.pack
+    del_pack = DELETE_HEADER.pack
+    for item in items:
+        k, v = _pair(item)
+        if type(k) is not bytes:
+            k = _buffer(k, "key")
+        klen = len(k)
+        if klen > MAX_FIELD_LENGTH:
+            raise _too_long("key", klen)
+        if v is None:
+            chunk += del_pack(_DEL_TYPE, klen)
+            chunk += k
+            nbytes += klen
+        else:
+            if type(v) is not bytes:
+                v = _buffer(v, "value")
+            vlen = len(v)
+            if vlen > MAX_FIELD_LENGTH:
+                raise _too_long("value", vlen)
+            chunk += put_pack(_PUT_TYPE, klen, vlen)
+            chunk += k
+            if vlen >= _CHUNK:
+                hasher.update(chunk)
+                chunk.clear()
+                hasher.update(v)
+            else:
+                chunk += v
+            nbytes += klen + vlen
+        count += 1
+        if len(chunk) >= _CHUNK:
+            hasher.update(chunk)
+            chunk.clear()
+    hasher.update(chunk)
+    return count, nbytes, hasher.digest()
+
+
+# --- reader -----------------------------------------------------------------------------------
+
+# _R_TREE_END is READY right after a tree's TREE_END: read_items() keeps returning [] there.
+_R_LOCKED, _R_READY, _R_IN_TREE, _R_TREE_END, _R_DONE, _R_SUMMARY, _R_POISONED = range(7)
+_R_STATE_NAMES = {
+    _R_LOCKED: "locked (call unlock() first)",
+    _R_READY: "between trees",
+    _R_IN_TREE: "inside a tree",
+    _R_TREE_END: "between trees",
+    _R_DONE: "done",
+    _R_SUMMARY: "ended by read_summary(); open a new reader to read items",
+}
+
+
+def _unexpected(rtype: int, expected: str) -> NoReturn:
+    if rtype == REC_BLOCK:
+        raise FormatError("this backup uses compressed blocks (record type 0x07); reading it needs a newer datafold")
+    name = RECORD_NAMES.get(rtype)
+    if name is None:
+        raise FormatError(f"unknown record type {rtype:#04x} in the backup (written by a newer datafold?)")
+    raise IntegrityError(f"backup is corrupted: a {name} record where {expected} was expected")
+
+
+class BackupReader:
+    """LOCKED -(unlock)-> READY -(next_tree)-> IN_TREE -(read_items until [])-> READY ...
+    -(next_tree returns None)-> DONE. Any error poisons it."""
+
+    __slots__ = (
+        "_source",
+        "_preamble",
+        "_state",
+        "_cipher",
+        "_digest_key",
+        "_stream_hasher",
+        "_tree_hasher",
+        "_hashing",
+        "_data",
+        "_pos",
+        "_mark",
+        "_seg_index",
+        "_ended",
+        "_peek",
+        "_tree_name",
+        "_tree_items",
+        "_tree_bytes",
+        "_names",
+        "_summaries",
+        "_trailer",
+    )
+
+    def __init__(self, source: Any) -> None:
+        self._state = _R_POISONED  # until the preamble checks out
+        self._source = source
+        self._trailer: Trailer | None = None
+        first = self._read_exact(16)
+        length = declared_preamble_length(first)
+        rest = self._read_exact(length - 16)
+        self._preamble = parse_preamble(first + rest)
+        self._cipher: SegmentCipher | None = None
+        self._tree_hasher: Any = None
+        self._hashing = False
+        self._data = b""
+        self._pos = 0
+        self._mark = 0
+        self._seg_index = 0
+        self._ended = False
+        self._peek = b""
+        self._tree_name = ""
+        self._tree_items = 0
+        self._tree_bytes = 0
+        self._names: set[str] = set()
+        self._summaries: list[TreeSummary] = []
+        self._state = _R_LOCKED
+
+    def __repr__(self) -> str:
+        state = _R_STATE_NAMES.get(self._state, "poisoned")
+        return f"<BackupReader {state}>"
+
+    # -- plumbing --
+
+    def _enter(self, allowed: tuple[int, ...], method: str) -> None:
+        state = self._state
+        if state in allowed:
+            return
+        if state == _R_POISONED:
+            raise _poisoned("BackupReader")
+        self._state = _R_POISONED
+        raise InvalidArgumentError(
+            f"BackupReader.{method}() called out of order (the reader is {_R_STATE_NAMES[state]})"
+        )
+
+    def _read(self, n: int) -> bytes:
+        try:
+            data = self._source.read(n)
+        except OSError as exc:
+            raise BackupIOError(f"reading the backup failed: {exc}") from exc
+        return data or b""
+
+    def _read_exact(self, n: int) -> bytes:
+        """Up to n bytes; fewer only at the end of the source."""
+        if n <= 0:
+            return b""
+        data = self._read(n)
+        if len(data) >= n or not data:
+            return bytes(data)
+        parts = [data]
+        got = len(data)
+        while got < n:
+            more = self._read(n - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def _next_segment(self) -> bytes | None:
+        """Decrypts the next segment; None once the last one was decrypted. A segment is the last
+        exactly when no byte follows it (one byte is read ahead)."""
+        if self._ended:
+            return None
+        cipher = self._cipher
+        assert cipher is not None
+        index = self._seg_index
+        size = cipher.segment_size - HEADER_LENGTH if index == 0 else cipher.segment_size
+        peek = self._peek
+        ct = peek + self._read_exact(size - len(peek)) if peek else self._read_exact(size)
+        if len(ct) < size:
+            last = True
+            self._peek = b""
+        else:
+            self._peek = self._read_exact(1)
+            last = not self._peek
+        if len(ct) < TAG_LENGTH:
+            raise IntegrityError(f"backup is truncated or was tampered with (segment {index} is incomplete)")
+        if index >= MAX_SEGMENTS:
+            raise IntegrityError("backup is corrupted (more than 2^32 segments)")
+        pt = cipher.decrypt(index, ct, last)
+        self._seg_index = index + 1
+        self._ended = last
+        return pt
+
+    def _flush_hash(self) -> None:
+        """Hashes the consumed plaintext [mark, pos) into the active digests."""
+        if self._mark < self._pos:
+            if self._hashing:
+                with memoryview(self._data) as view:
+                    part = view[self._mark : self._pos]
+                    self._stream_hasher.update(part)
+                    if self._tree_hasher is not None:
+                        self._tree_hasher.update(part)
+                    part.release()
+            self._mark = self._pos
+
+    def _need(self, n: int) -> None:
+        """Makes sure n plaintext bytes follow the current position."""
+        avail = len(self._data) - self._pos
+        if avail >= n:
+            return
+        self._flush_hash()
+        parts: list[Any] = [self._data[self._pos :]] if avail else []
+        while avail < n:
+            pt = self._next_segment()
+            if pt is None:
+                raise IntegrityError("backup is corrupted: the stream ends before its TRAILER record")
+            parts.append(pt)
+            avail += len(pt)
+        self._data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._pos = 0
+        self._mark = 0
+
+    def _len_record(self) -> int:
+        """Length field of the HEADER / TREE_BEGIN / TRAILER record at the current position."""
+        self._need(LEN_HEADER.size)
+        return int(U32.unpack_from(self._data, self._pos + 1)[0])
+
+    # -- public API --
+
+    @property
+    def preamble(self) -> Preamble:
+        return self._preamble
+
+    @property
+    def trailer(self) -> Trailer | None:
+        return self._trailer
+
+    def unlock(self, backup_key: Buffer) -> bytes:
+        self._enter((_R_LOCKED,), "unlock")
+        try:
+            key = _check_key(backup_key)
+            if derive_key_id(key) != self._preamble.key_id:
+                raise EncryptionKeyError(
+                    "this backup was made with a different key (its key id does not match the key given)"
+                )
+            head = self._read_exact(HEADER_LENGTH)
+            if len(head) < HEADER_LENGTH:
+                raise IntegrityError("backup is truncated (the file ends inside the stream header)")
+            if head[0] != HEADER_LENGTH:
+                raise IntegrityError("backup is corrupted or was tampered with (bad stream header)")
+            salt = head[1 : 1 + SALT_LENGTH]
+            prefix = head[1 + SALT_LENGTH :]
+            self._cipher = SegmentCipher(key, salt, prefix, self._preamble.raw, self._preamble.segment_size)
+            self._digest_key = derive_digest_key(key)
+            self._stream_hasher = blake3.blake3(key=self._digest_key)
+            self._hashing = True
+            self._need(1)
+            rtype = self._data[self._pos]
+            if rtype != REC_HEADER:
+                _unexpected(rtype, "HEADER")
+            length = self._len_record()
+            self._need(LEN_HEADER.size + length)
+            start = self._pos + LEN_HEADER.size
+            payload = self._data[start : start + length]
+            self._pos = start + length
+            self._state = _R_READY
+            return payload
+        except BaseException:
+            self._state = _R_POISONED
+            raise
+
+    def next_tree(self) -> str | None:
+        if self._state == _R_DONE:
+            return None
+        self._enter((_R_READY, _R_IN_TREE, _R_TREE_END), "next_tree")
+        try:
+            # Moving on from an open tree reads (and checks) the rest of it, as the Rust core does.
+            while self._state == _R_IN_TREE:
+                self._read_items(1 << 16)
+            self._need(1)
+            rtype = self._data[self._pos]
+            if rtype == REC_TREE_BEGIN:
+                return self._tree_begin()
+            if rtype == REC_TRAILER:
+                self._read_trailer()
+                return None
+            _unexpected(rtype, "TREE_BEGIN or TRAILER")
+        except BaseException:
+            self._state = _R_POISONED
+            raise
+
+    def _tree_begin(self) -> str:
+        length = self._len_record()
+        if not 1 <= length <= MAX_TREE_NAME_LENGTH:
+            raise IntegrityError(f"backup is corrupted: tree name length {length} is out of range")
+        self._need(LEN_HEADER.size + length)
+        start = self._pos + LEN_HEADER.size
+        try:
+            name = self._data[start : start + length].decode("utf-8")
+        except UnicodeDecodeError:
+            raise IntegrityError("backup is corrupted: a tree name is not UTF-8") from None
+        if name in self._names:
+            raise IntegrityError(f"backup is corrupted: tree {name!r} appears twice")
+        self._names.add(name)
+        self._pos = start + length
+        self._flush_hash()  # TREE_BEGIN goes into the stream digest only
+        self._tree_hasher = blake3.blake3(key=self._digest_key)
+        self._tree_name = name
+        self._tree_items = 0
+        self._tree_bytes = 0
+        self._state = _R_IN_TREE
+        return name
+
+    def _read_trailer(self) -> None:
+        self._flush_hash()
+        self._hashing = False  # the stream digest covers everything before the TRAILER
+        length = self._len_record()
+        if length < MIN_TRAILER_PAYLOAD_LENGTH:
+            raise IntegrityError("backup is corrupted: its trailer is malformed")
+        self._need(LEN_HEADER.size + length)
+        start = self._pos + LEN_HEADER.size
+        payload = self._data[start : start + length]
+        self._pos = start + length
+        trailer = decode_trailer_payload(payload)
+        if trailer[2] != self._summaries:
+            raise IntegrityError("backup is corrupted: its trailer disagrees with the trees it holds")
+        if trailer[3] != self._stream_hasher.digest():
+            raise IntegrityError("backup is corrupted: the stream digest does not match")
+        if self._pos != len(self._data) or not self._ended:
+            raise IntegrityError("backup is corrupted: data follows its TRAILER record")
+        self._trailer = trailer
+        self._state = _R_DONE
+
+    def read_items(self, max_items: int = 4096) -> list[tuple[bytes, bytes | None]]:
+        self._enter((_R_IN_TREE, _R_TREE_END), "read_items")
+        try:
+            if isinstance(max_items, bool) or not isinstance(max_items, int):
+                raise ArgumentTypeError(f"max_items must be an int, not {type(max_items).__name__}")
+            if max_items < 1:
+                raise InvalidArgumentError(f"max_items must be at least 1, got {max_items}")
+            if self._state == _R_TREE_END:
+                return []
+            return self._read_items(max_items)
+        except BaseException:
+            self._state = _R_POISONED
+            raise
+
+    def _read_items(self, max_items: int) -> list[tuple[bytes, bytes | None]]:
+        out: list[tuple[bytes, bytes | None]] = []
+        data = self._data
+        pos = self._pos
+        count = 0
+        nbytes = 0
+        unpack_put = PUT_HEADER.unpack_from
+        unpack_u32 = U32.unpack_from
+        while count < max_items:
+            if pos >= len(data):
+                self._pos = pos
+                self._need(1)
+                data, pos = self._data, self._pos
+            rtype = data[pos]
+            if rtype == REC_PUT:
+                if len(data) - pos < 9:
+                    self._pos = pos
+                    self._need(9)
+                    data, pos = self._data, self._pos
+                _, klen, vlen = unpack_put(data, pos)
+                end = pos + 9 + klen + vlen
+                if end > len(data):
+                    self._pos = pos
+                    self._need(9 + klen + vlen)
+                    data, pos = self._data, self._pos
+                    end = pos + 9 + klen + vlen
+                kend = pos + 9 + klen
+                out.append((data[pos + 9 : kend], data[kend:end]))
+                nbytes += klen + vlen
+                pos = end
+            elif rtype == REC_DELETE:
+                if len(data) - pos < 5:
+                    self._pos = pos
+                    self._need(5)
+                    data, pos = self._data, self._pos
+                (klen,) = unpack_u32(data, pos + 1)
+                end = pos + 5 + klen
+                if end > len(data):
+                    self._pos = pos
+                    self._need(5 + klen)
+                    data, pos = self._data, self._pos
+                    end = pos + 5 + klen
+                out.append((data[pos + 5 : end], None))
+                nbytes += klen
+                pos = end
+            elif rtype == REC_TREE_END:
+                if out:
+                    break  # the next call checks the TREE_END and returns []
+                self._pos = pos
+                self._tree_end()
+                return out
+            else:
+                self._pos = pos
+                _unexpected(rtype, "PUT, DELETE or TREE_END")
+            count += 1
+        self._pos = pos
+        self._tree_items += count
+        self._tree_bytes += nbytes
+        return out
+
+    def _tree_end(self) -> None:
+        self._flush_hash()  # the tree's records, into both digests
+        self._need(TREE_END_LENGTH)
+        _, item_count, byte_count, digest = TREE_END.unpack_from(self._data, self._pos)
+        self._pos += TREE_END_LENGTH
+        tree_digest = self._tree_hasher.digest()
+        self._tree_hasher = None
+        if item_count != self._tree_items or byte_count != self._tree_bytes:
+            raise IntegrityError(
+                f"backup is corrupted: tree {self._tree_name!r} says it holds {item_count} items of "
+                f"{byte_count} bytes, but {self._tree_items} items of {self._tree_bytes} bytes were read"
+            )
+        if digest != tree_digest:
+            raise IntegrityError(f"backup is corrupted: the digest of tree {self._tree_name!r} does not match")
+        self._summaries.append((self._tree_name, item_count, byte_count, digest))
+        self._state = _R_TREE_END
+
+    def read_summary(self) -> Trailer:
+        self._enter((_R_READY, _R_IN_TREE, _R_TREE_END, _R_DONE), "read_summary")
+        try:
+            trailer = self._read_summary()
+            # `trailer` stays as it was: it is set by a full read (next_tree() returning None)
+            self._state = _R_SUMMARY
+            return trailer
+        except BaseException:
+            self._state = _R_POISONED
+            raise
+
+    def _read_summary(self) -> Trailer:
+        source = self._source
+        seekable = getattr(source, "seekable", None)
+        if not (callable(seekable) and hasattr(source, "seek") and seekable()):
+            raise InvalidArgumentError("read_summary() needs a seekable source (seekable(), seek() and tell())")
+        cipher = self._cipher
+        assert cipher is not None
+        base = self._preamble.preamble_length
+        css = cipher.segment_size
+        try:
+            end = source.seek(0, os.SEEK_END)
+            stream_len = (end if isinstance(end, int) else source.tell()) - base
+        except OSError as exc:
+            raise BackupIOError(f"reading the backup failed: {exc}") from exc
+        if stream_len < HEADER_LENGTH + TAG_LENGTH:
+            raise IntegrityError("backup is truncated (no complete segment follows the stream header)")
+        n = max(1, -(-stream_len // css))
+        last_start = HEADER_LENGTH if n == 1 else (n - 1) * css
+        if stream_len - last_start < TAG_LENGTH:
+            raise IntegrityError("backup is truncated or corrupted (its size does not fit its segment size)")
+        if n > MAX_SEGMENTS:
+            raise IntegrityError("backup is corrupted (more than 2^32 segments)")
+
+        def segment(j: int) -> bytes:
+            start = HEADER_LENGTH if j == 0 else j * css
+            end = min((j + 1) * css, stream_len)
+            try:
+                source.seek(base + start)
+            except OSError as exc:
+                raise BackupIOError(f"reading the backup failed: {exc}") from exc
+            ct = self._read_exact(end - start)
+            if len(ct) != end - start:
+                raise IntegrityError("backup is truncated (it changed while being read)")
+            return cipher.decrypt(j, ct, j == n - 1)
+
+        j = n - 1
+        parts = [segment(j)]
+        have = len(parts[0])
+        while have < 4:
+            j -= 1
+            if j < 0:
+                raise IntegrityError("backup is corrupted: no room for a TRAILER record")
+            pt = segment(j)
+            parts.insert(0, pt)
+            have += len(pt)
+        tail = b"".join(parts)
+        (length,) = U32.unpack_from(tail, len(tail) - 4)
+        if length < MIN_TRAILER_PAYLOAD_LENGTH:
+            raise IntegrityError("backup is corrupted: its trailer is malformed")
+        while len(tail) < length + LEN_HEADER.size:
+            j -= 1
+            if j < 0:
+                raise IntegrityError("backup is corrupted: its trailer is longer than the stream")
+            tail = segment(j) + tail
+        record = tail[len(tail) - length - LEN_HEADER.size :]
+        rtype, front_length = LEN_HEADER.unpack_from(record)
+        if rtype != REC_TRAILER or front_length != length:
+            raise IntegrityError("backup is corrupted: the stream does not end with a TRAILER record")
+        return decode_trailer_payload(record[LEN_HEADER.size :])

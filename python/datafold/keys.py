@@ -1,0 +1,103 @@
+"""Key handling: the Ed25519 master key pair and every derivation from it (docs/FORMAT.md §4).
+
+This is the one place where datafold derives keys in Python; the Rust core mirrors
+`derive_key_id` and `derive_digest_key` in src/keys.rs and the cross-core tests keep them equal.
+"""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import ArgumentTypeError, InvalidArgumentError
+
+__all__ = [
+    "MasterKeyPair",
+    "derive_backup_key",
+    "derive_key_id",
+    "derive_digest_key",
+    "hkdf_sha256",
+    "BACKUP_KEY_CONTEXT",
+    "KEY_ID_LABEL",
+    "DIGEST_KEY_LABEL",
+]
+
+BACKUP_KEY_CONTEXT = b"backup_data"
+KEY_ID_LABEL = b"datafold key id v1"
+DIGEST_KEY_LABEL = b"datafold digest v1"
+KEY_ID_LENGTH = 16
+
+
+def hkdf_sha256(ikm: bytes, info: bytes, length: int = 32, salt: bytes | None = None) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+class MasterKeyPair:
+    """An Ed25519 master key pair. Its private seed is the root of every backup key."""
+
+    __slots__ = ("_private",)
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        if not isinstance(private_key, Ed25519PrivateKey):
+            raise ArgumentTypeError("MasterKeyPair needs an Ed25519PrivateKey; use generate() or from_private_bytes()")
+        self._private = private_key
+
+    @classmethod
+    def generate(cls) -> MasterKeyPair:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, data: bytes) -> MasterKeyPair:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ArgumentTypeError("master private key must be bytes (the 32-byte Ed25519 seed)")
+        if len(data) != 32:
+            raise InvalidArgumentError(
+                f"master private key must be exactly 32 bytes (the Ed25519 seed), got {len(data)}"
+            )
+        return cls(Ed25519PrivateKey.from_private_bytes(bytes(data)))
+
+    def private_bytes(self) -> bytes:
+        return self._private.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+
+    def public_key_bytes(self) -> bytes:
+        return self._private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def sign(self, message: bytes) -> bytes:
+        return self._private.sign(message)
+
+    def __repr__(self) -> str:  # never show the private key
+        return f"MasterKeyPair(public_key={self.public_key_bytes().hex()})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MasterKeyPair):
+            return NotImplemented
+        return self.public_key_bytes() == other.public_key_bytes()
+
+    def __hash__(self) -> int:
+        return hash(self.public_key_bytes())
+
+    def __reduce__(self):
+        raise TypeError("MasterKeyPair cannot be pickled; store private_bytes() deliberately instead")
+
+
+def derive_backup_key(master: MasterKeyPair | bytes) -> bytes:
+    """The 32-byte backup key: HKDF-SHA256(ikm=master seed, salt=empty, info="backup_data").
+
+    It is the key value (IKM) of the Tink AES-GCM-HKDF streaming key that encrypts every backup
+    made with this master key; see docs/FORMAT.md for how to decrypt a backup with Tink.
+    """
+    seed = master.private_bytes() if isinstance(master, MasterKeyPair) else MasterKeyPair.from_private_bytes(master).private_bytes()
+    return hkdf_sha256(seed, BACKUP_KEY_CONTEXT)
+
+
+def derive_key_id(backup_key: bytes) -> bytes:
+    """16-byte fingerprint written in the preamble; it identifies the key without revealing it."""
+    return hkdf_sha256(bytes(backup_key), KEY_ID_LABEL, KEY_ID_LENGTH)
+
+
+def derive_digest_key(backup_key: bytes) -> bytes:
+    """32-byte key of the keyed BLAKE3 tree and stream digests."""
+    return hkdf_sha256(bytes(backup_key), DIGEST_KEY_LABEL)

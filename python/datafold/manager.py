@@ -1,0 +1,409 @@
+"""EncryptedBackupManager: full backups, restores, verification and listing over a DbOperations."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import IO, Any
+
+from . import core as _core_select
+from .atomic import TEMP_SUFFIX, AtomicFile
+from .errors import (
+    ArgumentTypeError,
+    BackupError,
+    BackupFileNotFoundError,
+    BackupIOError,
+    DatabaseError,
+    InvalidArgumentError,
+    StoreError,
+)
+from .keys import MasterKeyPair, derive_backup_key
+from .metadata import BackupMetadata, BackupResult, BackupStats, RestoreStats, SourceInfo
+from .options import BackupMode, BackupOptions, RestoreOptions
+from .stores import DbOperations, WriteTransaction, is_metadata_tree
+
+__all__ = ["EncryptedBackupManager"]
+
+READ_BATCH = 4096
+Trailer = tuple[int, int, list[tuple[str, int, int, bytes]], bytes]
+
+
+@contextmanager
+def _open_backup(path: str) -> Iterator[IO[bytes]]:
+    """Opens a backup for reading, with datafold's errors for the usual failures."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError as e:
+        raise BackupFileNotFoundError(f"backup file {path} does not exist") from e
+    except IsADirectoryError as e:
+        raise BackupIOError(f"{path} is a directory, not a backup file") from e
+    except OSError as e:
+        raise BackupIOError(f"cannot open backup {path}: {e.strerror or e}") from e
+    with f:
+        try:
+            yield f
+        except BackupError:
+            raise
+        except OSError as e:
+            raise BackupIOError(f"reading backup {path} failed: {e.strerror or e}") from e
+
+
+class EncryptedBackupManager:
+    """Creates, restores, verifies and lists encrypted backups of one database.
+
+    Every backup is encrypted with the backup key derived from `master_keypair`
+    (`datafold.keys.derive_backup_key`); `core` picks the Rust or pure-Python core for this
+    manager ("rust" / "pure"; default: the one `DATAFOLD_CORE` selects).
+    """
+
+    def __init__(self, db: DbOperations, master_keypair: MasterKeyPair, *, core: str | None = None) -> None:
+        if not isinstance(db, DbOperations):
+            raise ArgumentTypeError(f"db must be a DbOperations (DbOperations.open(path)), not {type(db).__name__}")
+        if not isinstance(master_keypair, MasterKeyPair):
+            raise ArgumentTypeError(f"master_keypair must be a MasterKeyPair, not {type(master_keypair).__name__}")
+        self._db = db
+        self._backup_key = derive_backup_key(master_keypair)
+        self._core = _core_select.core if core is None else _core_select.load_core(core)
+
+    def __repr__(self) -> str:
+        return f"EncryptedBackupManager(db={self._db!r}, core={self._core.CORE_NAME!r})"
+
+    @property
+    def core_name(self) -> str:
+        return str(self._core.CORE_NAME)
+
+    # ------------------------------------------------------------------ create
+
+    def create_backup(self, path: str | os.PathLike[str], options: BackupOptions | None = None) -> BackupResult:
+        """Writes a backup of the database to `path`; the file appears complete or not at all."""
+        options = _check_options(options, BackupOptions, "options")
+        if options.mode is not BackupMode.FULL:
+            raise InvalidArgumentError(
+                "mode=BackupMode.INCREMENTAL: incremental backups are not available in this release of datafold; "
+                "use BackupMode.FULL"
+            )
+        path = _path(path, "path")
+        started = time.perf_counter()
+        trees = self._select_trees(options)
+        prefix = options.key_prefix_filter or b""
+        option_doc = {
+            "tree_filter": sorted(options.tree_filter) if options.tree_filter is not None else None,
+            "key_prefix_filter": prefix.hex() if options.key_prefix_filter is not None else None,
+            "include_metadata": options.include_metadata,
+            "compression_level": options.compression_level,
+        }
+
+        def fill(writer: Any) -> None:
+            for name in trees:
+                writer.begin_tree(name)
+                writer.add_items(self._db.items(name, prefix))
+                writer.end_tree()
+
+        metadata = self._write_backup(path, trees, option_doc, fill, options.segment_size, options.verify_during_creation)
+        stats = BackupStats(
+            items_backed_up=metadata.total_items,
+            trees_backed_up=len(metadata.trees),
+            bytes_written=metadata.file_size or 0,
+            duration_s=time.perf_counter() - started,
+        )
+        return BackupResult(path=path, metadata=metadata, stats=stats)
+
+    def _select_trees(self, options: BackupOptions) -> list[str]:
+        names = self._db.tree_names()
+        if options.tree_filter is not None:
+            missing = sorted(set(options.tree_filter) - set(names))
+            if missing:
+                raise InvalidArgumentError(
+                    f"tree_filter names trees that are not in the database: {', '.join(missing)}"
+                )
+            names = [n for n in names if n in options.tree_filter]
+        if not options.include_metadata:
+            names = [n for n in names if not is_metadata_tree(n)]
+        return names
+
+    def _write_backup(
+        self,
+        path: str,
+        trees: list[str],
+        option_doc: dict[str, Any],
+        fill: Callable[[Any], None],
+        segment_size: int,
+        verify: bool,
+    ) -> BackupMetadata:
+        header = BackupMetadata.header_json(
+            mode=BackupMode.FULL.value,
+            parent_backup_id=None,
+            source=SourceInfo(self._db.backend, self._db.path),
+            options=option_doc,
+            trees=trees,
+        )
+        with AtomicFile(path) as out:
+            try:
+                writer = self._core.BackupWriter(out.file, self._backup_key, header, segment_size=segment_size)
+                fill(writer)
+                trailer = writer.finish()
+                out.file.flush()
+                if verify:
+                    out.file.seek(0)
+                    _, _, verified = self._scan(out.file)
+                    if verified != trailer:
+                        raise BackupIOError(
+                            f"the backup written to {path} does not read back as written; the disk may be failing"
+                        )
+            except BackupError:
+                raise
+            except OSError as e:
+                raise BackupIOError(f"writing backup {path} failed: {e.strerror or e}") from e
+            out.commit()
+        preamble = self._core.parse_preamble(writer.preamble)
+        return BackupMetadata.from_parts(header, trailer, preamble, path=path, file_size=writer.bytes_written)
+
+    # ------------------------------------------------------------------ read
+
+    def _scan(
+        self, f: IO[bytes], visit: Callable[[str, Any], None] | None = None
+    ) -> tuple[Any, bytes, Trailer]:
+        """A full authenticated pass; `visit(tree, reader)` may read the tree's items."""
+        reader = self._core.BackupReader(f)
+        header = reader.unlock(self._backup_key)
+        while (name := reader.next_tree()) is not None:
+            if visit is not None:
+                visit(name, reader)
+        return reader.preamble, header, reader.trailer
+
+    def verify_backup(self, path: str | os.PathLike[str]) -> BackupMetadata:
+        """Decrypts and checks the whole file (every segment, record, count and digest); writes nothing."""
+        path = _path(path, "path")
+        with _open_backup(path) as f:
+            preamble, header, trailer = self._scan(f)
+            size = os.fstat(f.fileno()).st_size
+        return BackupMetadata.from_parts(header, trailer, preamble, path=path, file_size=size)
+
+    def read_metadata(self, path: str | os.PathLike[str]) -> BackupMetadata:
+        """Metadata from the preamble and the segments holding the header and trailer only."""
+        path = _path(path, "path")
+        with _open_backup(path) as f:
+            reader = self._core.BackupReader(f)
+            header = reader.unlock(self._backup_key)
+            trailer = reader.read_summary()
+            size = os.fstat(f.fileno()).st_size
+            return BackupMetadata.from_parts(header, trailer, reader.preamble, path=path, file_size=size)
+
+    def list_backups(self, directory: str | os.PathLike[str]) -> list[BackupMetadata]:
+        """Metadata of every backup in `directory` readable with this key, oldest first. Other files
+        (foreign, corrupt, made with another key) are skipped with a warning."""
+        directory = _path(directory, "directory")
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except FileNotFoundError as e:
+            raise BackupFileNotFoundError(f"directory {directory} does not exist") from e
+        except OSError as e:
+            raise BackupIOError(f"cannot list {directory}: {e.strerror or e}") from e
+        found = []
+        for entry in entries:
+            if entry.name.endswith(TEMP_SUFFIX) or not entry.is_file():
+                continue
+            try:
+                found.append(self.read_metadata(entry.path))
+            except BackupError as e:
+                warnings.warn(f"skipping {entry.path}: {e}", stacklevel=2)
+        found.sort(key=lambda m: (m.created_at, m.backup_id))
+        return found
+
+    # ------------------------------------------------------------------ restore
+
+    def restore_backup(self, path: str | os.PathLike[str], options: RestoreOptions | None = None) -> RestoreStats:
+        """Applies a backup to the database in one store transaction: all of it or nothing."""
+        options = _check_options(options, RestoreOptions, "options")
+        path = _path(path, "path")
+        started = time.perf_counter()
+        stats = RestoreStats()
+        prefix = options.key_prefix_filter
+
+        def wanted(name: str) -> bool:
+            return options.tree_filter is None or name in options.tree_filter
+
+        # Check the key and read the tree list before anything else happens.
+        with _open_backup(path) as f:
+            reader = self._core.BackupReader(f)
+            header = reader.unlock(self._backup_key)
+            summary = reader.read_summary()
+        in_backup = _header_trees(header)
+        if options.tree_filter is not None:
+            missing = sorted(set(options.tree_filter) - set(in_backup))
+            if missing:
+                raise InvalidArgumentError(f"tree_filter names trees that are not in the backup: {', '.join(missing)}")
+        targets = [t for t in in_backup if wanted(t)]
+
+        if options.backup_before_restore:
+            # Also a full authenticated pass, so verify_before_restore needs no second one.
+            stats.safety_backup_path = self._safety_backup(path, targets, prefix, options)
+        elif options.verify_before_restore:
+            self.verify_backup(path)
+
+        self._db.reserve(summary[1] + 64 * summary[0])
+        outcome: dict[str, _TreeOutcome] = {}
+        with _open_backup(path) as f:
+            reader = self._core.BackupReader(f)
+            reader.unlock(self._backup_key)
+            with self._db.write_transaction() as txn:
+                while (name := reader.next_tree()) is not None:
+                    if not wanted(name):
+                        continue  # next_tree() reads and checks the skipped tree
+                    outcome[name] = self._restore_tree(txn, reader, name, prefix, options, stats)
+                    stats.trees_restored += 1
+                trailer = reader.trailer  # the whole stream checked out: now the transaction commits
+
+        if options.verify_after_restore:
+            self._verify_restored(path, trailer, outcome, prefix)
+            stats.verified = True
+        stats.duration_s = time.perf_counter() - started
+        return stats
+
+    def _restore_tree(
+        self,
+        txn: WriteTransaction,
+        reader: Any,
+        name: str,
+        prefix: bytes | None,
+        options: RestoreOptions,
+        stats: RestoreStats,
+    ) -> _TreeOutcome:
+        txn.create_tree(name)
+        result = _TreeOutcome(was_empty=next(iter(txn.items(name)), None) is None)
+        overwrite = options.overwrite_existing
+        while batch := reader.read_items(READ_BATCH):
+            for key, value in batch:
+                if prefix is not None and not key.startswith(prefix):
+                    continue
+                try:
+                    if value is None:
+                        txn.delete(name, key)
+                        stats.items_restored += 1
+                        result.had_deletes = True
+                    elif txn.put(name, key, value, overwrite):
+                        stats.items_restored += 1
+                    else:
+                        stats.items_skipped += 1
+                        result.unchecked.add(key)
+                except StoreError as e:
+                    if not options.continue_on_errors:
+                        raise
+                    stats.errors.append(f"tree {name!r}, key {key[:64].hex()}: {e}")
+                    result.unchecked.add(key)
+        return result
+
+    def _safety_backup(self, path: str, targets: list[str], prefix: bytes | None, options: RestoreOptions) -> str:
+        """Backs up the current state of what restoring `path` would touch: the present values
+        (PUT) and, as DELETE records, the backup's keys that the database does not hold yet — so
+        restoring the safety backup with overwrite_existing=True gives back the prior state."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        base = os.path.basename(path)
+        safety = options.safety_backup_path or os.path.join(
+            os.path.dirname(os.path.abspath(path)), f"{base}.pre-restore-{stamp}.dfb"
+        )
+        scan_prefix = prefix or b""
+
+        def fill(writer: Any) -> None:
+            with _open_backup(path) as f:
+
+                def visit(name: str, reader: Any) -> None:
+                    if name not in targets:
+                        return
+                    writer.begin_tree(name)
+                    writer.add_items(self._db.items(name, scan_prefix))
+                    writer.add_deletes(self._absent_keys(name, reader, scan_prefix))
+                    writer.end_tree()
+
+                self._scan(f, visit)
+
+        option_doc = {"purpose": f"safety backup taken before restoring {base}", "key_prefix_filter": scan_prefix.hex()}
+        self._write_backup(safety, targets, option_doc, fill, self._core.DEFAULT_SEGMENT_SIZE, True)
+        return safety
+
+    def _absent_keys(self, name: str, reader: Any, prefix: bytes) -> Iterator[bytes]:
+        while batch := reader.read_items(READ_BATCH):
+            for key, _ in batch:
+                if key.startswith(prefix) and self._db.get(name, key) is None:
+                    yield key
+
+    def _verify_restored(
+        self, path: str, trailer: Trailer, outcome: dict[str, _TreeOutcome], prefix: bytes | None
+    ) -> None:
+        """Reads back what the restore wrote. A tree restored whole into an empty tree is compared
+        by digest; any other tree item by item against a second pass over the backup."""
+        expected = {name: (items, nbytes, digest) for name, items, nbytes, digest in trailer[2]}
+        item_checked = []
+        for name, result in outcome.items():
+            if result.was_empty and prefix is None and not result.unchecked and not result.had_deletes:
+                got = self._core.digest_items(self._backup_key, self._db.items(name))
+                if tuple(got) != expected[name]:
+                    raise DatabaseError(
+                        f"tree {name!r} does not match the backup after the restore "
+                        f"({got[0]} items in the database, {expected[name][0]} in the backup): "
+                        "the database dropped or altered data; check the storage and restore again"
+                    )
+            else:
+                item_checked.append(name)
+        if not item_checked:
+            return
+
+        def visit(name: str, reader: Any) -> None:
+            if name not in item_checked:
+                return
+            skip = outcome[name].unchecked
+            while batch := reader.read_items(READ_BATCH):
+                for key, value in batch:
+                    if (prefix is not None and not key.startswith(prefix)) or key in skip:
+                        continue
+                    if self._db.get(name, key) != value:
+                        raise DatabaseError(
+                            f"tree {name!r}, key {key[:64].hex()}: the database does not hold what the restore "
+                            "wrote; check the storage and restore again"
+                        )
+
+        with _open_backup(path) as f:
+            self._scan(f, visit)
+
+
+class _TreeOutcome:
+    __slots__ = ("was_empty", "had_deletes", "unchecked")
+
+    def __init__(self, was_empty: bool) -> None:
+        self.was_empty = was_empty
+        self.had_deletes = False
+        # Keys whose database value need not equal the backup's: skipped or failed.
+        self.unchecked: set[bytes] = set()
+
+
+def _header_trees(header: bytes) -> list[str]:
+    from .errors import IntegrityError
+
+    try:
+        trees = json.loads(header.decode("utf-8"))["trees"]
+        if not all(isinstance(t, str) for t in trees):
+            raise TypeError("tree names must be strings")
+        return list(trees)
+    except (ValueError, KeyError, TypeError) as e:
+        raise IntegrityError(f"backup metadata is malformed: {e}") from e
+
+
+def _check_options(options: Any, cls: type, name: str) -> Any:
+    if options is None:
+        return cls()
+    if not isinstance(options, cls):
+        raise ArgumentTypeError(f"{name} must be a {cls.__name__}, not {type(options).__name__}")
+    return options
+
+
+def _path(value: Any, name: str) -> str:
+    if isinstance(value, (str, os.PathLike)):
+        p = os.fspath(value)
+        if isinstance(p, str) and p:
+            return p
+    raise ArgumentTypeError(f"{name} must be a non-empty str or os.PathLike, not {value!r}")

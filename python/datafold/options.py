@@ -1,0 +1,149 @@
+"""Backup and restore options. Every field does what its name says; invalid values raise
+InvalidArgumentError (a ValueError) or ArgumentTypeError (a TypeError) naming the field."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .core import core
+from .errors import ArgumentTypeError, InvalidArgumentError
+
+__all__ = ["BackupMode", "BackupOptions", "RestoreOptions", "MAX_COMPRESSION_LEVEL"]
+
+MAX_COMPRESSION_LEVEL = 22
+
+
+class BackupMode(str, enum.Enum):
+    FULL = "full"
+    INCREMENTAL = "incremental"
+
+
+def _tree_filter(value: Any, name: str) -> frozenset[str] | None:
+    if value is None:
+        return None
+    # A bare string would be iterated letter by letter: a classic slip, refused.
+    if isinstance(value, (str, bytes)) or not isinstance(value, Collection):
+        raise ArgumentTypeError(
+            f"{name} must be a list, tuple or set of tree names (or None), not {type(value).__name__}; "
+            f"for one tree write {name}=[{value!r}]"
+        )
+    names = frozenset(value)
+    for n in names:
+        if not isinstance(n, str) or not n:
+            raise ArgumentTypeError(f"{name} must hold non-empty tree names (str), found {n!r}")
+    return names
+
+
+def _prefix(value: Any, name: str) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise ArgumentTypeError(f"{name} must be str, bytes or None, not {type(value).__name__}")
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+def _check_bools(obj: object) -> None:
+    for f in fields(obj):  # type: ignore[arg-type]
+        if f.type in ("bool", bool):
+            _bool(getattr(obj, f.name), f.name)
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    """What `create_backup` backs up and how.
+
+    mode: BackupMode.FULL (INCREMENTAL is refused until incremental backups land).
+    tree_filter: None for every tree, else a collection of tree names.
+    key_prefix_filter: only keys starting with this prefix (str is UTF-8 encoded).
+    include_metadata: False leaves out metadata trees ("metadata" and names starting with "_"),
+        even where tree_filter names them.
+    compression_level: 0 (no compression); validated 0-22, levels above 0 arrive with zstd support.
+    verify_during_creation: re-read and verify the finished file before it is put in place.
+    segment_size: the Tink ciphertext segment size (docs/FORMAT.md).
+    """
+
+    mode: BackupMode = BackupMode.FULL
+    tree_filter: Collection[str] | None = None
+    key_prefix_filter: bytes | str | None = None
+    include_metadata: bool = True
+    compression_level: int = 0
+    verify_during_creation: bool = True
+    segment_size: int = field(default=core.DEFAULT_SEGMENT_SIZE)
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "mode", BackupMode(self.mode))
+        except ValueError:
+            raise InvalidArgumentError(
+                f"mode must be one of {[m.value for m in BackupMode]}, got {self.mode!r}"
+            ) from None
+        object.__setattr__(self, "tree_filter", _tree_filter(self.tree_filter, "tree_filter"))
+        object.__setattr__(self, "key_prefix_filter", _prefix(self.key_prefix_filter, "key_prefix_filter"))
+        _check_bools(self)
+        level = self.compression_level
+        if not isinstance(level, int) or isinstance(level, bool):
+            raise ArgumentTypeError(f"compression_level must be an int, not {type(level).__name__}")
+        if not 0 <= level <= MAX_COMPRESSION_LEVEL:
+            raise InvalidArgumentError(f"compression_level must be between 0 and {MAX_COMPRESSION_LEVEL}, got {level}")
+        if level != 0:
+            raise InvalidArgumentError(
+                f"compression_level={level}: compression is not available in this release of datafold "
+                "(format 1 files are written uncompressed); use compression_level=0"
+            )
+        size = self.segment_size
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise ArgumentTypeError(f"segment_size must be an int, not {type(size).__name__}")
+        if not core.MIN_SEGMENT_SIZE <= size <= core.MAX_SEGMENT_SIZE:
+            raise InvalidArgumentError(
+                f"segment_size must be between {core.MIN_SEGMENT_SIZE} and {core.MAX_SEGMENT_SIZE}, got {size}"
+            )
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How `restore_backup` applies a backup. The whole restore is one store transaction.
+
+    overwrite_existing: False keeps the values of keys that already exist (counted as skipped).
+    tree_filter / key_prefix_filter: restore only these trees / keys (as in BackupOptions).
+    verify_before_restore: a full authenticated pass over the file before the database is touched.
+    backup_before_restore: first write a safety backup of the trees the restore will touch;
+        its path is in RestoreStats.safety_backup_path (beside the restored file unless
+        safety_backup_path is given). Restoring it with overwrite_existing=True gives back the
+        prior values of every key the restore wrote.
+    continue_on_errors: record-level store errors are collected in RestoreStats.errors instead of
+        aborting; integrity failures always abort.
+    verify_after_restore: read back what was written and check it against the backup (per-tree
+        digests where a whole tree went into an empty tree, item by item otherwise).
+    """
+
+    overwrite_existing: bool = False
+    tree_filter: Collection[str] | None = None
+    key_prefix_filter: bytes | str | None = None
+    verify_before_restore: bool = True
+    backup_before_restore: bool = False
+    continue_on_errors: bool = False
+    verify_after_restore: bool = True
+    safety_backup_path: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tree_filter", _tree_filter(self.tree_filter, "tree_filter"))
+        object.__setattr__(self, "key_prefix_filter", _prefix(self.key_prefix_filter, "key_prefix_filter"))
+        _check_bools(self)
+        p = self.safety_backup_path
+        if p is not None and not isinstance(p, str):
+            import os
+
+            if not isinstance(p, os.PathLike):
+                raise ArgumentTypeError(f"safety_backup_path must be a path or None, not {type(p).__name__}")
+            object.__setattr__(self, "safety_backup_path", os.fspath(p))

@@ -1,0 +1,696 @@
+"""LMDB backend: the database is an LMDB environment directory; each tree is a named database.
+
+The memory map grows on demand. put(), put_many(), delete() and create_tree() run in their own
+write transaction: on MDB_MAP_FULL they abort, grow the map (at least doubling it) and replay the
+whole operation. write_transaction() is driven record by record by the caller and cannot be
+replayed, and LMDB cannot grow the map while a write transaction is open, so a full map there
+raises StoreError("database map is full ...") and the transaction rolls back; call
+DbOperations.reserve(nbytes) first to make room.
+
+Growing the map needs every transaction of this process on the environment to be finished, including
+open items() iterators: a grow waits (up to resize_timeout seconds) for other threads and fails at
+once if the calling thread itself holds one.
+
+LMDB must not open the same environment twice in one process, so stores opened on the same
+directory share one lmdb.Environment (reference counted).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import lmdb
+
+from ..errors import ArgumentTypeError, InvalidArgumentError, StoreError
+from . import Buffer, Items, Store, WriteTransaction, as_bytes, check_bool, check_item, check_nbytes, check_tree
+
+__all__ = ["LmdbStore", "DEFAULT_MAP_SIZE", "DEFAULT_MAX_DBS"]
+
+T = TypeVar("T")
+
+MiB = 1 << 20
+DEFAULT_MAP_SIZE = 64 * MiB
+DEFAULT_MAX_DBS = 4096
+DEFAULT_MAX_READERS = 126
+DEFAULT_RESIZE_TIMEOUT = 30.0
+# Room asked for per byte of keys+values: pages may be half full after splits and every record
+# carries a node header and a slot pointer, so 1 byte of data can take ~2-3 bytes of map (measured:
+# 2.8x for random 8-byte keys with 4-byte values, 1.4x for 3000-byte values), and many tiny records
+# cost more: about 20 bytes of map each for 4-byte keys, which _RECORD_OVERHEAD covers.
+_OVERHEAD_FACTOR = 3
+_RECORD_OVERHEAD = 16
+_SLACK = 8 * MiB  # branch pages, freelist, copy-on-write of touched pages
+_GRANULE = MiB  # map sizes are rounded up to this (a multiple of any OS page size)
+_MAX_GROW_ATTEMPTS = 40  # doubling each time: far beyond any address space
+
+_OPTIONS = ("map_size", "max_dbs", "max_readers", "resize_timeout")
+
+_MAP_FULL_IN_TXN = (
+    "database map is full: LMDB cannot grow the map while a write transaction is open, so this "
+    "transaction is rolled back; call reserve(nbytes) with the size of the data before write_transaction()"
+)
+
+
+def _round_up(n: int, granule: int) -> int:
+    return -(-n // granule) * granule
+
+
+def _int_option(options: dict[str, Any], name: str, default: int, minimum: int) -> int:
+    value = options.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ArgumentTypeError(f"lmdb option {name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise InvalidArgumentError(f"lmdb option {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _translate(e: lmdb.Error, action: str) -> StoreError:
+    """A StoreError with a useful message for an lmdb error (the caller chains it)."""
+    if isinstance(e, lmdb.DbsFullError):
+        return StoreError(f"LMDB {action} failed: too many trees; reopen with a larger max_dbs option ({e})")
+    if isinstance(e, lmdb.ReadersFullError):
+        return StoreError(
+            f"LMDB {action} failed: too many concurrent readers (open items() iterators?); close some "
+            f"or reopen with a larger max_readers option ({e})"
+        )
+    if isinstance(e, lmdb.MapFullError):
+        return StoreError(f"LMDB {action} failed: database map is full ({e})")
+    return StoreError(f"LMDB {action} failed: {e}")
+
+
+@contextmanager
+def _errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except lmdb.Error as e:
+        raise _translate(e, action) from e
+
+
+class _Handle:
+    """An lmdb transaction plus what the shared environment needs to account for it."""
+
+    __slots__ = ("txn", "write", "thread", "done")
+
+    def __init__(self, txn: lmdb.Transaction[bytes], write: bool, thread: int) -> None:
+        self.txn = txn
+        self.write = write
+        self.thread = thread
+        self.done = False
+
+
+class _SharedEnv:
+    """One lmdb.Environment and the bookkeeping that makes growing its map safe.
+
+    LMDB's mdb_env_set_mapsize() remaps the file, so no transaction of this process may be open
+    meanwhile: every transaction is counted per thread, and a grow waits for the count to drop to 0
+    while holding back new transactions.
+    """
+
+    def __init__(self, env: lmdb.Environment, key: str, resize_timeout: float) -> None:
+        self.env = env
+        self.key = key
+        self.refs = 1
+        self.resize_timeout = resize_timeout
+        self.page_size: int = env.stat()["psize"]
+        self.max_key_size: int = env.max_key_size()
+        self.cond = threading.Condition()
+        self.threads: dict[int, int] = {}  # thread id -> open transactions
+        self.active = 0
+        self.growth_pending = 0
+        self.writer: int | None = None  # thread holding the write transaction
+        # mdb_dbi_open is not thread-safe in read transactions; serialize all of them.
+        self.dbi_lock = threading.Lock()
+
+    # --- transactions ---
+
+    def _enter(self, me: int) -> None:
+        with self.cond:
+            # Let a pending grow go first, unless this thread already holds a transaction (the grow
+            # is waiting for it, so blocking here would only delay the grow's timeout).
+            while self.growth_pending and not self.threads.get(me):
+                self.cond.wait()
+            self.threads[me] = self.threads.get(me, 0) + 1
+            self.active += 1
+
+    def _leave(self, me: int) -> None:
+        with self.cond:
+            left = self.threads[me] - 1
+            if left:
+                self.threads[me] = left
+            else:
+                del self.threads[me]
+            self.active -= 1
+            self.cond.notify_all()
+
+    def begin(self, write: bool) -> _Handle:
+        me = threading.get_ident()
+        if write and self.writer == me:
+            # LMDB's writer lock is not reentrant: a second write transaction would deadlock.
+            raise StoreError(
+                "a write transaction is already open in this thread on this database; do the work "
+                "through that transaction (LMDB allows one writer at a time)"
+            )
+        for _ in range(3):
+            self._enter(me)
+            try:
+                txn = self.env.begin(write=write)
+            except lmdb.MapResizedError:
+                # Another process grew the map beyond ours: adopt its size and try again.
+                self._leave(me)
+                self.resize(0, "adopt the map size another process set")
+                continue
+            except BaseException:
+                self._leave(me)
+                raise
+            if write:
+                self.writer = me
+            return _Handle(txn, write, me)
+        raise StoreError("LMDB transaction could not start: the map keeps being resized by another process")
+
+    def end(self, handle: _Handle, commit: bool) -> None:
+        """Commit or abort; read transactions are always committed (that keeps their db handles)."""
+        if handle.done:
+            return
+        handle.done = True
+        try:
+            if handle.write:
+                # Clear before the commit releases LMDB's writer lock, so the next writer's mark stays.
+                self.writer = None
+                if commit:
+                    handle.txn.commit()
+                else:
+                    handle.txn.abort()
+            else:
+                try:
+                    handle.txn.commit()
+                except lmdb.Error:
+                    pass  # the environment was closed under an iterator: nothing left to release
+        finally:
+            self._leave(handle.thread)
+
+    def open_db(self, txn: lmdb.Transaction[bytes], name: bytes, create: bool) -> Any:
+        """The named database in txn, or None when create=False and it does not exist."""
+        if len(name) > self.max_key_size:
+            if not create:
+                return None  # could never have been created
+            raise StoreError(f"tree name is {len(name)} bytes in UTF-8; LMDB allows at most {self.max_key_size} bytes")
+        with self.dbi_lock:
+            try:
+                return self.env.open_db(name, txn=txn, create=create)
+            except lmdb.NotFoundError:
+                if create:
+                    raise
+                return None
+
+    # --- map size ---
+
+    def resize(self, new_size: int, what: str) -> None:
+        """set_mapsize(new_size) once no transaction of this process is open (0 adopts the file's size)."""
+        me = threading.get_ident()
+        with self.cond:
+            if self.threads.get(me):
+                raise StoreError(
+                    f"cannot {what}: this thread has an open transaction or items() iterator on the "
+                    "database; finish or close it first (or call reserve() before starting)"
+                )
+            self.growth_pending += 1
+            try:
+                deadline = time.monotonic() + self.resize_timeout
+                while self.active:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise StoreError(
+                            f"cannot {what}: other threads kept transactions or items() iterators open "
+                            f"for {self.resize_timeout} s"
+                        )
+                    self.cond.wait(remaining)
+                if new_size == 0 or new_size > self.env.info()["map_size"]:
+                    self.env.set_mapsize(new_size)
+            finally:
+                self.growth_pending -= 1
+                self.cond.notify_all()
+
+    def usage(self) -> tuple[int, int]:
+        """(map size, bytes used by the last committed transaction)."""
+        info = self.env.info()
+        return info["map_size"], (info["last_pgno"] + 1) * self.page_size
+
+    def grow(self, nbytes: int, records: int, double: bool) -> None:
+        """Grow the map so nbytes more of keys+values in `records` records fit; with double=True
+        at least double it (repeated retries then need only a few steps)."""
+        current, used = self.usage()
+        target = used + _OVERHEAD_FACTOR * (nbytes + _RECORD_OVERHEAD * records) + _SLACK
+        if double:
+            target = max(target, 2 * current)
+        if target > current:
+            self.resize(_round_up(target, _GRANULE), f"grow the database map to {target} bytes")
+
+
+_registry: dict[str, _SharedEnv] = {}
+_registry_lock = threading.Lock()
+
+
+class LmdbStore(Store):
+    """A Store on an LMDB environment directory. Open with LmdbStore.open() or DbOperations.open()."""
+
+    backend = "lmdb"
+
+    def __init__(self, path: str, shared: _SharedEnv) -> None:
+        self.path = path
+        self._shared = shared
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: str, **options: Any) -> LmdbStore:
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise InvalidArgumentError(f"unknown lmdb option(s) {', '.join(unknown)}; accepted: {', '.join(_OPTIONS)}")
+        map_size = _int_option(options, "map_size", DEFAULT_MAP_SIZE, 4096)
+        max_dbs = _int_option(options, "max_dbs", DEFAULT_MAX_DBS, 1)
+        max_readers = _int_option(options, "max_readers", DEFAULT_MAX_READERS, 1)
+        resize_timeout = options.get("resize_timeout", DEFAULT_RESIZE_TIMEOUT)
+        if not isinstance(resize_timeout, (int, float)) or isinstance(resize_timeout, bool):
+            raise ArgumentTypeError(f"lmdb option resize_timeout must be a number, not {type(resize_timeout).__name__}")
+        if resize_timeout < 0:
+            raise InvalidArgumentError(f"lmdb option resize_timeout must be >= 0, got {resize_timeout}")
+
+        path = os.fspath(path)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise StoreError(
+                f"cannot open LMDB database {path!r}: it is a file, but the lmdb backend needs a "
+                "directory; pass a directory path (it is created if missing)"
+            )
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+        except FileNotFoundError as e:
+            raise StoreError(
+                f"cannot open LMDB database {path!r}: its parent directory does not exist; create it first"
+            ) from e
+        except OSError as e:
+            raise StoreError(f"cannot create the LMDB directory {path!r}: {e.strerror}; check the path") from e
+
+        key = os.path.realpath(path)
+        with _registry_lock:
+            shared = _registry.get(key)
+            if shared is not None:
+                shared.refs += 1
+            else:
+                try:
+                    # sync/metasync stay on (the defaults): a commit is durable when it returns.
+                    env = lmdb.open(
+                        path,
+                        map_size=_round_up(map_size, 4096),
+                        max_dbs=max_dbs,
+                        max_readers=max_readers,
+                        subdir=True,
+                        create=False,  # the directory was made above
+                    )
+                except (lmdb.Error, OSError) as e:
+                    raise StoreError(
+                        f"cannot open LMDB database {path!r}: {e}; check that it is an LMDB environment "
+                        "directory you may write to"
+                    ) from e
+                shared = _SharedEnv(env, key, float(resize_timeout))
+                _registry[key] = shared
+        return cls(path, shared)
+
+    # --- plumbing ---
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"database {self.path!r} is closed")
+
+    def _check_key(self, key: bytes) -> None:
+        """Keys LMDB cannot store raise StoreError before they reach lmdb."""
+        if not key:
+            raise StoreError("LMDB cannot store an empty key")
+        if len(key) > self._shared.max_key_size:
+            raise StoreError(f"key is {len(key)} bytes; LMDB keys are at most {self._shared.max_key_size} bytes")
+
+    def _storable(self, key: bytes) -> bool:
+        """False for keys LMDB could never have stored (reads of them find nothing)."""
+        return 0 < len(key) <= self._shared.max_key_size
+
+    @contextmanager
+    def _read_txn(self) -> Iterator[lmdb.Transaction[bytes]]:
+        self._check_open()
+        handle = self._shared.begin(write=False)
+        try:
+            yield handle.txn
+        finally:
+            self._shared.end(handle, commit=True)
+
+    def _write(
+        self, op: Callable[[lmdb.Transaction[bytes]], T], written: Callable[[], tuple[int, int]], action: str
+    ) -> T:
+        """Run op in its own write transaction; on a full map abort, grow and replay it.
+
+        written() tells how many (bytes of keys+values, records) op had written when the map filled up.
+        """
+        with _errors(action):
+            for _ in range(_MAX_GROW_ATTEMPTS):
+                self._check_open()
+                handle = self._shared.begin(write=True)
+                try:
+                    result = op(handle.txn)
+                except lmdb.MapFullError:
+                    self._shared.end(handle, commit=False)
+                    self._shared.grow(*written(), double=True)
+                    continue
+                except BaseException:
+                    self._shared.end(handle, commit=False)
+                    raise
+                try:
+                    self._shared.end(handle, commit=True)
+                except lmdb.MapFullError:  # the commit itself may need pages (freelist)
+                    self._shared.grow(*written(), double=True)
+                    continue
+                return result
+        raise StoreError(f"LMDB {action} failed: database map is full and growing it did not help")
+
+    # --- reads ---
+
+    def tree_names(self) -> list[str]:
+        with _errors("tree_names"), self._read_txn() as txn:
+            return _list_trees(txn)
+
+    def get(self, tree: str, key: Buffer) -> bytes | None:
+        name = check_tree(tree).encode()
+        key = as_bytes(key, "key")
+        if not self._storable(key):
+            return None
+        with _errors("get"), self._read_txn() as txn:
+            db = self._shared.open_db(txn, name, create=False)
+            if db is None:
+                return None
+            value: bytes | None = txn.get(key, db=db)
+            return value
+
+    def count(self, tree: str) -> int:
+        name = check_tree(tree).encode()
+        with _errors("count"), self._read_txn() as txn:
+            db = self._shared.open_db(txn, name, create=False)
+            return 0 if db is None else int(txn.stat(db)["entries"])
+
+    def items(self, tree: str, prefix: Buffer = b"") -> Items:
+        name = check_tree(tree).encode()
+        prefix = as_bytes(prefix, "prefix")
+        self._check_open()
+        return self._iter_items(name, prefix)
+
+    def _iter_items(self, name: bytes, prefix: bytes) -> Items:
+        # A generator: the read transaction starts at the first next() and ends when it is
+        # exhausted, closed or garbage collected.
+        try:
+            with self._read_txn() as txn:
+                db = self._shared.open_db(txn, name, create=False)
+                if db is not None:
+                    yield from _scan(txn, db, prefix, self._shared.max_key_size)
+        except lmdb.Error as e:
+            raise _translate(e, "items") from e
+
+    # --- writes ---
+
+    def create_tree(self, tree: str) -> None:
+        name = check_tree(tree).encode()
+        self._write(lambda txn: self._shared.open_db(txn, name, create=True), lambda: (0, 0), "create_tree")
+
+    def put(self, tree: str, key: Buffer, value: Buffer) -> None:
+        name = check_tree(tree).encode()
+        key = as_bytes(key, "key")
+        value = as_bytes(value, "value")
+        self._check_key(key)
+
+        def op(txn: lmdb.Transaction[bytes]) -> None:
+            txn.put(key, value, db=self._shared.open_db(txn, name, create=True))
+
+        self._write(op, lambda: (len(key) + len(value), 1), "put")
+
+    def delete(self, tree: str, key: Buffer) -> bool:
+        name = check_tree(tree).encode()
+        key = as_bytes(key, "key")
+        if not self._storable(key):
+            return False
+
+        def op(txn: lmdb.Transaction[bytes]) -> bool:
+            db = self._shared.open_db(txn, name, create=False)
+            return False if db is None else bool(txn.delete(key, db=db))
+
+        return self._write(op, lambda: (len(key), 1), "delete")
+
+    def put_many(self, tree: str, items: Iterable[tuple[Buffer, Buffer]]) -> int:
+        """One atomic transaction. A list or tuple is replayed as is after growing the map; any other
+        iterable is consumed once, so the pairs read so far are kept until the commit to replay them."""
+        name = check_tree(tree).encode()
+        replay: Sequence[tuple[Buffer, Buffer]] | None = items if isinstance(items, (list, tuple)) else None
+        try:
+            source = iter(items) if replay is None else None
+        except TypeError:
+            raise ArgumentTypeError(
+                f"items must be an iterable of (key, value) pairs, not {type(items).__name__}"
+            ) from None
+        kept: list[tuple[bytes, bytes]] = []
+        nbytes = nrecords = 0
+
+        def checked(pairs: Iterable[object]) -> Iterator[tuple[bytes, bytes]]:
+            for pair in pairs:
+                key, value = check_item(pair)
+                self._check_key(key)
+                yield key, value
+
+        def op(txn: lmdb.Transaction[bytes]) -> int:
+            nonlocal nbytes, nrecords
+            nbytes = nrecords = 0
+            db = self._shared.open_db(txn, name, create=True)
+            if replay is not None:
+                pairs: Iterable[tuple[bytes, bytes]] = checked(replay)
+            else:
+                assert source is not None
+                pairs = _chain_keeping(kept, checked(source))
+            for key, value in pairs:
+                txn.put(key, value, db=db)
+                nbytes += len(key) + len(value)
+                nrecords += 1
+            return nrecords
+
+        return self._write(op, lambda: (nbytes, nrecords), "put_many")
+
+    @contextmanager
+    def write_transaction(self) -> Iterator[WriteTransaction]:
+        """All-or-nothing; a full map raises StoreError (see reserve())."""
+        self._check_open()
+        with _errors("write_transaction"):
+            handle = self._shared.begin(write=True)
+        txn = _LmdbWriteTransaction(self, handle)
+        try:
+            yield txn
+        except BaseException:
+            txn._finish(commit=False)
+            raise
+        txn._finish(commit=True)
+
+    def reserve(self, nbytes: int, *, records: int = 0) -> None:
+        """Grow the map now so that nbytes more of keys+values (in `records` records, if known) fit.
+
+        Sized for B-tree overhead: the map becomes at least used + 3 * (nbytes + 16 * records) + 8 MiB.
+        Pass records when writing many small records (their per-record overhead dominates). Call it
+        before write_transaction(), with no transaction or items() iterator open in this thread.
+        """
+        check_nbytes(nbytes)
+        check_nbytes(records, "records")
+        self._check_open()
+        with _errors("reserve"):
+            self._shared.grow(nbytes, records, double=False)
+
+    def map_size(self) -> int:
+        """The current map size in bytes (for diagnostics and tests)."""
+        self._check_open()
+        with _errors("map_size"):
+            return self._shared.usage()[0]
+
+    def close(self) -> None:
+        with _registry_lock:
+            if self._closed:
+                return
+            self._closed = True
+            shared = self._shared
+            shared.refs -= 1
+            if shared.refs:
+                return
+            del _registry[shared.key]
+        with _errors("close"):
+            shared.env.close()
+
+
+def _chain_keeping(
+    kept: list[tuple[bytes, bytes]], fresh: Iterator[tuple[bytes, bytes]]
+) -> Iterator[tuple[bytes, bytes]]:
+    """The pairs kept from earlier attempts, then new ones from fresh, keeping those too."""
+    yield from kept
+    for pair in fresh:
+        kept.append(pair)
+        yield pair
+
+
+def _list_trees(txn: lmdb.Transaction[bytes]) -> list[str]:
+    """Named databases are the keys of the main database (datafold stores nothing else there)."""
+    names = []
+    for raw in txn.cursor().iternext(keys=True, values=False):
+        if raw.endswith(b"\x00"):
+            raw = raw[:-1]  # LMDB 1.0 stores database names NUL-terminated
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # not a name datafold could have made
+        if name:
+            names.append(name)
+    return sorted(names)
+
+
+def _scan(txn: lmdb.Transaction[bytes], db: Any, prefix: bytes, max_key_size: int) -> Iterator[tuple[bytes, bytes]]:
+    """Stream the records of db whose key starts with prefix, in key order, as bytes copies."""
+    if len(prefix) > max_key_size:
+        return  # no stored key is that long
+    cursor = txn.cursor(db=db)
+    found = cursor.set_range(prefix) if prefix else cursor.first()
+    while found:
+        key, value = cursor.item()
+        if not key.startswith(prefix):
+            return
+        yield key, value
+        found = cursor.next()
+
+
+class _LmdbWriteTransaction(WriteTransaction):
+    def __init__(self, store: LmdbStore, handle: _Handle) -> None:
+        self._store = store
+        self._shared = store._shared
+        self._handle = handle
+        self._dbs: dict[bytes, Any] = {}  # handles opened in this transaction
+        self._failed: BaseException | None = None
+
+    def _txn(self) -> lmdb.Transaction[bytes]:
+        if self._handle.done:
+            raise StoreError("the write transaction is over (committed or rolled back)")
+        if self._failed is not None:
+            raise StoreError("the write transaction failed earlier and will be rolled back") from self._failed
+        self._store._check_open()
+        return self._handle.txn
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except lmdb.MapFullError as e:
+            self._failed = e
+            raise StoreError(_MAP_FULL_IN_TXN) from e
+        except lmdb.Error as e:
+            self._failed = e  # LMDB marks the transaction unusable after most errors
+            raise _translate(e, action) from e
+
+    def _db(self, txn: lmdb.Transaction[bytes], name: bytes, create: bool) -> Any:
+        db = self._dbs.get(name)
+        if db is None:
+            db = self._shared.open_db(txn, name, create)
+            if db is not None:
+                self._dbs[name] = db
+        return db
+
+    def _finish(self, commit: bool) -> None:
+        if self._handle.done:
+            return
+        if commit and self._failed is not None:
+            self._shared.end(self._handle, commit=False)
+            raise StoreError("the write transaction was rolled back because an operation in it failed") from (
+                self._failed
+            )
+        try:
+            self._shared.end(self._handle, commit=commit)
+        except lmdb.MapFullError as e:
+            raise StoreError(_MAP_FULL_IN_TXN) from e
+        except lmdb.Error as e:
+            raise _translate(e, "commit" if commit else "rollback") from e
+
+    def create_tree(self, tree: str) -> None:
+        name = check_tree(tree).encode()
+        with self._errors("create_tree"):
+            txn = self._txn()
+            self._db(txn, name, create=True)
+
+    def get(self, tree: str, key: Buffer) -> bytes | None:
+        name = check_tree(tree).encode()
+        key = as_bytes(key, "key")
+        with self._errors("get"):
+            txn = self._txn()
+            if not self._store._storable(key):
+                return None
+            db = self._db(txn, name, create=False)
+            value: bytes | None = None if db is None else txn.get(key, db=db)
+            return value
+
+    def put(self, tree: str, key: Buffer, value: Buffer, overwrite: bool = True) -> bool:
+        name = check_tree(tree).encode()
+        key = as_bytes(key, "key")
+        value = as_bytes(value, "value")
+        check_bool(overwrite, "overwrite")
+        self._store._check_key(key)
+        with self._errors("put"):
+            txn = self._txn()
+            return bool(txn.put(key, value, db=self._db(txn, name, create=True), overwrite=overwrite))
+
+    def put_many(self, tree: str, items: Iterable[tuple[Buffer, Buffer]], overwrite: bool = True) -> tuple[int, int]:
+        name = check_tree(tree).encode()
+        check_bool(overwrite, "overwrite")
+        written = skipped = 0
+        with self._errors("put_many"):
+            txn = self._txn()
+            db = self._db(txn, name, create=True)
+            for pair in items:
+                key, value = check_item(pair)
+                self._store._check_key(key)
+                if txn.put(key, value, db=db, overwrite=overwrite):
+                    written += 1
+                else:
+                    skipped += 1
+        return written, skipped
+
+    def delete(self, tree: str, key: Buffer) -> bool:
+        name = check_tree(tree).encode()
+        key = as_bytes(key, "key")
+        with self._errors("delete"):
+            txn = self._txn()
+            if not self._store._storable(key):
+                return False
+            db = self._db(txn, name, create=False)
+            return False if db is None else bool(txn.delete(key, db=db))
+
+    def items(self, tree: str, prefix: Buffer = b"") -> Items:
+        name = check_tree(tree).encode()
+        prefix = as_bytes(prefix, "prefix")
+        self._txn()
+        return self._iter_items(name, prefix)
+
+    def _iter_items(self, name: bytes, prefix: bytes) -> Items:
+        with self._errors("items"):
+            txn = self._txn()
+            db = self._db(txn, name, create=False)
+            if db is None:
+                return
+            for pair in _scan(txn, db, prefix, self._shared.max_key_size):
+                yield pair
+                self._txn()  # the transaction may have ended while the caller held the item
+
+    def tree_names(self) -> list[str]:
+        with self._errors("tree_names"):
+            return _list_trees(self._txn())

@@ -1,0 +1,103 @@
+//! AES-GCM through `aws-lc-rs` (AWS-LC: AES-NI/VAES/AVX-512 chosen at run time; picked over
+//! `ring` and RustCrypto `aes-gcm` by measurement, see docs/BENCHMARKS.md).
+
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
+
+use crate::error::{Error, Result};
+
+pub const NONCE_LENGTH: usize = 12;
+pub const TAG_LENGTH: usize = 16;
+
+pub struct AesGcm(LessSafeKey);
+
+impl AesGcm {
+    /// A 16-byte key selects AES-128-GCM, a 32-byte key AES-256-GCM.
+    pub fn new(key: &[u8]) -> Result<Self> {
+        let alg = match key.len() {
+            16 => &AES_128_GCM,
+            32 => &AES_256_GCM,
+            n => {
+                return Err(Error::invalid(format!(
+                    "AES-GCM key must be 16 or 32 bytes, got {n}"
+                )))
+            }
+        };
+        let key = UnboundKey::new(alg, key)
+            .map_err(|_| Error::Crypto("AES-GCM key setup failed".into()))?;
+        Ok(AesGcm(LessSafeKey::new(key)))
+    }
+
+    /// Encrypts `buf` in place and returns the tag.
+    pub fn seal(
+        &self,
+        nonce: &[u8; NONCE_LENGTH],
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<[u8; TAG_LENGTH]> {
+        let tag = self
+            .0
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), buf)
+            .map_err(|_| Error::Crypto("AES-GCM encryption failed (input too long?)".into()))?;
+        Ok(tag.as_ref().try_into().expect("16-byte tag"))
+    }
+
+    /// Decrypts `buf` = ciphertext || tag in place; returns the plaintext length.
+    /// `None` means the tag did not authenticate.
+    pub fn open(&self, nonce: &[u8; NONCE_LENGTH], aad: &[u8], buf: &mut [u8]) -> Option<usize> {
+        let n = buf.len().checked_sub(TAG_LENGTH)?;
+        let (ciphertext, tag) = buf.split_at_mut(n);
+        let tag: [u8; TAG_LENGTH] = (&*tag).try_into().ok()?;
+        // The separate-tag form: aws-lc-rs's `open_in_place` takes a much slower path.
+        self.0
+            .open_in_place_separate_tag(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(aad),
+                &tag,
+                ciphertext,
+            )
+            .ok()
+            .map(|p| p.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Wycheproof AES-GCM: every 96-bit-IV, 128-bit-tag case with a 128- or 256-bit key.
+    #[test]
+    fn wycheproof_aes_gcm() {
+        let v = crate::test_support::load_vectors("wycheproof_aes_gcm_test.json");
+        let mut checked = [0usize; 2];
+        for group in v["testGroups"].as_array().unwrap() {
+            let key_size = group["keySize"].as_u64().unwrap();
+            if group["ivSize"].as_u64() != Some(96) || group["tagSize"].as_u64() != Some(128) {
+                continue;
+            }
+            if key_size != 256 && key_size != 128 {
+                continue;
+            }
+            for t in group["tests"].as_array().unwrap() {
+                let h = |k: &str| hex::decode(t[k].as_str().unwrap()).unwrap();
+                let cipher = AesGcm::new(&h("key")).unwrap();
+                let nonce: [u8; 12] = h("iv").try_into().unwrap();
+                let valid = t["result"].as_str() != Some("invalid");
+                let mut buf = h("ct");
+                buf.extend_from_slice(&h("tag"));
+                let opened = cipher.open(&nonce, &h("aad"), &mut buf);
+                if valid {
+                    let n = opened.unwrap_or_else(|| panic!("tcId {} should open", t["tcId"]));
+                    assert_eq!(&buf[..n], &h("msg")[..]);
+                    let mut enc = h("msg");
+                    let tag = cipher.seal(&nonce, &h("aad"), &mut enc).unwrap();
+                    assert_eq!(enc, h("ct"));
+                    assert_eq!(tag.to_vec(), h("tag"));
+                } else {
+                    assert!(opened.is_none(), "tcId {} should fail", t["tcId"]);
+                }
+                checked[(key_size == 256) as usize] += 1;
+            }
+        }
+        assert!(checked[1] > 40, "256-bit cases checked: {checked:?}");
+    }
+}

@@ -1,0 +1,131 @@
+//! Keyed BLAKE3 tree and stream digests, and the per-tree tallies (docs/FORMAT.md §3-4).
+//!
+//! Writer and reader both hash plaintext lazily in large ranges (`Digests::absorb`) rather than
+//! record by record, so BLAKE3's SIMD paths see big inputs.
+
+use crate::error::{Error, Result};
+use crate::format::{frame_delete, frame_put, TreeSummary, DIGEST_LENGTH};
+
+pub struct Digests {
+    key: [u8; DIGEST_LENGTH],
+    stream: blake3::Hasher,
+    tree: Option<blake3::Hasher>,
+}
+
+impl Digests {
+    pub fn new(digest_key: &[u8; DIGEST_LENGTH]) -> Self {
+        Digests {
+            key: *digest_key,
+            stream: blake3::Hasher::new_keyed(digest_key),
+            tree: None,
+        }
+    }
+
+    /// Hashes bytes of the current region: into the stream digest, and into the tree digest
+    /// while a tree's records are open.
+    pub fn absorb(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.stream.update(bytes);
+        if let Some(t) = self.tree.as_mut() {
+            t.update(bytes);
+        }
+    }
+
+    pub fn open_tree(&mut self) {
+        self.tree = Some(blake3::Hasher::new_keyed(&self.key));
+    }
+
+    pub fn close_tree(&mut self) -> [u8; DIGEST_LENGTH] {
+        self.tree
+            .take()
+            .map(|t| *t.finalize().as_bytes())
+            .unwrap_or_default()
+    }
+
+    pub fn stream_digest(&self) -> [u8; DIGEST_LENGTH] {
+        *self.stream.finalize().as_bytes()
+    }
+}
+
+impl Drop for Digests {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.key);
+    }
+}
+
+/// Item and byte counts of one tree, overflow-checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub items: u64,
+    pub bytes: u64,
+}
+
+impl Tally {
+    pub fn add(&mut self, key_len: usize, value_len: usize) -> Result<()> {
+        let overflow = || Error::integrity("item or byte count overflows 64 bits");
+        self.items = self.items.checked_add(1).ok_or_else(overflow)?;
+        self.bytes = self
+            .bytes
+            .checked_add(key_len as u64)
+            .and_then(|b| b.checked_add(value_len as u64))
+            .ok_or_else(overflow)?;
+        Ok(())
+    }
+
+    pub fn summary(&self, name: String, digest: [u8; DIGEST_LENGTH]) -> TreeSummary {
+        TreeSummary {
+            name,
+            item_count: self.items,
+            byte_count: self.bytes,
+            digest,
+        }
+    }
+}
+
+/// Digest of records given one by one, as a TREE_END of a tree holding them would carry.
+/// Used after a restore to compare the database with the backup.
+pub struct ItemDigester {
+    digests: Digests,
+    buf: Vec<u8>,
+    tally: Tally,
+}
+
+const DIGESTER_BUFFER: usize = 256 * 1024;
+
+impl ItemDigester {
+    pub fn new(digest_key: &[u8; DIGEST_LENGTH]) -> Self {
+        let mut digests = Digests::new(digest_key);
+        digests.open_tree();
+        ItemDigester {
+            digests,
+            buf: Vec::with_capacity(DIGESTER_BUFFER),
+            tally: Tally::default(),
+        }
+    }
+
+    /// `value = None` is a DELETE record.
+    pub fn add(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        match value {
+            Some(v) => {
+                frame_put(&mut self.buf, key, v)?;
+                self.tally.add(key.len(), v.len())?;
+            }
+            None => {
+                frame_delete(&mut self.buf, key)?;
+                self.tally.add(key.len(), 0)?;
+            }
+        }
+        if self.buf.len() >= DIGESTER_BUFFER {
+            self.digests.absorb(&self.buf);
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> (Tally, [u8; DIGEST_LENGTH]) {
+        self.digests.absorb(&self.buf);
+        (self.tally, self.digests.close_tree())
+    }
+}

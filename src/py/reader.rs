@@ -1,0 +1,313 @@
+//! `BackupReader` and `Preamble`: reads segments from a Python file object and hands them to
+//! `BackupDecoder`, opening them with the GIL released.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+
+use super::errors::{BackupError, FormatError, InvalidArgumentError};
+use super::writer::trailer_tuple;
+use super::{secret_arg, PyResultExt};
+use crate::format::{Preamble, Trailer};
+use crate::reader::{
+    check_key, parse_tail_trailer, trailer_record_length, truncated, BackupDecoder, Item, Layout,
+    SegmentFeeder, Step,
+};
+
+#[pyclass(module = "datafold._core", name = "Preamble", frozen)]
+pub struct PyPreamble(pub Preamble);
+
+#[pymethods]
+impl PyPreamble {
+    #[getter]
+    fn format_version(&self) -> u32 {
+        self.0.format_version
+    }
+    #[getter]
+    fn preamble_length(&self) -> usize {
+        self.0.raw.len()
+    }
+    #[getter]
+    fn flags(&self) -> u32 {
+        self.0.flags
+    }
+    #[getter]
+    fn segment_size(&self) -> u32 {
+        self.0.segment_size
+    }
+    #[getter]
+    fn key_id<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.0.key_id)
+    }
+    #[getter]
+    fn kdf_id(&self) -> u16 {
+        self.0.kdf_id
+    }
+    #[getter]
+    fn kdf_params<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.0.kdf_params)
+    }
+    #[getter]
+    fn raw<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.0.raw)
+    }
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other
+            .downcast::<PyPreamble>()
+            .map(|o| o.get().0 == self.0)
+            .unwrap_or(false)
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Preamble(format_version={}, segment_size={}, key_id={}, kdf_id={})",
+            self.0.format_version,
+            self.0.segment_size,
+            self.0
+                .key_id
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+            self.0.kdf_id
+        )
+    }
+}
+
+/// Reads exactly `n` bytes, fewer only at the end of the input.
+fn read_up_to(source: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<u8>> {
+    let py = source.py();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let chunk = source
+            .call_method1("read", (n - out.len(),))
+            .io_context(py, "reading the backup")?;
+        let done = super::with_bytes(&chunk, |b| {
+            out.extend_from_slice(b);
+            b.is_empty()
+        })?;
+        if done {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+#[pyclass(module = "datafold._core", name = "BackupReader")]
+pub struct PyBackupReader {
+    source: Py<PyAny>,
+    preamble: Preamble,
+    dec: Option<BackupDecoder>,
+    feeder: SegmentFeeder,
+    poisoned: bool,
+    finished_by_summary: bool,
+}
+
+impl PyBackupReader {
+    fn guarded<'py, T>(
+        &mut self,
+        py: Python<'py>,
+        f: impl FnOnce(&mut Self, Python<'py>) -> PyResult<T>,
+    ) -> PyResult<T> {
+        if self.poisoned {
+            return Err(BackupError::new_err(
+                "this backup reader failed earlier and cannot be used any more; start a new one",
+            ));
+        }
+        let r = f(self, py);
+        if r.is_err() {
+            self.poisoned = true;
+            if let Some(d) = self.dec.as_mut() {
+                d.poison();
+            }
+        }
+        r
+    }
+
+    fn decoder(&mut self) -> PyResult<&mut BackupDecoder> {
+        if self.finished_by_summary {
+            return Err(InvalidArgumentError::new_err(
+                "read_summary() ended this reader; open a new one to read items",
+            ));
+        }
+        self.dec
+            .as_mut()
+            .ok_or_else(|| InvalidArgumentError::new_err("call unlock(backup_key) first"))
+    }
+
+    /// Reads the next segment from the source and decrypts it into the decoder.
+    fn feed(&mut self, py: Python<'_>) -> PyResult<()> {
+        let source = self.source.bind(py).clone();
+        let dec = self.dec.as_mut().expect("unlocked");
+        let (now, next) = (dec.next_segment_length(), dec.params().segment_size);
+        let (mut segment, last) = self.feeder.next(now, next, |n| read_up_to(&source, n))?;
+        py.detach(|| dec.push_segment(&mut segment, last))?;
+        Ok(())
+    }
+
+    /// Drives a decoder step until it has what it needs.
+    fn drive<T>(
+        &mut self,
+        py: Python<'_>,
+        mut step: impl FnMut(&mut BackupDecoder) -> crate::error::Result<Step<T>>,
+    ) -> PyResult<T> {
+        loop {
+            match step(self.decoder()?)? {
+                Step::Done(v) => return Ok(v),
+                Step::NeedMore => self.feed(py)?,
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl PyBackupReader {
+    #[new]
+    fn new(py: Python<'_>, source: Bound<'_, PyAny>) -> PyResult<Self> {
+        let mut head = read_up_to(&source, 16)?;
+        let len = Preamble::declared_length(&head)?;
+        head.extend(read_up_to(&source, len - 16)?);
+        if head.len() < len {
+            return Err(FormatError::new_err(
+                "truncated backup: the file ends inside its preamble",
+            ));
+        }
+        let preamble = Preamble::parse(&head)?;
+        let _ = py;
+        Ok(PyBackupReader {
+            source: source.unbind(),
+            preamble,
+            dec: None,
+            feeder: SegmentFeeder::default(),
+            poisoned: false,
+            finished_by_summary: false,
+        })
+    }
+
+    #[getter]
+    fn preamble(&self) -> PyPreamble {
+        PyPreamble(self.preamble.clone())
+    }
+
+    fn unlock<'py>(
+        &mut self,
+        py: Python<'py>,
+        backup_key: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let key = secret_arg(backup_key)?;
+        self.guarded(py, |s, py| {
+            if s.dec.is_some() {
+                return Err(InvalidArgumentError::new_err("unlock() was already called"));
+            }
+            check_key(&s.preamble, &key)?;
+            let header = read_up_to(s.source.bind(py), 40)?;
+            s.dec = Some(BackupDecoder::new(&s.preamble, &key, &header)?);
+            let header = s.drive(py, |d| d.read_header())?;
+            Ok(PyBytes::new(py, &header))
+        })
+    }
+
+    fn next_tree(&mut self, py: Python<'_>) -> PyResult<Option<String>> {
+        self.guarded(py, |s, py| s.drive(py, |d| d.next_tree()))
+    }
+
+    #[pyo3(signature = (max_items=4096))]
+    fn read_items<'py>(&mut self, py: Python<'py>, max_items: i64) -> PyResult<Bound<'py, PyList>> {
+        self.guarded(py, |s, py| {
+            if max_items < 1 {
+                return Err(InvalidArgumentError::new_err(format!(
+                    "max_items must be at least 1, got {max_items}"
+                )));
+            }
+            let max_items = max_items as usize;
+            let list = PyList::empty(py);
+            while list.len() < max_items {
+                let dec = s.decoder()?;
+                let pair = match dec.next_item()? {
+                    Step::NeedMore => {
+                        s.feed(py)?;
+                        continue;
+                    }
+                    Step::Done(None) => break,
+                    Step::Done(Some(Item::Put(k, v))) => {
+                        (PyBytes::new(py, k), Some(PyBytes::new(py, v)))
+                    }
+                    Step::Done(Some(Item::Delete(k))) => (PyBytes::new(py, k), None),
+                };
+                list.append(pair)?;
+            }
+            Ok(list)
+        })
+    }
+
+    #[getter]
+    fn trailer<'py>(&self, py: Python<'py>) -> Option<Py<PyAny>> {
+        self.dec.as_ref().and_then(|d| d.trailer()).map(|t| {
+            trailer_tuple(py, t)
+                .into_pyobject(py)
+                .expect("tuple")
+                .into_any()
+                .unbind()
+        })
+    }
+
+    fn read_summary<'py>(&mut self, py: Python<'py>) -> PyResult<Py<PyAny>> {
+        self.guarded(py, |s, py| {
+            let dec = s.decoder()?;
+            let params = dec.params();
+            let source = s.source.bind(py).clone();
+            if !source
+                .call_method0("seekable")
+                .and_then(|b| b.is_truthy())
+                .unwrap_or(false)
+            {
+                return Err(InvalidArgumentError::new_err(
+                    "read_summary() needs a seekable source",
+                ));
+            }
+            let end: u64 = source
+                .call_method1("seek", (0, 2))
+                .io_context(py, "seeking in the backup")?
+                .extract()?;
+            let start = s.preamble.raw.len() as u64;
+            let layout = Layout::new(params, end.checked_sub(start).ok_or_else(truncated)?)?;
+            let mut tail: Vec<u8> = Vec::new();
+            let mut index = layout.segments;
+            let trailer: Trailer = loop {
+                if index == 0 {
+                    return Err(truncated().into());
+                }
+                index -= 1;
+                let (offset, len) = layout.segment(index);
+                source
+                    .call_method1("seek", (start + offset,))
+                    .io_context(py, "seeking in the backup")?;
+                let mut segment = read_up_to(&source, len)?;
+                if segment.len() != len {
+                    return Err(truncated().into());
+                }
+                let dec = s.decoder()?;
+                let last = index + 1 == layout.segments;
+                let n = py.detach(|| dec.open_detached(index, last, &mut segment))?;
+                segment.truncate(n);
+                segment.extend_from_slice(&tail);
+                tail = segment;
+                if let Some(need) = trailer_record_length(&tail) {
+                    if tail.len() >= need {
+                        break parse_tail_trailer(&tail)?;
+                    }
+                }
+            };
+            s.finished_by_summary = true;
+            Ok(trailer_tuple(py, &trailer)
+                .into_pyobject(py)?
+                .into_any()
+                .unbind())
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<BackupReader segment_size={} unlocked={}>",
+            self.preamble.segment_size,
+            self.dec.is_some()
+        )
+    }
+}

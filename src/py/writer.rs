@@ -1,0 +1,189 @@
+//! `BackupWriter`: feeds Python items to `BackupEncoder`, seals with the GIL released and writes
+//! whole segments to the sink.
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use super::{opt_arg, pair, secret_arg, with_bytes, PyResultExt};
+use crate::format::{Trailer, TreeSummary, DEFAULT_SEGMENT_SIZE};
+use crate::writer::{BackupEncoder, EncoderOptions};
+
+#[pyclass(module = "datafold._core", name = "BackupWriter")]
+pub struct PyBackupWriter {
+    enc: BackupEncoder,
+    sink: Py<PyAny>,
+    /// Seal and write once this much plaintext is pending: a few segments, so memory stays bounded.
+    flush_at: usize,
+}
+
+pub(crate) fn tree_tuple<'py>(
+    py: Python<'py>,
+    t: &TreeSummary,
+) -> (String, u64, u64, Bound<'py, PyBytes>) {
+    (
+        t.name.clone(),
+        t.item_count,
+        t.byte_count,
+        PyBytes::new(py, &t.digest),
+    )
+}
+
+type PyTrailer<'py> = (
+    u64,
+    u64,
+    Vec<(String, u64, u64, Bound<'py, PyBytes>)>,
+    Bound<'py, PyBytes>,
+);
+
+pub(crate) fn trailer_tuple<'py>(py: Python<'py>, t: &Trailer) -> PyTrailer<'py> {
+    (
+        t.total_items,
+        t.total_bytes,
+        t.trees.iter().map(|s| tree_tuple(py, s)).collect(),
+        PyBytes::new(py, &t.digest),
+    )
+}
+
+impl PyBackupWriter {
+    fn write_out(&mut self, py: Python<'_>) -> PyResult<()> {
+        if self.enc.output_len() == 0 {
+            return Ok(());
+        }
+        let out = self.enc.take_output();
+        let chunk = PyBytes::new(py, &out);
+        self.sink
+            .bind(py)
+            .call_method1("write", (chunk,))
+            .io_context(py, "writing the backup")?;
+        Ok(())
+    }
+
+    fn seal_and_write(&mut self, py: Python<'_>) -> PyResult<()> {
+        let enc = &mut self.enc;
+        py.detach(|| enc.seal_ready())?;
+        self.write_out(py)
+    }
+
+    /// Runs `f`, poisoning the writer on any error (also errors raised by Python code).
+    fn guarded<'py, T>(
+        &mut self,
+        py: Python<'py>,
+        f: impl FnOnce(&mut Self, Python<'py>) -> PyResult<T>,
+    ) -> PyResult<T> {
+        let r = f(self, py);
+        if r.is_err() {
+            self.enc.poison();
+        }
+        r
+    }
+
+    fn add_with(
+        &mut self,
+        py: Python<'_>,
+        iterable: &Bound<'_, PyAny>,
+        mut add: impl FnMut(&mut BackupEncoder, &Bound<'_, PyAny>) -> PyResult<()>,
+    ) -> PyResult<u64> {
+        self.guarded(py, |s, py| {
+            let mut n = 0u64;
+            for item in iterable.try_iter()? {
+                add(&mut s.enc, &item?)?;
+                n += 1;
+                if s.enc.pending() >= s.flush_at {
+                    s.seal_and_write(py)?;
+                }
+            }
+            Ok(n)
+        })
+    }
+}
+
+#[pymethods]
+impl PyBackupWriter {
+    #[new]
+    #[pyo3(signature = (sink, backup_key, header, *, segment_size=DEFAULT_SEGMENT_SIZE as u64, kdf_id=0, kdf_params=None, salt=None, nonce_prefix=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        sink: Bound<'_, PyAny>,
+        backup_key: &Bound<'_, PyAny>,
+        header: &Bound<'_, PyAny>,
+        segment_size: u64,
+        kdf_id: u16,
+        kdf_params: Option<&Bound<'_, PyAny>>,
+        salt: Option<&Bound<'_, PyAny>>,
+        nonce_prefix: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let segment_size = crate::format::check_segment_size(segment_size)?;
+        let key = secret_arg(backup_key)?;
+        let (salt, prefix, kdf_params) =
+            (opt_arg(salt)?, opt_arg(nonce_prefix)?, opt_arg(kdf_params)?);
+        let kdf_params = kdf_params.unwrap_or_default();
+        let opts = EncoderOptions {
+            segment_size,
+            kdf_id,
+            kdf_params: &kdf_params,
+            salt: salt.as_deref(),
+            nonce_prefix: prefix.as_deref(),
+        };
+        let enc = with_bytes(header, |h| BackupEncoder::new(&key, h, &opts))??;
+        let mut w = PyBackupWriter {
+            enc,
+            sink: sink.unbind(),
+            flush_at: (4 * segment_size as usize).max(4 << 20),
+        };
+        w.write_out(py)?;
+        Ok(w)
+    }
+
+    #[getter]
+    fn bytes_written(&self) -> u64 {
+        self.enc.bytes_written()
+    }
+
+    #[getter]
+    fn preamble<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.enc.preamble().raw)
+    }
+
+    fn begin_tree(&mut self, name: &str) -> PyResult<()> {
+        Ok(self.enc.begin_tree(name)?)
+    }
+
+    fn add_items(&mut self, py: Python<'_>, items: &Bound<'_, PyAny>) -> PyResult<u64> {
+        self.add_with(py, items, |enc, item| {
+            let (k, v) = pair(item)?;
+            Ok(with_bytes(&k, |k| with_bytes(&v, |v| enc.put(k, v)))???)
+        })
+    }
+
+    fn add_deletes(&mut self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<u64> {
+        self.add_with(py, keys, |enc, key| {
+            Ok(with_bytes(key, |k| enc.delete(k))??)
+        })
+    }
+
+    fn end_tree<'py>(
+        &mut self,
+        py: Python<'py>,
+    ) -> PyResult<(String, u64, u64, Bound<'py, PyBytes>)> {
+        let summary = self.enc.end_tree()?;
+        Ok(tree_tuple(py, &summary))
+    }
+
+    fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<PyTrailer<'py>> {
+        self.guarded(py, |s, py| {
+            let enc = &mut s.enc;
+            let trailer = py.detach(|| enc.finish())?;
+            s.write_out(py)?;
+            Ok(trailer_tuple(py, &trailer))
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<BackupWriter segment_size={} bytes_written={}>",
+            self.enc.preamble().segment_size,
+            self.enc.bytes_written()
+        )
+    }
+}

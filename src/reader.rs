@@ -1,0 +1,495 @@
+//! The backup decoder: opens Tink segments fed to it, parses and checks the record grammar,
+//! counts and digests. Like the encoder it does no I/O; `SegmentFeeder` cuts a byte source into
+//! segments and decides which one is last by the end of the input.
+
+use std::collections::HashSet;
+
+use crate::digest::{Digests, Tally};
+use crate::error::{Error, Result};
+use crate::format::{
+    u32_le, u64_le, Preamble, Trailer, TreeSummary, DIGEST_LENGTH, MAX_TREE_NAME_LENGTH, REC_BLOCK,
+    REC_DELETE, REC_HEADER, REC_PUT, REC_TRAILER, REC_TREE_BEGIN, REC_TREE_END, TREE_END_LENGTH,
+};
+use crate::keys::{derive_digest_key, derive_key_id, SecretKey};
+use crate::stream::{SegmentCipher, StreamParams};
+
+/// Result of a parse step that may need another segment first.
+pub enum Step<T> {
+    Done(T),
+    NeedMore,
+}
+
+/// One record of a tree as the reader hands it out; borrows the decoder's buffer.
+pub enum Item<'a> {
+    Put(&'a [u8], &'a [u8]),
+    Delete(&'a [u8]),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Header,
+    Ready,
+    InTree,
+    TreeDone,
+    Done,
+    Poisoned,
+}
+
+/// Checks the key against the preamble's key id (before any decryption).
+pub fn check_key(preamble: &Preamble, backup_key: &[u8]) -> Result<SecretKey> {
+    let key = SecretKey::from_slice(backup_key, "backup key")?;
+    if derive_key_id(key.as_bytes()) != preamble.key_id {
+        return Err(Error::EncryptionKey(
+            "this backup was made with a different key: use the master key (or passphrase) it was created with"
+                .into(),
+        ));
+    }
+    Ok(key)
+}
+
+pub fn truncated() -> Error {
+    Error::integrity("backup is truncated: the stream ends before its trailer")
+}
+
+pub struct BackupDecoder {
+    cipher: SegmentCipher,
+    plain: Vec<u8>,
+    /// Parse cursor into `plain`; `plain[hashed..pos]` is parsed but not yet digested.
+    pos: usize,
+    hashed: usize,
+    next_segment: u64,
+    ended: bool,
+    digests: Digests,
+    state: State,
+    tree: Option<(String, Tally)>,
+    trees: Vec<TreeSummary>,
+    names: HashSet<String>,
+    trailer: Option<Trailer>,
+}
+
+impl BackupDecoder {
+    /// `stream_header` is the first bytes of the stream (the Tink header, 40 bytes).
+    pub fn new(preamble: &Preamble, backup_key: &[u8], stream_header: &[u8]) -> Result<Self> {
+        let key = check_key(preamble, backup_key)?;
+        let params = StreamParams::backup(preamble.segment_size);
+        let cipher =
+            SegmentCipher::from_header(params, key.as_bytes(), &preamble.raw, stream_header)?;
+        Ok(BackupDecoder {
+            cipher,
+            plain: Vec::with_capacity(2 * params.segment_size),
+            pos: 0,
+            hashed: 0,
+            next_segment: 0,
+            ended: false,
+            digests: Digests::new(derive_digest_key(key.as_bytes()).as_bytes()),
+            state: State::Header,
+            tree: None,
+            trees: Vec::new(),
+            names: HashSet::new(),
+            trailer: None,
+        })
+    }
+
+    pub fn params(&self) -> StreamParams {
+        self.cipher.params
+    }
+
+    /// Ciphertext length of the next full segment.
+    pub fn next_segment_length(&self) -> usize {
+        self.cipher.params.ciphertext_length(self.next_segment)
+    }
+
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    pub fn poison(&mut self) {
+        self.state = State::Poisoned;
+    }
+
+    fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        if self.state == State::Poisoned {
+            return Err(Error::Poisoned("backup reader"));
+        }
+        let r = f(self);
+        if r.is_err() {
+            self.state = State::Poisoned;
+        }
+        r
+    }
+
+    fn absorb_parsed(&mut self) {
+        self.digests.absorb(&self.plain[self.hashed..self.pos]);
+        self.hashed = self.pos;
+    }
+
+    /// Decrypts the next segment (ciphertext || tag, modified in place) and appends its plaintext.
+    pub fn push_segment(&mut self, segment: &mut [u8], last: bool) -> Result<()> {
+        self.guarded(|s| {
+            if s.ended {
+                return Err(Error::integrity(
+                    "data follows the last segment of the backup",
+                ));
+            }
+            let full = s.cipher.params.ciphertext_length(s.next_segment);
+            if segment.len() > full || (!last && segment.len() != full) {
+                return Err(Error::integrity(
+                    "backup segment has the wrong length (corrupted file)",
+                ));
+            }
+            let n = s.cipher.open_in_place(s.next_segment, last, segment)?;
+            s.next_segment += 1;
+            s.ended = last;
+            // Drop what is parsed (after digesting it) before appending.
+            s.absorb_parsed();
+            s.plain.drain(..s.pos);
+            s.pos = 0;
+            s.hashed = 0;
+            s.plain.extend_from_slice(&segment[..n]);
+            Ok(())
+        })
+    }
+
+    fn available(&self) -> &[u8] {
+        &self.plain[self.pos..]
+    }
+
+    /// A length-prefixed record body at the cursor (after its type byte), or NeedMore.
+    fn blob_len(&self) -> Step<usize> {
+        let a = self.available();
+        if a.len() < 5 {
+            return Step::NeedMore;
+        }
+        let n = u32_le(&a[1..5]) as usize;
+        if a.len() < 5 + n {
+            Step::NeedMore
+        } else {
+            Step::Done(n)
+        }
+    }
+
+    fn need_more<T>(&self) -> Result<Step<T>> {
+        if self.ended {
+            Err(truncated())
+        } else {
+            Ok(Step::NeedMore)
+        }
+    }
+
+    /// The HEADER payload (metadata JSON).
+    pub fn read_header(&mut self) -> Result<Step<Vec<u8>>> {
+        self.guarded(|s| {
+            if s.state != State::Header {
+                return Err(Error::invalid("the header was already read"));
+            }
+            match s.available().first() {
+                None => return s.need_more(),
+                Some(&REC_HEADER) => {}
+                Some(_) => {
+                    return Err(Error::integrity(
+                        "backup stream does not start with a HEADER record",
+                    ))
+                }
+            }
+            let Step::Done(n) = s.blob_len() else {
+                return s.need_more();
+            };
+            let payload = s.available()[5..5 + n].to_vec();
+            s.pos += 5 + n;
+            s.state = State::Ready;
+            Ok(Step::Done(payload))
+        })
+    }
+
+    /// Moves to the next tree, consuming (and checking) what is left of the current one.
+    /// `Done(None)` after the TRAILER was read and checked and the stream ended with it.
+    pub fn next_tree(&mut self) -> Result<Step<Option<String>>> {
+        self.guarded(|s| loop {
+            match s.state {
+                State::Header => return Err(Error::invalid("call unlock() before reading trees")),
+                State::Done => return Ok(Step::Done(None)),
+                State::InTree => match s.step_item()? {
+                    Step::NeedMore => return Ok(Step::NeedMore),
+                    Step::Done(_) => continue,
+                },
+                State::TreeDone => s.state = State::Ready,
+                State::Ready => return s.step_tree_begin_or_trailer(),
+                State::Poisoned => unreachable!("guarded"),
+            }
+        })
+    }
+
+    fn step_tree_begin_or_trailer(&mut self) -> Result<Step<Option<String>>> {
+        let kind = match self.available().first() {
+            None => return self.need_more(),
+            Some(&k) => k,
+        };
+        match kind {
+            REC_TREE_BEGIN => {
+                let Step::Done(n) = self.blob_len() else {
+                    return self.need_more();
+                };
+                if n == 0 || n > MAX_TREE_NAME_LENGTH {
+                    return Err(Error::integrity(
+                        "backup holds a tree with an invalid name length",
+                    ));
+                }
+                let name = std::str::from_utf8(&self.available()[5..5 + n])
+                    .map_err(|_| Error::integrity("backup holds a tree name that is not UTF-8"))?
+                    .to_owned();
+                if !self.names.insert(name.clone()) {
+                    return Err(Error::integrity(format!(
+                        "backup holds tree {name:?} twice"
+                    )));
+                }
+                self.pos += 5 + n;
+                self.absorb_parsed();
+                self.digests.open_tree();
+                self.tree = Some((name.clone(), Tally::default()));
+                self.state = State::InTree;
+                Ok(Step::Done(Some(name)))
+            }
+            REC_TRAILER => {
+                let Step::Done(n) = self.blob_len() else {
+                    return self.need_more();
+                };
+                self.absorb_parsed();
+                let trailer = Trailer::decode(&self.available()[5..5 + n])?;
+                if trailer.trees != self.trees {
+                    return Err(Error::integrity(
+                        "backup trailer disagrees with the trees read",
+                    ));
+                }
+                if trailer.digest != self.digests.stream_digest() {
+                    return Err(Error::integrity(
+                        "backup stream digest does not match its content",
+                    ));
+                }
+                self.pos += 5 + n;
+                if self.pos != self.plain.len() || !self.ended {
+                    return Err(Error::integrity("backup has data after its trailer"));
+                }
+                self.trailer = Some(trailer);
+                self.state = State::Done;
+                Ok(Step::Done(None))
+            }
+            other => Err(unexpected(other, "a TREE_BEGIN or TRAILER")),
+        }
+    }
+
+    /// The next record of the current tree; `Done(None)` once its TREE_END was read and checked.
+    pub fn next_item(&mut self) -> Result<Step<Option<Item<'_>>>> {
+        if self.state == State::Poisoned {
+            return Err(Error::Poisoned("backup reader"));
+        }
+        match self.state {
+            State::TreeDone => return Ok(Step::Done(None)),
+            State::InTree => {}
+            _ => {
+                self.state = State::Poisoned;
+                return Err(Error::invalid("no tree is open; call next_tree() first"));
+            }
+        }
+        let r = self.step_item();
+        match r {
+            Err(e) => {
+                self.state = State::Poisoned;
+                Err(e)
+            }
+            Ok(Step::NeedMore) => Ok(Step::NeedMore),
+            Ok(Step::Done(None)) => Ok(Step::Done(None)),
+            Ok(Step::Done(Some((kind, start, klen, vlen)))) => {
+                let k = &self.plain[start..start + klen];
+                Ok(Step::Done(Some(if kind == REC_PUT {
+                    Item::Put(k, &self.plain[start + klen..start + klen + vlen])
+                } else {
+                    Item::Delete(k)
+                })))
+            }
+        }
+    }
+
+    /// Parses one record of the open tree: Some((kind, key offset, key len, value len)) or None at TREE_END.
+    #[allow(clippy::type_complexity)]
+    fn step_item(&mut self) -> Result<Step<Option<(u8, usize, usize, usize)>>> {
+        let a = self.available();
+        let Some(&kind) = a.first() else {
+            return self.need_more();
+        };
+        match kind {
+            REC_PUT => {
+                if a.len() < 9 {
+                    return self.need_more();
+                }
+                let (klen, vlen) = (u32_le(&a[1..5]) as usize, u32_le(&a[5..9]) as usize);
+                if a.len() < 9 + klen + vlen {
+                    return self.need_more();
+                }
+                let start = self.pos + 9;
+                self.pos = start + klen + vlen;
+                self.tree.as_mut().expect("in tree").1.add(klen, vlen)?;
+                Ok(Step::Done(Some((REC_PUT, start, klen, vlen))))
+            }
+            REC_DELETE => {
+                if a.len() < 5 {
+                    return self.need_more();
+                }
+                let klen = u32_le(&a[1..5]) as usize;
+                if a.len() < 5 + klen {
+                    return self.need_more();
+                }
+                let start = self.pos + 5;
+                self.pos = start + klen;
+                self.tree.as_mut().expect("in tree").1.add(klen, 0)?;
+                Ok(Step::Done(Some((REC_DELETE, start, klen, 0))))
+            }
+            REC_TREE_END => {
+                if a.len() < TREE_END_LENGTH {
+                    return self.need_more();
+                }
+                let items = u64_le(&a[1..9]);
+                let bytes = u64_le(&a[9..17]);
+                let digest: [u8; DIGEST_LENGTH] = a[17..49].try_into().expect("32");
+                self.absorb_parsed();
+                let computed = self.digests.close_tree();
+                let (name, tally) = self.tree.take().expect("in tree");
+                if items != tally.items || bytes != tally.bytes {
+                    return Err(Error::integrity(format!(
+                        "tree {name:?}: the backup says {items} items / {bytes} bytes but holds {} / {}",
+                        tally.items, tally.bytes
+                    )));
+                }
+                if digest != computed {
+                    return Err(Error::integrity(format!(
+                        "tree {name:?}: digest does not match its records"
+                    )));
+                }
+                self.pos += TREE_END_LENGTH;
+                self.trees.push(tally.summary(name, digest));
+                self.state = State::TreeDone;
+                Ok(Step::Done(None))
+            }
+            other => Err(unexpected(other, "a PUT, DELETE or TREE_END")),
+        }
+    }
+
+    pub fn last_tree(&self) -> Option<&TreeSummary> {
+        self.trees.last()
+    }
+
+    pub fn trailer(&self) -> Option<&Trailer> {
+        self.trailer.as_ref()
+    }
+
+    /// Opens one segment without touching the parse state (for reading the trailer alone).
+    pub fn open_detached(&self, index: u64, last: bool, segment: &mut [u8]) -> Result<usize> {
+        self.cipher.open_in_place(index, last, segment)
+    }
+}
+
+fn unexpected(kind: u8, wanted: &str) -> Error {
+    match kind {
+        REC_BLOCK => Error::format(
+            "this backup holds compressed blocks, which this release of datafold cannot read; upgrade datafold",
+        ),
+        REC_HEADER | REC_TREE_BEGIN | REC_PUT | REC_DELETE | REC_TREE_END | REC_TRAILER => {
+            Error::integrity(format!("backup record order is invalid: found record type {kind:#04x}, expected {wanted}"))
+        }
+        _ => Error::format(format!("backup holds an unknown record type {kind:#04x}")),
+    }
+}
+
+/// Where the segments of a stream of `stream_len` bytes lie (FORMAT.md §6).
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    pub params: StreamParams,
+    pub stream_len: u64,
+    pub segments: u64,
+}
+
+impl Layout {
+    pub fn new(params: StreamParams, stream_len: u64) -> Result<Self> {
+        let css = params.segment_size as u64;
+        let header = params.header_length() as u64;
+        if stream_len < header + 16 {
+            return Err(Error::integrity(
+                "backup is truncated (the stream is shorter than one segment)",
+            ));
+        }
+        let segments = stream_len.div_ceil(css).max(1);
+        let last_len = stream_len - (segments - 1) * css - if segments == 1 { header } else { 0 };
+        if last_len < 16 {
+            return Err(Error::integrity(
+                "backup is truncated or has extra bytes (its size does not fit the segment size)",
+            ));
+        }
+        Ok(Layout {
+            params,
+            stream_len,
+            segments,
+        })
+    }
+
+    /// (offset in the stream, length) of ciphertext segment `i`.
+    pub fn segment(&self, i: u64) -> (u64, usize) {
+        let css = self.params.segment_size as u64;
+        let start = if i == 0 {
+            self.params.header_length() as u64
+        } else {
+            i * css
+        };
+        let end = ((i + 1) * css).min(self.stream_len);
+        (start, (end - start) as usize)
+    }
+}
+
+/// Trailer length from the end of the plaintext: Some(record length) once enough bytes are known.
+pub fn trailer_record_length(tail: &[u8]) -> Option<usize> {
+    if tail.len() < 4 {
+        return None;
+    }
+    Some(u32_le(&tail[tail.len() - 4..]) as usize + 5)
+}
+
+/// Parses the TRAILER record at the end of `tail` (which must hold all of it).
+pub fn parse_tail_trailer(tail: &[u8]) -> Result<Trailer> {
+    let n = trailer_record_length(tail).ok_or_else(truncated)?;
+    let rec = &tail[tail.len() - n..];
+    if rec[0] != REC_TRAILER || u32_le(&rec[1..5]) as usize != n - 5 {
+        return Err(Error::integrity("backup does not end with a valid trailer"));
+    }
+    Trailer::decode(&rec[5..])
+}
+
+/// Cuts a byte source into ciphertext segments, reading one segment ahead so that the segment
+/// that ends the input is the one flagged last.
+#[derive(Default)]
+pub struct SegmentFeeder {
+    ahead: Option<Vec<u8>>,
+}
+
+impl SegmentFeeder {
+    /// The next segment and whether it is the last. `read(n)` returns up to n bytes, fewer only at
+    /// the end of the input. `len_now` / `len_next` are the full lengths of this and the next segment.
+    pub fn next<E>(
+        &mut self,
+        len_now: usize,
+        len_next: usize,
+        mut read: impl FnMut(usize) -> std::result::Result<Vec<u8>, E>,
+    ) -> std::result::Result<(Vec<u8>, bool), E> {
+        let current = match self.ahead.take() {
+            Some(c) => c,
+            None => read(len_now)?,
+        };
+        if current.len() < len_now {
+            return Ok((current, true));
+        }
+        let next = read(len_next)?;
+        if next.is_empty() {
+            Ok((current, true))
+        } else {
+            self.ahead = Some(next);
+            Ok((current, false))
+        }
+    }
+}

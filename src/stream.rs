@@ -1,0 +1,340 @@
+//! Tink's AES-GCM-HKDF streaming AEAD, first-segment offset 0 (docs/FORMAT.md §2).
+//!
+//! `SegmentCipher` seals and opens single segments; the one-shot `encrypt`/`decrypt` and the
+//! backup encoder/decoder are built on it.
+
+use zeroize::Zeroizing;
+
+use crate::aead::{AesGcm, NONCE_LENGTH, TAG_LENGTH};
+use crate::error::{Error, Result};
+use crate::keys::{hkdf, HkdfHash};
+
+pub const NONCE_PREFIX_LENGTH: usize = 7;
+
+/// The fixed parameters of one stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamParams {
+    pub hash: HkdfHash,
+    pub key_size: usize,
+    pub segment_size: usize,
+}
+
+impl StreamParams {
+    pub fn new(hash: HkdfHash, key_size: usize, segment_size: u64) -> Result<Self> {
+        if key_size != 16 && key_size != 32 {
+            return Err(Error::invalid(format!(
+                "derived_key_size must be 16 or 32, got {key_size}"
+            )));
+        }
+        let header = 1 + key_size + NONCE_PREFIX_LENGTH;
+        if segment_size <= (header + TAG_LENGTH) as u64 || segment_size > u32::MAX as u64 {
+            return Err(Error::invalid(format!(
+                "segment_size must be between {} and {} for this key size, got {segment_size}",
+                header + TAG_LENGTH + 1,
+                u32::MAX
+            )));
+        }
+        Ok(StreamParams {
+            hash,
+            key_size,
+            segment_size: segment_size as usize,
+        })
+    }
+
+    /// The backup format's parameters: HKDF-SHA256, AES-256.
+    pub fn backup(segment_size: u32) -> Self {
+        StreamParams {
+            hash: HkdfHash::Sha256,
+            key_size: 32,
+            segment_size: segment_size as usize,
+        }
+    }
+
+    pub fn header_length(&self) -> usize {
+        1 + self.key_size + NONCE_PREFIX_LENGTH
+    }
+
+    /// Plaintext bytes in a full segment `index`.
+    pub fn plaintext_length(&self, index: u64) -> usize {
+        let first = if index == 0 { self.header_length() } else { 0 };
+        self.segment_size - TAG_LENGTH - first
+    }
+
+    /// Ciphertext bytes in a full segment `index`.
+    pub fn ciphertext_length(&self, index: u64) -> usize {
+        self.plaintext_length(index) + TAG_LENGTH
+    }
+}
+
+pub struct SegmentCipher {
+    aead: AesGcm,
+    nonce_prefix: [u8; NONCE_PREFIX_LENGTH],
+    header: Vec<u8>,
+    pub params: StreamParams,
+}
+
+impl SegmentCipher {
+    pub fn new(
+        params: StreamParams,
+        ikm: &[u8],
+        aad: &[u8],
+        salt: &[u8],
+        nonce_prefix: &[u8],
+    ) -> Result<Self> {
+        if salt.len() != params.key_size {
+            return Err(Error::invalid(format!(
+                "salt must be {} bytes, got {}",
+                params.key_size,
+                salt.len()
+            )));
+        }
+        let nonce_prefix: [u8; NONCE_PREFIX_LENGTH] = nonce_prefix.try_into().map_err(|_| {
+            Error::invalid(format!(
+                "nonce_prefix must be {NONCE_PREFIX_LENGTH} bytes, got {}",
+                nonce_prefix.len()
+            ))
+        })?;
+        let mut key = Zeroizing::new([0u8; 32]);
+        hkdf(params.hash, ikm, salt, aad, &mut key[..params.key_size])?;
+        let aead = AesGcm::new(&key[..params.key_size])?;
+        let mut header = Vec::with_capacity(params.header_length());
+        header.push(params.header_length() as u8);
+        header.extend_from_slice(salt);
+        header.extend_from_slice(&nonce_prefix);
+        Ok(SegmentCipher {
+            aead,
+            nonce_prefix,
+            header,
+            params,
+        })
+    }
+
+    /// A cipher with a fresh random salt and nonce prefix.
+    pub fn random(params: StreamParams, ikm: &[u8], aad: &[u8]) -> Result<Self> {
+        let mut salt = [0u8; 32];
+        let mut prefix = [0u8; NONCE_PREFIX_LENGTH];
+        fill_random(&mut salt[..params.key_size])?;
+        fill_random(&mut prefix)?;
+        Self::new(params, ikm, aad, &salt[..params.key_size], &prefix)
+    }
+
+    /// Parses a stream header and builds the cipher it describes.
+    pub fn from_header(
+        params: StreamParams,
+        ikm: &[u8],
+        aad: &[u8],
+        header: &[u8],
+    ) -> Result<Self> {
+        let n = params.header_length();
+        if header.len() < n {
+            return Err(Error::integrity(
+                "backup stream is truncated inside its header",
+            ));
+        }
+        if header[0] as usize != n {
+            return Err(Error::integrity(
+                "backup stream header is corrupted (wrong header length byte)",
+            ));
+        }
+        Self::new(
+            params,
+            ikm,
+            aad,
+            &header[1..1 + params.key_size],
+            &header[1 + params.key_size..n],
+        )
+    }
+
+    pub fn header(&self) -> &[u8] {
+        &self.header
+    }
+
+    fn nonce(&self, index: u64, last: bool) -> Result<[u8; NONCE_LENGTH]> {
+        let index: u32 = index
+            .try_into()
+            .map_err(|_| Error::invalid("stream too long: more than 2^32 segments"))?;
+        let mut n = [0u8; NONCE_LENGTH];
+        n[..NONCE_PREFIX_LENGTH].copy_from_slice(&self.nonce_prefix);
+        n[7..11].copy_from_slice(&index.to_be_bytes());
+        n[11] = last as u8;
+        Ok(n)
+    }
+
+    /// Appends segment `index` (ciphertext || tag) for `plaintext` to `out`.
+    pub fn seal_into(
+        &self,
+        index: u64,
+        last: bool,
+        plaintext: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let nonce = self.nonce(index, last)?;
+        let start = out.len();
+        out.extend_from_slice(plaintext);
+        let tag = self.aead.seal(&nonce, &[], &mut out[start..])?;
+        out.extend_from_slice(&tag);
+        Ok(())
+    }
+
+    /// Decrypts segment `index` in place; returns the plaintext length (a prefix of `segment`).
+    pub fn open_in_place(&self, index: u64, last: bool, segment: &mut [u8]) -> Result<usize> {
+        if segment.len() < TAG_LENGTH {
+            return Err(Error::integrity(format!(
+                "backup is truncated or corrupted (segment {index} is shorter than its tag)"
+            )));
+        }
+        let nonce = self.nonce(index, last)?;
+        self.aead.open(&nonce, &[], segment).ok_or_else(|| {
+            Error::integrity(format!(
+                "backup is corrupted, truncated or was tampered with (segment {index} failed authentication)"
+            ))
+        })
+    }
+}
+
+pub fn fill_random(buf: &mut [u8]) -> Result<()> {
+    getrandom::getrandom(buf)
+        .map_err(|e| Error::Crypto(format!("the system random generator failed: {e}")))
+}
+
+/// Encrypts a whole plaintext into a Tink stream (header included).
+pub fn encrypt(
+    params: StreamParams,
+    ikm: &[u8],
+    plaintext: &[u8],
+    aad: &[u8],
+    salt: Option<&[u8]>,
+    nonce_prefix: Option<&[u8]>,
+) -> Result<Vec<u8>> {
+    let cipher = match (salt, nonce_prefix) {
+        (None, None) => SegmentCipher::random(params, ikm, aad)?,
+        _ => {
+            let mut s = [0u8; 32];
+            let mut p = [0u8; NONCE_PREFIX_LENGTH];
+            fill_random(&mut s)?;
+            fill_random(&mut p)?;
+            let salt = salt.unwrap_or(&s[..params.key_size]);
+            SegmentCipher::new(params, ikm, aad, salt, nonce_prefix.unwrap_or(&p))?
+        }
+    };
+    let segments = segment_count_for_plaintext(&params, plaintext.len() as u64);
+    let mut out = Vec::with_capacity(
+        params.header_length() + plaintext.len() + segments as usize * TAG_LENGTH,
+    );
+    out.extend_from_slice(cipher.header());
+    let mut rest = plaintext;
+    for i in 0..segments {
+        let take = rest.len().min(params.plaintext_length(i));
+        cipher.seal_into(i, i + 1 == segments, &rest[..take], &mut out)?;
+        rest = &rest[take..];
+    }
+    Ok(out)
+}
+
+/// Number of segments a writer emits for `len` plaintext bytes (never an empty trailing one).
+pub fn segment_count_for_plaintext(params: &StreamParams, len: u64) -> u64 {
+    let first = params.plaintext_length(0) as u64;
+    if len <= first {
+        1
+    } else {
+        1 + (len - first).div_ceil(params.plaintext_length(1) as u64)
+    }
+}
+
+/// Decrypts a whole Tink stream; the last segment is the one that ends the input.
+pub fn decrypt(params: StreamParams, ikm: &[u8], ciphertext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+    let cipher = SegmentCipher::from_header(params, ikm, aad, ciphertext)?;
+    let mut rest = &ciphertext[params.header_length()..];
+    let mut out = Vec::with_capacity(rest.len());
+    let mut index = 0u64;
+    let mut buf = Vec::with_capacity(params.segment_size);
+    loop {
+        let full = params.ciphertext_length(index);
+        let last = rest.len() <= full;
+        let take = rest.len().min(full);
+        buf.clear();
+        buf.extend_from_slice(&rest[..take]);
+        let n = cipher.open_in_place(index, last, &mut buf)?;
+        out.extend_from_slice(&buf[..n]);
+        rest = &rest[take..];
+        if last {
+            return Ok(out);
+        }
+        index += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{load_vectors, unhex};
+
+    #[test]
+    fn tink_vectors_decrypt_and_reencrypt() {
+        let v = load_vectors("tink_aes_gcm_hkdf_streaming.json");
+        let mut n = 0;
+        for t in v["vectors"].as_array().unwrap() {
+            let hash = HkdfHash::parse(t["hash"].as_str().unwrap()).unwrap();
+            let ks = t["derived_key_size"].as_u64().unwrap() as usize;
+            let params = StreamParams::new(hash, ks, t["segment_size"].as_u64().unwrap()).unwrap();
+            let (ikm, aad, pt, ct) = (
+                unhex(t, "ikm"),
+                unhex(t, "aad"),
+                unhex(t, "plaintext"),
+                unhex(t, "ciphertext"),
+            );
+            assert_eq!(decrypt(params, &ikm, &ct, &aad).unwrap(), pt);
+            let salt = &ct[1..1 + ks];
+            let prefix = &ct[1 + ks..1 + ks + NONCE_PREFIX_LENGTH];
+            assert_eq!(
+                encrypt(params, &ikm, &pt, &aad, Some(salt), Some(prefix)).unwrap(),
+                ct
+            );
+            n += 1;
+        }
+        assert_eq!(n, 17);
+    }
+
+    #[test]
+    fn tampering_fails() {
+        let params = StreamParams::new(HkdfHash::Sha256, 32, 100).unwrap();
+        let key = [3u8; 32];
+        let pt: Vec<u8> = (0..500u32).map(|i| i as u8).collect();
+        let ct = encrypt(params, &key, &pt, b"ad", None, None).unwrap();
+        assert_eq!(decrypt(params, &key, &ct, b"ad").unwrap(), pt);
+        for i in 0..ct.len() {
+            let mut bad = ct.clone();
+            bad[i] ^= 0x10;
+            assert!(decrypt(params, &key, &bad, b"ad").is_err(), "flip at {i}");
+        }
+        for cut in 0..ct.len() {
+            assert!(
+                decrypt(params, &key, &ct[..cut], b"ad").is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut longer = ct.clone();
+        longer.push(0);
+        assert!(decrypt(params, &key, &longer, b"ad").is_err());
+        assert!(decrypt(params, &key, &ct, b"other").is_err());
+        // Swap segments 1 and 2 (both full, 100 bytes each, starting at 100 and 200).
+        let mut swapped = ct.clone();
+        swapped[100..200].copy_from_slice(&ct[200..300]);
+        swapped[200..300].copy_from_slice(&ct[100..200]);
+        assert!(decrypt(params, &key, &swapped, b"ad").is_err());
+    }
+
+    #[test]
+    fn empty_and_exact_multiple_plaintexts() {
+        let params = StreamParams::new(HkdfHash::Sha256, 32, 100).unwrap();
+        let key = [5u8; 32];
+        let empty = encrypt(params, &key, b"", b"", None, None).unwrap();
+        assert_eq!(empty.len(), 40 + 16);
+        assert_eq!(decrypt(params, &key, &empty, b"").unwrap(), b"");
+        // 44 bytes fill segment 0 exactly, 84 more fill segment 1 exactly: no empty third segment.
+        let pt = vec![1u8; 44 + 84];
+        let ct = encrypt(params, &key, &pt, b"", None, None).unwrap();
+        assert_eq!(ct.len(), 200);
+        assert_eq!(decrypt(params, &key, &ct, b"").unwrap(), pt);
+    }
+}

@@ -1,0 +1,198 @@
+//! Whole-backup tests of the encoder and decoder together (no Python).
+
+use crate::error::Error;
+use crate::format::{Preamble, Trailer};
+use crate::reader::{parse_tail_trailer, BackupDecoder, Item, Layout, SegmentFeeder, Step};
+use crate::writer::{BackupEncoder, EncoderOptions};
+
+type Tree = (String, Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+const KEY: [u8; 32] = [0x42; 32];
+
+fn encode(trees: &[Tree], segment_size: u32) -> (Vec<u8>, Trailer) {
+    let opts = EncoderOptions {
+        segment_size,
+        kdf_id: 0,
+        kdf_params: b"",
+        salt: None,
+        nonce_prefix: None,
+    };
+    let mut enc = BackupEncoder::new(&KEY, b"{\"m\":1}", &opts).unwrap();
+    let mut file = enc.take_output();
+    for (name, items) in trees {
+        enc.begin_tree(name).unwrap();
+        for (k, v) in items {
+            match v {
+                Some(v) => enc.put(k, v).unwrap(),
+                None => enc.delete(k).unwrap(),
+            }
+            enc.seal_ready().unwrap();
+            file.extend(enc.take_output());
+        }
+        enc.end_tree().unwrap();
+    }
+    let trailer = enc.finish().unwrap();
+    file.extend(enc.take_output());
+    (file, trailer)
+}
+
+fn decode(file: &[u8], key: &[u8]) -> Result<(Vec<u8>, Vec<Tree>, Trailer), Error> {
+    let preamble = Preamble::parse(file)?;
+    let mut pos = preamble.raw.len();
+    let mut read = |n: usize| -> Result<Vec<u8>, Error> {
+        let end = (pos + n).min(file.len());
+        let v = file[pos..end].to_vec();
+        pos = end;
+        Ok(v)
+    };
+    let header = read(40)?;
+    let mut dec = BackupDecoder::new(&preamble, key, &header)?;
+    let mut feeder = SegmentFeeder::default();
+    let mut feed = |dec: &mut BackupDecoder,
+                    read: &mut dyn FnMut(usize) -> Result<Vec<u8>, Error>| {
+        let p = dec.params();
+        let i = dec.next_segment_length();
+        let (mut seg, last) = feeder.next(i, p.segment_size, read)?;
+        dec.push_segment(&mut seg, last)
+    };
+    let meta = loop {
+        match dec.read_header()? {
+            Step::Done(h) => break h,
+            Step::NeedMore => feed(&mut dec, &mut read)?,
+        }
+    };
+    let mut trees = Vec::new();
+    loop {
+        let name = match dec.next_tree()? {
+            Step::NeedMore => {
+                feed(&mut dec, &mut read)?;
+                continue;
+            }
+            Step::Done(None) => break,
+            Step::Done(Some(n)) => n,
+        };
+        let mut items = Vec::new();
+        loop {
+            match dec.next_item()? {
+                Step::NeedMore => feed(&mut dec, &mut read)?,
+                Step::Done(None) => break,
+                Step::Done(Some(Item::Put(k, v))) => items.push((k.to_vec(), Some(v.to_vec()))),
+                Step::Done(Some(Item::Delete(k))) => items.push((k.to_vec(), None)),
+            }
+        }
+        trees.push((name, items));
+    }
+    Ok((meta, trees, dec.trailer().unwrap().clone()))
+}
+
+fn sample() -> Vec<Tree> {
+    vec![
+        (
+            "alpha".into(),
+            (0..300u32)
+                .map(|i| {
+                    (
+                        i.to_be_bytes().to_vec(),
+                        Some(vec![i as u8; (i % 97) as usize]),
+                    )
+                })
+                .collect(),
+        ),
+        ("empty".into(), vec![]),
+        (
+            "mixed".into(),
+            vec![
+                (b"".to_vec(), Some(b"".to_vec())),
+                (b"gone".to_vec(), None),
+                (vec![0xff; 5000], Some(vec![7; 9000])),
+            ],
+        ),
+    ]
+}
+
+#[test]
+fn roundtrip_many_segment_sizes() {
+    for css in [4096, 5000, 65536, 1 << 20] {
+        let trees = sample();
+        let (file, trailer) = encode(&trees, css);
+        let (meta, got, t2) = decode(&file, &KEY).unwrap();
+        assert_eq!(meta, b"{\"m\":1}");
+        assert_eq!(got, trees);
+        assert_eq!(t2, trailer);
+        assert_eq!(trailer.total_items, 303);
+    }
+}
+
+#[test]
+fn tail_trailer_matches_full_read() {
+    let (file, trailer) = encode(&sample(), 4096);
+    let preamble = Preamble::parse(&file).unwrap();
+    let stream = &file[preamble.raw.len()..];
+    let dec = BackupDecoder::new(&preamble, &KEY, &stream[..40]).unwrap();
+    let layout = Layout::new(dec.params(), stream.len() as u64).unwrap();
+    let (off, len) = layout.segment(layout.segments - 1);
+    let mut seg = stream[off as usize..off as usize + len].to_vec();
+    let n = dec
+        .open_detached(layout.segments - 1, true, &mut seg)
+        .unwrap();
+    assert_eq!(parse_tail_trailer(&seg[..n]).unwrap(), trailer);
+}
+
+#[test]
+fn wrong_key_truncation_and_flips_fail() {
+    let trees = vec![(
+        "t".to_string(),
+        (0..40u8).map(|i| (vec![i], Some(vec![i; 200]))).collect(),
+    )];
+    let (file, _) = encode(&trees, 4096);
+    assert!(file.len() > 8192, "several segments: {}", file.len());
+    assert!(matches!(
+        decode(&file, &[0x43; 32]),
+        Err(Error::EncryptionKey(_))
+    ));
+    for cut in (0..file.len()).step_by(7) {
+        assert!(decode(&file[..cut], &KEY).is_err(), "cut at {cut}");
+    }
+    for i in (0..file.len()).step_by(5) {
+        let mut bad = file.clone();
+        bad[i] ^= 0x04;
+        assert!(decode(&bad, &KEY).is_err(), "flip at {i}");
+    }
+    let mut longer = file.clone();
+    longer.push(1);
+    assert!(matches!(decode(&longer, &KEY), Err(Error::Integrity(_))));
+}
+
+#[test]
+fn writer_state_machine() {
+    let opts = EncoderOptions {
+        segment_size: 4096,
+        kdf_id: 0,
+        kdf_params: b"",
+        salt: None,
+        nonce_prefix: None,
+    };
+    let mut enc = BackupEncoder::new(&KEY, b"{}", &opts).unwrap();
+    assert!(matches!(
+        enc.put(b"k", b"v"),
+        Err(Error::InvalidArgument(_))
+    ));
+    // The failed call poisoned it.
+    assert!(matches!(enc.begin_tree("a"), Err(Error::Poisoned(_))));
+    let mut enc = BackupEncoder::new(&KEY, b"{}", &opts).unwrap();
+    enc.begin_tree("a").unwrap();
+    enc.end_tree().unwrap();
+    assert!(matches!(
+        enc.begin_tree("a"),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(BackupEncoder::new(
+        &KEY,
+        b"{}",
+        &EncoderOptions {
+            segment_size: 100,
+            ..opts
+        }
+    )
+    .is_err());
+}

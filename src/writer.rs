@@ -1,0 +1,274 @@
+//! The backup encoder: frames records, digests them and seals Tink segments. It does no I/O:
+//! ciphertext accumulates in an output buffer that the caller drains (`take_output`), so the
+//! binding can write it with the GIL held and seal with the GIL released.
+
+use std::collections::HashSet;
+
+use crate::digest::{Digests, Tally};
+use crate::error::{Error, Result};
+use crate::format::{
+    check_tree_name, frame_blob, frame_delete, frame_put, frame_tree_end, Preamble, Trailer,
+    TreeSummary, REC_HEADER, REC_TREE_BEGIN,
+};
+use crate::keys::{derive_digest_key, derive_key_id, SecretKey};
+use crate::stream::{SegmentCipher, StreamParams};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Open,
+    InTree,
+    Finished,
+    Poisoned,
+}
+
+pub struct EncoderOptions<'a> {
+    pub segment_size: u32,
+    pub kdf_id: u16,
+    pub kdf_params: &'a [u8],
+    pub salt: Option<&'a [u8]>,
+    pub nonce_prefix: Option<&'a [u8]>,
+}
+
+pub struct BackupEncoder {
+    preamble: Preamble,
+    cipher: SegmentCipher,
+    /// Plaintext not yet sealed; `plain[..hashed]` is already in the digests.
+    plain: Vec<u8>,
+    hashed: usize,
+    next_segment: u64,
+    out: Vec<u8>,
+    bytes_written: u64,
+    digests: Digests,
+    state: State,
+    tree: Option<(String, Tally)>,
+    trees: Vec<TreeSummary>,
+    names: HashSet<String>,
+}
+
+impl BackupEncoder {
+    /// Starts a backup: the preamble and the stream header go to the output, the HEADER record
+    /// (metadata JSON) is the first plaintext.
+    pub fn new(backup_key: &[u8], header: &[u8], opts: &EncoderOptions<'_>) -> Result<Self> {
+        let key = SecretKey::from_slice(backup_key, "backup key")?;
+        crate::format::check_segment_size(opts.segment_size as u64)?;
+        let preamble = Preamble::encode(
+            opts.segment_size,
+            &derive_key_id(key.as_bytes()),
+            opts.kdf_id,
+            opts.kdf_params,
+        )?;
+        let params = StreamParams::backup(opts.segment_size);
+        let cipher = match (opts.salt, opts.nonce_prefix) {
+            (None, None) => SegmentCipher::random(params, key.as_bytes(), &preamble.raw)?,
+            (salt, prefix) => {
+                let mut s = [0u8; 32];
+                let mut p = [0u8; 7];
+                crate::stream::fill_random(&mut s)?;
+                crate::stream::fill_random(&mut p)?;
+                SegmentCipher::new(
+                    params,
+                    key.as_bytes(),
+                    &preamble.raw,
+                    salt.unwrap_or(&s),
+                    prefix.unwrap_or(&p),
+                )?
+            }
+        };
+        let mut out = Vec::with_capacity(2 * opts.segment_size as usize);
+        out.extend_from_slice(&preamble.raw);
+        out.extend_from_slice(cipher.header());
+        let mut plain = Vec::with_capacity(2 * opts.segment_size as usize);
+        frame_blob(&mut plain, REC_HEADER, header, "header")?;
+        Ok(BackupEncoder {
+            digests: Digests::new(derive_digest_key(key.as_bytes()).as_bytes()),
+            preamble,
+            cipher,
+            plain,
+            hashed: 0,
+            next_segment: 0,
+            out,
+            bytes_written: 0,
+            state: State::Open,
+            tree: None,
+            trees: Vec::new(),
+            names: HashSet::new(),
+        })
+    }
+
+    pub fn preamble(&self) -> &Preamble {
+        &self.preamble
+    }
+
+    /// Bytes handed out by `take_output` so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
+    pub fn poison(&mut self) {
+        self.state = State::Poisoned;
+    }
+
+    fn expect(&mut self, want: State, action: &str) -> Result<()> {
+        match self.state {
+            s if s == want => Ok(()),
+            State::Poisoned => Err(Error::Poisoned("backup writer")),
+            State::Finished => Err(Error::invalid(format!(
+                "cannot {action}: the backup is already finished"
+            ))),
+            State::InTree => Err(Error::invalid(format!(
+                "cannot {action}: a tree is open; call end_tree() first"
+            ))),
+            State::Open => Err(Error::invalid(format!(
+                "cannot {action}: no tree is open; call begin_tree() first"
+            ))),
+        }
+    }
+
+    /// Runs `f`, poisoning the encoder if it fails.
+    fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let r = f(self);
+        if r.is_err() {
+            self.state = State::Poisoned;
+        }
+        r
+    }
+
+    fn absorb_pending(&mut self) {
+        self.digests.absorb(&self.plain[self.hashed..]);
+        self.hashed = self.plain.len();
+    }
+
+    pub fn begin_tree(&mut self, name: &str) -> Result<()> {
+        self.guarded(|s| {
+            s.expect(State::Open, "begin a tree")?;
+            check_tree_name(name)?;
+            if !s.names.insert(name.to_owned()) {
+                return Err(Error::invalid(format!(
+                    "tree {name:?} is already in this backup"
+                )));
+            }
+            frame_blob(&mut s.plain, REC_TREE_BEGIN, name.as_bytes(), "tree name")?;
+            s.absorb_pending();
+            s.digests.open_tree();
+            s.tree = Some((name.to_owned(), Tally::default()));
+            s.state = State::InTree;
+            Ok(())
+        })
+    }
+
+    #[inline]
+    pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.guarded(|s| {
+            s.expect(State::InTree, "add items")?;
+            frame_put(&mut s.plain, key, value)?;
+            s.tree
+                .as_mut()
+                .expect("in tree")
+                .1
+                .add(key.len(), value.len())
+        })
+    }
+
+    pub fn delete(&mut self, key: &[u8]) -> Result<()> {
+        self.guarded(|s| {
+            s.expect(State::InTree, "add deletes")?;
+            frame_delete(&mut s.plain, key)?;
+            s.tree.as_mut().expect("in tree").1.add(key.len(), 0)
+        })
+    }
+
+    pub fn end_tree(&mut self) -> Result<TreeSummary> {
+        self.guarded(|s| {
+            s.expect(State::InTree, "end a tree")?;
+            s.absorb_pending();
+            let digest = s.digests.close_tree();
+            let (name, tally) = s.tree.take().expect("in tree");
+            let summary = tally.summary(name, digest);
+            frame_tree_end(&mut s.plain, &summary);
+            s.trees.push(summary.clone());
+            s.state = State::Open;
+            Ok(summary)
+        })
+    }
+
+    /// Unsealed plaintext bytes; the binding seals once this exceeds a few segments.
+    pub fn pending(&self) -> usize {
+        self.plain.len()
+    }
+
+    /// Seals every segment that is certainly not the last one (more plaintext follows it).
+    pub fn seal_ready(&mut self) -> Result<()> {
+        self.guarded(|s| s.seal(false))
+    }
+
+    fn seal(&mut self, finishing: bool) -> Result<()> {
+        self.absorb_pending();
+        let params = self.cipher.params;
+        let mut start = 0;
+        loop {
+            let full = params.plaintext_length(self.next_segment);
+            let rest = self.plain.len() - start;
+            let last = finishing && rest <= full;
+            if !last && rest <= full {
+                break;
+            }
+            let end = start + rest.min(full);
+            self.cipher.seal_into(
+                self.next_segment,
+                last,
+                &self.plain[start..end],
+                &mut self.out,
+            )?;
+            self.next_segment += 1;
+            start = end;
+            if last {
+                break;
+            }
+        }
+        self.plain.drain(..start);
+        self.hashed -= start;
+        Ok(())
+    }
+
+    /// Writes the TRAILER and seals the rest, the final segment flagged last.
+    pub fn finish(&mut self) -> Result<Trailer> {
+        self.guarded(|s| {
+            s.expect(State::Open, "finish")?;
+            s.absorb_pending();
+            let mut totals = Tally::default();
+            for t in &s.trees {
+                totals.items = totals
+                    .items
+                    .checked_add(t.item_count)
+                    .ok_or_else(|| Error::invalid("too many items"))?;
+                totals.bytes = totals
+                    .bytes
+                    .checked_add(t.byte_count)
+                    .ok_or_else(|| Error::invalid("too many bytes"))?;
+            }
+            let trailer = Trailer {
+                total_items: totals.items,
+                total_bytes: totals.bytes,
+                trees: s.trees.clone(),
+                digest: s.digests.stream_digest(),
+            };
+            s.plain.extend_from_slice(&trailer.encode());
+            s.hashed = s.plain.len(); // the TRAILER is not part of the stream digest
+            s.seal(true)?;
+            s.state = State::Finished;
+            Ok(trailer)
+        })
+    }
+
+    /// Takes the ciphertext produced so far.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        let cap = self.out.capacity();
+        let out = std::mem::replace(&mut self.out, Vec::with_capacity(cap));
+        self.bytes_written += out.len() as u64;
+        out
+    }
+
+    pub fn output_len(&self) -> usize {
+        self.out.len()
+    }
+}
