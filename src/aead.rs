@@ -41,22 +41,34 @@ impl AesGcm {
         Ok(tag.as_ref().try_into().expect("16-byte tag"))
     }
 
+    /// Decrypts `ciphertext` in place, checking `tag`. `false` means it did not authenticate
+    /// (the buffer then holds garbage that must not be used).
+    pub fn open_detached(
+        &self,
+        nonce: &[u8; NONCE_LENGTH],
+        aad: &[u8],
+        ciphertext: &mut [u8],
+        tag: &[u8; TAG_LENGTH],
+    ) -> bool {
+        // The separate-tag form: aws-lc-rs's `open_in_place` takes a much slower path.
+        self.0
+            .open_in_place_separate_tag(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(aad),
+                tag,
+                ciphertext,
+            )
+            .is_ok()
+    }
+
     /// Decrypts `buf` = ciphertext || tag in place; returns the plaintext length.
     /// `None` means the tag did not authenticate.
     pub fn open(&self, nonce: &[u8; NONCE_LENGTH], aad: &[u8], buf: &mut [u8]) -> Option<usize> {
         let n = buf.len().checked_sub(TAG_LENGTH)?;
         let (ciphertext, tag) = buf.split_at_mut(n);
         let tag: [u8; TAG_LENGTH] = (&*tag).try_into().ok()?;
-        // The separate-tag form: aws-lc-rs's `open_in_place` takes a much slower path.
-        self.0
-            .open_in_place_separate_tag(
-                Nonce::assume_unique_for_key(*nonce),
-                Aad::from(aad),
-                &tag,
-                ciphertext,
-            )
-            .ok()
-            .map(|p| p.len())
+        self.open_detached(nonce, aad, ciphertext, &tag)
+            .then_some(n)
     }
 }
 

@@ -186,13 +186,20 @@ fn len_u32(len: usize, what: &str) -> Result<u32> {
 /// Appends a PUT record.
 #[inline]
 pub fn frame_put(buf: &mut Vec<u8>, key: &[u8], value: &[u8]) -> Result<()> {
-    let (k, v) = (len_u32(key.len(), "key")?, len_u32(value.len(), "value")?);
     buf.reserve(9 + key.len() + value.len());
+    frame_put_header(buf, key, value.len())?;
+    buf.extend_from_slice(value);
+    Ok(())
+}
+
+/// Appends a PUT record up to (not including) its value bytes.
+#[inline]
+pub fn frame_put_header(buf: &mut Vec<u8>, key: &[u8], value_len: usize) -> Result<()> {
+    let (k, v) = (len_u32(key.len(), "key")?, len_u32(value_len, "value")?);
     buf.push(REC_PUT);
     buf.extend_from_slice(&k.to_le_bytes());
     buf.extend_from_slice(&v.to_le_bytes());
     buf.extend_from_slice(key);
-    buf.extend_from_slice(value);
     Ok(())
 }
 

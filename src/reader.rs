@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 
+use crate::aead::TAG_LENGTH;
 use crate::digest::{Digests, Tally};
 use crate::error::{Error, Result};
 use crate::format::{
@@ -123,8 +124,8 @@ impl BackupDecoder {
         self.hashed = self.pos;
     }
 
-    /// Decrypts the next segment (ciphertext || tag, modified in place) and appends its plaintext.
-    pub fn push_segment(&mut self, segment: &mut [u8], last: bool) -> Result<()> {
+    /// Decrypts the next segment (ciphertext || tag) straight onto the end of the plaintext.
+    pub fn push_segment(&mut self, segment: &[u8], last: bool) -> Result<()> {
         self.guarded(|s| {
             if s.ended {
                 return Err(Error::integrity(
@@ -137,15 +138,23 @@ impl BackupDecoder {
                     "backup segment has the wrong length (corrupted file)",
                 ));
             }
-            let n = s.cipher.open_in_place(s.next_segment, last, segment)?;
-            s.next_segment += 1;
-            s.ended = last;
+            if segment.len() < TAG_LENGTH {
+                return Err(Error::integrity(format!(
+                    "backup is truncated or corrupted (segment {} is shorter than its tag)",
+                    s.next_segment
+                )));
+            }
             // Drop what is parsed (after digesting it) before appending.
             s.absorb_parsed();
             s.plain.drain(..s.pos);
             s.pos = 0;
             s.hashed = 0;
-            s.plain.extend_from_slice(&segment[..n]);
+            let start = s.plain.len();
+            s.plain.resize(start + segment.len() - TAG_LENGTH, 0);
+            s.cipher
+                .open_to(s.next_segment, last, segment, &mut s.plain[start..])?;
+            s.next_segment += 1;
+            s.ended = last;
             Ok(())
         })
     }

@@ -176,20 +176,55 @@ impl SegmentCipher {
         Ok(())
     }
 
+    /// Encrypts `plaintext` as segment `index` into `out`, which must be exactly
+    /// `plaintext.len() + 16` bytes.
+    pub fn seal_to(&self, index: u64, last: bool, plaintext: &[u8], out: &mut [u8]) -> Result<()> {
+        let nonce = self.nonce(index, last)?;
+        let (body, tag_out) = out.split_at_mut(plaintext.len());
+        body.copy_from_slice(plaintext);
+        tag_out.copy_from_slice(&self.aead.seal(&nonce, &[], body)?);
+        Ok(())
+    }
+
+    /// Decrypts segment `index` (ciphertext || tag) into `out`, which must be exactly
+    /// `segment.len() - 16` bytes: one copy, no scratch buffer.
+    pub fn open_to(&self, index: u64, last: bool, segment: &[u8], out: &mut [u8]) -> Result<()> {
+        let n = segment
+            .len()
+            .checked_sub(TAG_LENGTH)
+            .ok_or_else(|| short_segment(index))?;
+        let nonce = self.nonce(index, last)?;
+        out.copy_from_slice(&segment[..n]);
+        let tag: [u8; TAG_LENGTH] = segment[n..].try_into().expect("16-byte tag");
+        if self.aead.open_detached(&nonce, &[], out, &tag) {
+            Ok(())
+        } else {
+            Err(auth_failed(index))
+        }
+    }
+
     /// Decrypts segment `index` in place; returns the plaintext length (a prefix of `segment`).
     pub fn open_in_place(&self, index: u64, last: bool, segment: &mut [u8]) -> Result<usize> {
         if segment.len() < TAG_LENGTH {
-            return Err(Error::integrity(format!(
-                "backup is truncated or corrupted (segment {index} is shorter than its tag)"
-            )));
+            return Err(short_segment(index));
         }
         let nonce = self.nonce(index, last)?;
-        self.aead.open(&nonce, &[], segment).ok_or_else(|| {
-            Error::integrity(format!(
-                "backup is corrupted, truncated or was tampered with (segment {index} failed authentication)"
-            ))
-        })
+        self.aead
+            .open(&nonce, &[], segment)
+            .ok_or_else(|| auth_failed(index))
     }
+}
+
+fn short_segment(index: u64) -> Error {
+    Error::integrity(format!(
+        "backup is truncated or corrupted (segment {index} is shorter than its tag)"
+    ))
+}
+
+fn auth_failed(index: u64) -> Error {
+    Error::integrity(format!(
+        "backup is corrupted, truncated or was tampered with (segment {index} failed authentication)"
+    ))
 }
 
 pub fn fill_random(buf: &mut [u8]) -> Result<()> {
@@ -197,38 +232,29 @@ pub fn fill_random(buf: &mut [u8]) -> Result<()> {
         .map_err(|e| Error::Crypto(format!("the system random generator failed: {e}")))
 }
 
-/// Encrypts a whole plaintext into a Tink stream (header included).
-pub fn encrypt(
+/// Builds the cipher for a new stream: given salt and nonce prefix, random ones where missing.
+pub fn new_cipher(
     params: StreamParams,
     ikm: &[u8],
-    plaintext: &[u8],
     aad: &[u8],
     salt: Option<&[u8]>,
     nonce_prefix: Option<&[u8]>,
-) -> Result<Vec<u8>> {
-    let cipher = match (salt, nonce_prefix) {
-        (None, None) => SegmentCipher::random(params, ikm, aad)?,
-        _ => {
-            let mut s = [0u8; 32];
-            let mut p = [0u8; NONCE_PREFIX_LENGTH];
-            fill_random(&mut s)?;
-            fill_random(&mut p)?;
-            let salt = salt.unwrap_or(&s[..params.key_size]);
-            SegmentCipher::new(params, ikm, aad, salt, nonce_prefix.unwrap_or(&p))?
-        }
-    };
-    let segments = segment_count_for_plaintext(&params, plaintext.len() as u64);
-    let mut out = Vec::with_capacity(
-        params.header_length() + plaintext.len() + segments as usize * TAG_LENGTH,
-    );
-    out.extend_from_slice(cipher.header());
-    let mut rest = plaintext;
-    for i in 0..segments {
-        let take = rest.len().min(params.plaintext_length(i));
-        cipher.seal_into(i, i + 1 == segments, &rest[..take], &mut out)?;
-        rest = &rest[take..];
+) -> Result<SegmentCipher> {
+    let mut s = [0u8; 32];
+    let mut p = [0u8; NONCE_PREFIX_LENGTH];
+    if salt.is_none() {
+        fill_random(&mut s[..params.key_size])?;
     }
-    Ok(out)
+    if nonce_prefix.is_none() {
+        fill_random(&mut p)?;
+    }
+    SegmentCipher::new(
+        params,
+        ikm,
+        aad,
+        salt.unwrap_or(&s[..params.key_size]),
+        nonce_prefix.unwrap_or(&p),
+    )
 }
 
 /// Number of segments a writer emits for `len` plaintext bytes (never an empty trailing one).
@@ -241,27 +267,108 @@ pub fn segment_count_for_plaintext(params: &StreamParams, len: u64) -> u64 {
     }
 }
 
-/// Decrypts a whole Tink stream; the last segment is the one that ends the input.
-pub fn decrypt(params: StreamParams, ikm: &[u8], ciphertext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+/// Length of the whole stream (header included) for `len` plaintext bytes.
+pub fn ciphertext_length_for(params: &StreamParams, len: u64) -> u64 {
+    params.header_length() as u64
+        + len
+        + TAG_LENGTH as u64 * segment_count_for_plaintext(params, len)
+}
+
+/// Plaintext length of a whole stream of `len` bytes, or an error if no stream has that length.
+pub fn plaintext_length_for(params: &StreamParams, len: u64) -> Result<u64> {
+    let header = params.header_length() as u64;
+    let tag = TAG_LENGTH as u64;
+    let body = len.checked_sub(header + tag).ok_or_else(|| {
+        Error::integrity("stream is truncated (shorter than its header and one tag)")
+    })?;
+    let first = params.ciphertext_length(0) as u64;
+    if body + tag <= first {
+        return Ok(body);
+    }
+    let css = params.segment_size as u64;
+    let segments = 1 + (body + tag - first).div_ceil(css);
+    let last = body + tag - first - (segments - 2) * css;
+    if last < tag {
+        return Err(Error::integrity(
+            "stream is truncated or has extra bytes (its last segment is shorter than a tag)",
+        ));
+    }
+    Ok(body + tag - tag * segments)
+}
+
+/// Encrypts a whole plaintext into `out` (exactly `ciphertext_length_for` bytes), header included.
+pub fn encrypt_to(cipher: &SegmentCipher, plaintext: &[u8], out: &mut [u8]) -> Result<()> {
+    let params = cipher.params;
+    let segments = segment_count_for_plaintext(&params, plaintext.len() as u64);
+    let (header, mut rest_out) = out.split_at_mut(params.header_length());
+    header.copy_from_slice(cipher.header());
+    let mut rest = plaintext;
+    for i in 0..segments {
+        let take = rest.len().min(params.plaintext_length(i));
+        let (seg, tail) = rest_out.split_at_mut(take + TAG_LENGTH);
+        cipher.seal_to(i, i + 1 == segments, &rest[..take], seg)?;
+        rest = &rest[take..];
+        rest_out = tail;
+    }
+    Ok(())
+}
+
+/// Encrypts a whole plaintext into a Tink stream (header included).
+pub fn encrypt(
+    params: StreamParams,
+    ikm: &[u8],
+    plaintext: &[u8],
+    aad: &[u8],
+    salt: Option<&[u8]>,
+    nonce_prefix: Option<&[u8]>,
+) -> Result<Vec<u8>> {
+    let cipher = new_cipher(params, ikm, aad, salt, nonce_prefix)?;
+    let mut out = vec![0u8; ciphertext_length_for(&params, plaintext.len() as u64) as usize];
+    encrypt_to(&cipher, plaintext, &mut out)?;
+    Ok(out)
+}
+
+/// Decrypts a whole stream into `out` (exactly `plaintext_length_for` bytes); the last segment
+/// is the one that ends the input.
+pub fn decrypt_to(
+    params: StreamParams,
+    ikm: &[u8],
+    ciphertext: &[u8],
+    aad: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
     let cipher = SegmentCipher::from_header(params, ikm, aad, ciphertext)?;
+    let expected = plaintext_length_for(&params, ciphertext.len() as u64)?;
+    if expected != out.len() as u64 {
+        return Err(Error::invalid("output buffer has the wrong length"));
+    }
     let mut rest = &ciphertext[params.header_length()..];
-    let mut out = Vec::with_capacity(rest.len());
+    let mut rest_out = out;
     let mut index = 0u64;
-    let mut buf = Vec::with_capacity(params.segment_size);
     loop {
         let full = params.ciphertext_length(index);
         let last = rest.len() <= full;
         let take = rest.len().min(full);
-        buf.clear();
-        buf.extend_from_slice(&rest[..take]);
-        let n = cipher.open_in_place(index, last, &mut buf)?;
-        out.extend_from_slice(&buf[..n]);
+        let (seg_out, tail) = rest_out.split_at_mut(take - TAG_LENGTH);
+        cipher.open_to(index, last, &rest[..take], seg_out)?;
         rest = &rest[take..];
+        rest_out = tail;
         if last {
-            return Ok(out);
+            return Ok(());
         }
         index += 1;
     }
+}
+
+/// Decrypts a whole Tink stream.
+pub fn decrypt(params: StreamParams, ikm: &[u8], ciphertext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+    if ciphertext.len() < params.header_length() {
+        return Err(Error::integrity("stream is truncated inside its header"));
+    }
+    let n = plaintext_length_for(&params, ciphertext.len() as u64)?;
+    let mut out = vec![0u8; n as usize];
+    decrypt_to(params, ikm, ciphertext, aad, &mut out)?;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ fn encode(trees: &[Tree], segment_size: u32) -> (Vec<u8>, Trailer) {
         nonce_prefix: None,
     };
     let mut enc = BackupEncoder::new(&KEY, b"{\"m\":1}", &opts).unwrap();
-    let mut file = enc.take_output();
+    let mut file = enc.output().to_vec();
+    enc.clear_output();
     for (name, items) in trees {
         enc.begin_tree(name).unwrap();
         for (k, v) in items {
@@ -27,12 +28,14 @@ fn encode(trees: &[Tree], segment_size: u32) -> (Vec<u8>, Trailer) {
                 None => enc.delete(k).unwrap(),
             }
             enc.seal_ready().unwrap();
-            file.extend(enc.take_output());
+            file.extend_from_slice(enc.output());
+            enc.clear_output();
         }
         enc.end_tree().unwrap();
     }
     let trailer = enc.finish().unwrap();
-    file.extend(enc.take_output());
+    file.extend_from_slice(enc.output());
+    enc.clear_output();
     (file, trailer)
 }
 
@@ -52,8 +55,8 @@ fn decode(file: &[u8], key: &[u8]) -> Result<(Vec<u8>, Vec<Tree>, Trailer), Erro
                     read: &mut dyn FnMut(usize) -> Result<Vec<u8>, Error>| {
         let p = dec.params();
         let i = dec.next_segment_length();
-        let (mut seg, last) = feeder.next(i, p.segment_size, read)?;
-        dec.push_segment(&mut seg, last)
+        let (seg, last) = feeder.next(i, p.segment_size, read)?;
+        dec.push_segment(&seg, last)
     };
     let meta = loop {
         match dec.read_header()? {
@@ -195,4 +198,44 @@ fn writer_state_machine() {
         }
     )
     .is_err());
+}
+
+#[test]
+fn streamed_value_equals_buffered_put() {
+    let opts = EncoderOptions {
+        segment_size: 4096,
+        kdf_id: 0,
+        kdf_params: b"",
+        salt: Some(&[1; 32]),
+        nonce_prefix: Some(&[2; 7]),
+    };
+    let value: Vec<u8> = (0..50_000u32).map(|i| (i * 7) as u8).collect();
+    let mut files = Vec::new();
+    for streamed in [false, true] {
+        let mut enc = BackupEncoder::new(&KEY, b"{}", &opts).unwrap();
+        let mut file = enc.output().to_vec();
+        enc.clear_output();
+        enc.begin_tree("t").unwrap();
+        if streamed {
+            enc.begin_put(b"k", value.len()).unwrap();
+            assert!(matches!(enc.end_tree(), Err(Error::InvalidArgument(_))));
+            let mut enc2 = BackupEncoder::new(&KEY, b"{}", &opts).unwrap();
+            enc2.begin_tree("t").unwrap();
+            enc2.begin_put(b"k", value.len()).unwrap();
+            for piece in value.chunks(3000) {
+                enc2.extend_value(piece).unwrap();
+                enc2.seal_ready().unwrap();
+            }
+            enc = enc2;
+            file.clear();
+        } else {
+            enc.put(b"k", &value).unwrap();
+        }
+        enc.end_tree().unwrap();
+        enc.finish().unwrap();
+        file.extend_from_slice(enc.output());
+        files.push(file);
+    }
+    // Both hold the whole file (the streamed encoder's output was never cleared).
+    assert_eq!(files[0], files[1]);
 }

@@ -1,5 +1,5 @@
 //! The backup encoder: frames records, digests them and seals Tink segments. It does no I/O:
-//! ciphertext accumulates in an output buffer that the caller drains (`take_output`), so the
+//! ciphertext accumulates in an output buffer that the caller drains (`output`, `clear_output`), so the
 //! binding can write it with the GIL held and seal with the GIL released.
 
 use std::collections::HashSet;
@@ -7,11 +7,11 @@ use std::collections::HashSet;
 use crate::digest::{Digests, Tally};
 use crate::error::{Error, Result};
 use crate::format::{
-    check_tree_name, frame_blob, frame_delete, frame_put, frame_tree_end, Preamble, Trailer,
-    TreeSummary, REC_HEADER, REC_TREE_BEGIN,
+    check_tree_name, frame_blob, frame_delete, frame_put, frame_put_header, frame_tree_end,
+    Preamble, Trailer, TreeSummary, REC_HEADER, REC_TREE_BEGIN,
 };
 use crate::keys::{derive_digest_key, derive_key_id, SecretKey};
-use crate::stream::{SegmentCipher, StreamParams};
+use crate::stream::{new_cipher, SegmentCipher, StreamParams};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -43,6 +43,8 @@ pub struct BackupEncoder {
     tree: Option<(String, Tally)>,
     trees: Vec<TreeSummary>,
     names: HashSet<String>,
+    /// Value bytes still owed by a PUT started with `begin_put`.
+    value_remaining: u64,
 }
 
 impl BackupEncoder {
@@ -58,22 +60,13 @@ impl BackupEncoder {
             opts.kdf_params,
         )?;
         let params = StreamParams::backup(opts.segment_size);
-        let cipher = match (opts.salt, opts.nonce_prefix) {
-            (None, None) => SegmentCipher::random(params, key.as_bytes(), &preamble.raw)?,
-            (salt, prefix) => {
-                let mut s = [0u8; 32];
-                let mut p = [0u8; 7];
-                crate::stream::fill_random(&mut s)?;
-                crate::stream::fill_random(&mut p)?;
-                SegmentCipher::new(
-                    params,
-                    key.as_bytes(),
-                    &preamble.raw,
-                    salt.unwrap_or(&s),
-                    prefix.unwrap_or(&p),
-                )?
-            }
-        };
+        let cipher = new_cipher(
+            params,
+            key.as_bytes(),
+            &preamble.raw,
+            opts.salt,
+            opts.nonce_prefix,
+        )?;
         let mut out = Vec::with_capacity(2 * opts.segment_size as usize);
         out.extend_from_slice(&preamble.raw);
         out.extend_from_slice(cipher.header());
@@ -92,6 +85,7 @@ impl BackupEncoder {
             tree: None,
             trees: Vec::new(),
             names: HashSet::new(),
+            value_remaining: 0,
         })
     }
 
@@ -99,7 +93,7 @@ impl BackupEncoder {
         &self.preamble
     }
 
-    /// Bytes handed out by `take_output` so far.
+    /// Bytes of output cleared (written) so far.
     pub fn bytes_written(&self) -> u64 {
         self.bytes_written
     }
@@ -109,6 +103,12 @@ impl BackupEncoder {
     }
 
     fn expect(&mut self, want: State, action: &str) -> Result<()> {
+        if self.value_remaining != 0 && self.state != State::Poisoned {
+            return Err(Error::invalid(format!(
+                "cannot {action}: {} bytes of the current value are still missing",
+                self.value_remaining
+            )));
+        }
         match self.state {
             s if s == want => Ok(()),
             State::Poisoned => Err(Error::Poisoned("backup writer")),
@@ -166,6 +166,34 @@ impl BackupEncoder {
                 .expect("in tree")
                 .1
                 .add(key.len(), value.len())
+        })
+    }
+
+    /// Starts a PUT whose value arrives in pieces through `extend_value` (for large values, so
+    /// they are sealed and written out as they come instead of being buffered whole).
+    pub fn begin_put(&mut self, key: &[u8], value_len: usize) -> Result<()> {
+        self.guarded(|s| {
+            s.expect(State::InTree, "add items")?;
+            frame_put_header(&mut s.plain, key, value_len)?;
+            s.value_remaining = value_len as u64;
+            s.tree
+                .as_mut()
+                .expect("in tree")
+                .1
+                .add(key.len(), value_len)
+        })
+    }
+
+    pub fn extend_value(&mut self, chunk: &[u8]) -> Result<()> {
+        self.guarded(|s| {
+            if s.state != State::InTree || chunk.len() as u64 > s.value_remaining {
+                return Err(Error::invalid(
+                    "extend_value() without a matching begin_put()",
+                ));
+            }
+            s.plain.extend_from_slice(chunk);
+            s.value_remaining -= chunk.len() as u64;
+            Ok(())
         })
     }
 
@@ -260,12 +288,15 @@ impl BackupEncoder {
         })
     }
 
-    /// Takes the ciphertext produced so far.
-    pub fn take_output(&mut self) -> Vec<u8> {
-        let cap = self.out.capacity();
-        let out = std::mem::replace(&mut self.out, Vec::with_capacity(cap));
-        self.bytes_written += out.len() as u64;
-        out
+    /// The ciphertext produced since the last `clear_output`.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// Marks the output as written; its buffer is kept for reuse (fresh memory is costly here).
+    pub fn clear_output(&mut self) {
+        self.bytes_written += self.out.len() as u64;
+        self.out.clear();
     }
 
     pub fn output_len(&self) -> usize {

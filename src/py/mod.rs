@@ -100,18 +100,14 @@ fn encrypt_stream<'py>(
         opt_arg(salt)?,
         opt_arg(nonce_prefix)?,
     );
-    let plaintext = with_bytes(plaintext, <[u8]>::to_vec)?;
-    let out = py.detach(|| {
-        stream::encrypt(
-            params,
-            &key,
-            &plaintext,
-            &aad,
-            salt.as_deref(),
-            prefix.as_deref(),
-        )
-    })?;
-    Ok(PyBytes::new(py, &out))
+    let cipher = stream::new_cipher(params, &key, &aad, salt.as_deref(), prefix.as_deref())?;
+    with_bytes(plaintext, |pt| {
+        let len = stream::ciphertext_length_for(&params, pt.len() as u64) as usize;
+        // Seal straight into the new bytes object, with the GIL released.
+        PyBytes::new_with(py, len, |out| {
+            Ok(py.detach(|| stream::encrypt_to(&cipher, pt, out))?)
+        })
+    })?
 }
 
 #[pyfunction]
@@ -128,9 +124,17 @@ fn decrypt_stream<'py>(
     let params = stream_params(hkdf_hash, derived_key_size, segment_size)?;
     let key = secret_arg(key)?;
     let aad = with_bytes(aad, <[u8]>::to_vec)?;
-    let ciphertext = with_bytes(ciphertext, <[u8]>::to_vec)?;
-    let out = py.detach(|| stream::decrypt(params, &key, &ciphertext, &aad))?;
-    Ok(PyBytes::new(py, &out))
+    with_bytes(ciphertext, |ct| {
+        if ct.len() < params.header_length() {
+            return Err(
+                crate::error::Error::integrity("stream is truncated inside its header").into(),
+            );
+        }
+        let len = stream::plaintext_length_for(&params, ct.len() as u64)? as usize;
+        PyBytes::new_with(py, len, |out| {
+            Ok(py.detach(|| stream::decrypt_to(params, &key, ct, &aad, out))?)
+        })
+    })?
 }
 
 #[pyfunction]

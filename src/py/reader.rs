@@ -137,8 +137,8 @@ impl PyBackupReader {
         let source = self.source.bind(py).clone();
         let dec = self.dec.as_mut().expect("unlocked");
         let (now, next) = (dec.next_segment_length(), dec.params().segment_size);
-        let (mut segment, last) = self.feeder.next(now, next, |n| read_up_to(&source, n))?;
-        py.detach(|| dec.push_segment(&mut segment, last))?;
+        let (segment, last) = self.feeder.next(now, next, |n| read_up_to(&source, n))?;
+        py.detach(|| dec.push_segment(&segment, last))?;
         Ok(())
     }
 

@@ -49,12 +49,23 @@ impl PyBackupWriter {
         if self.enc.output_len() == 0 {
             return Ok(());
         }
-        let out = self.enc.take_output();
-        let chunk = PyBytes::new(py, &out);
+        let chunk = PyBytes::new(py, self.enc.output());
         self.sink
             .bind(py)
             .call_method1("write", (chunk,))
             .io_context(py, "writing the backup")?;
+        self.enc.clear_output();
+        Ok(())
+    }
+
+    /// A PUT whose value is larger than the flush threshold: sealed and written piece by piece,
+    /// so memory stays bounded by a few segments whatever the value size.
+    fn put_large(&mut self, py: Python<'_>, key: &[u8], value: &[u8]) -> PyResult<()> {
+        self.enc.begin_put(key, value.len())?;
+        for piece in value.chunks(self.flush_at) {
+            self.enc.extend_value(piece)?;
+            self.seal_and_write(py)?;
+        }
         Ok(())
     }
 
@@ -75,25 +86,6 @@ impl PyBackupWriter {
             self.enc.poison();
         }
         r
-    }
-
-    fn add_with(
-        &mut self,
-        py: Python<'_>,
-        iterable: &Bound<'_, PyAny>,
-        mut add: impl FnMut(&mut BackupEncoder, &Bound<'_, PyAny>) -> PyResult<()>,
-    ) -> PyResult<u64> {
-        self.guarded(py, |s, py| {
-            let mut n = 0u64;
-            for item in iterable.try_iter()? {
-                add(&mut s.enc, &item?)?;
-                n += 1;
-                if s.enc.pending() >= s.flush_at {
-                    s.seal_and_write(py)?;
-                }
-            }
-            Ok(n)
-        })
     }
 }
 
@@ -150,15 +142,40 @@ impl PyBackupWriter {
     }
 
     fn add_items(&mut self, py: Python<'_>, items: &Bound<'_, PyAny>) -> PyResult<u64> {
-        self.add_with(py, items, |enc, item| {
-            let (k, v) = pair(item)?;
-            Ok(with_bytes(&k, |k| with_bytes(&v, |v| enc.put(k, v)))???)
+        let flush_at = self.flush_at;
+        self.guarded(py, |s, py| {
+            let mut n = 0u64;
+            for item in items.try_iter()? {
+                let (k, v) = pair(&item?)?;
+                with_bytes(&k, |k| {
+                    with_bytes(&v, |v| {
+                        if v.len() > flush_at {
+                            s.put_large(py, k, v)
+                        } else {
+                            Ok(s.enc.put(k, v)?)
+                        }
+                    })
+                })???;
+                n += 1;
+                if s.enc.pending() >= flush_at {
+                    s.seal_and_write(py)?;
+                }
+            }
+            Ok(n)
         })
     }
 
     fn add_deletes(&mut self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<u64> {
-        self.add_with(py, keys, |enc, key| {
-            Ok(with_bytes(key, |k| enc.delete(k))??)
+        self.guarded(py, |s, py| {
+            let mut n = 0u64;
+            for key in keys.try_iter()? {
+                with_bytes(&key?, |k| s.enc.delete(k))??;
+                n += 1;
+                if s.enc.pending() >= s.flush_at {
+                    s.seal_and_write(py)?;
+                }
+            }
+            Ok(n)
         })
     }
 
