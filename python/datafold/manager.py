@@ -307,6 +307,12 @@ class EncryptedBackupManager:
         safety = options.safety_backup_path or os.path.join(
             os.path.dirname(os.path.abspath(path)), f"{base}.pre-restore-{stamp}.dfb"
         )
+        if os.path.abspath(safety) == os.path.abspath(path) or (
+            os.path.exists(safety) and os.path.samefile(safety, path)
+        ):
+            raise InvalidArgumentError(
+                f"safety_backup_path {safety} is the backup being restored; choose another path"
+            )
         scan_prefix = prefix or b""
 
         def fill(writer: Any) -> None:

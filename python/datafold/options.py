@@ -147,3 +147,5 @@ class RestoreOptions:
             if not isinstance(p, os.PathLike):
                 raise ArgumentTypeError(f"safety_backup_path must be a path or None, not {type(p).__name__}")
             object.__setattr__(self, "safety_backup_path", os.fspath(p))
+        if self.safety_backup_path == "":
+            raise InvalidArgumentError("safety_backup_path must be a file path or None, not an empty string")
