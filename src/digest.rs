@@ -21,16 +21,14 @@ impl Digests {
         }
     }
 
-    /// Hashes bytes of the current region: into the stream digest, and into the tree digest
-    /// while a tree's records are open.
+    /// Hashes bytes of the current region: a tree's records into its tree digest, everything
+    /// else (HEADER, TREE_BEGIN, TREE_END) into the stream digest. Each byte is hashed once; the
+    /// stream digest covers the records through the tree digests in the TREE_END records.
     pub fn absorb(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
-        }
-        self.stream.update(bytes);
-        if let Some(t) = self.tree.as_mut() {
-            t.update(bytes);
-        }
+        match self.tree.as_mut() {
+            Some(t) => t.update(bytes),
+            None => self.stream.update(bytes),
+        };
     }
 
     pub fn open_tree(&mut self) {

@@ -133,12 +133,15 @@ def trailer_record(
 
 def build_plaintext(key: bytes, trees: Trees, header: bytes = HEADER) -> tuple[bytes, tuple]:
     out = rec_len(1, header)
+    structure = out  # the stream digest covers HEADER, TREE_BEGIN and TREE_END records only
     summaries = []
     for name, items in trees:
         body, n, b, d = tree_records(key, items)
-        out += rec_len(2, name.encode()) + body + struct.pack("<BQQ", 5, n, b) + d
+        begin, end = rec_len(2, name.encode()), struct.pack("<BQQ", 5, n, b) + d
+        out += begin + body + end
+        structure += begin + end
         summaries.append((name, n, b, d))
-    digest = blake3.blake3(out, key=derive_digest_key(key)).digest()
+    digest = blake3.blake3(structure, key=derive_digest_key(key)).digest()
     trailer = (sum(s[1] for s in summaries), sum(s[2] for s in summaries), summaries, digest)
     return out + trailer_record(*trailer), trailer
 
@@ -534,13 +537,16 @@ def _crafted_cases(key: bytes) -> dict[str, tuple[bytes, type[BaseException] | t
 
     header = rec_len(1, HEADER)
     body, n, b, d = tree_records(key, [(b"k", b"v"), (b"d", None)])
-    tree = rec_len(2, b"t") + body + struct.pack("<BQQ", 5, n, b) + d
+    begin, end = rec_len(2, b"t"), struct.pack("<BQQ", 5, n, b) + d
+    tree = begin + body + end
     good_prefix = header + tree
-    good_trailer = trailer_record(n, b, [("t", n, b, d)], digest(good_prefix))
+    good_digest = digest(header + begin + end)  # the stream digest skips the tree's records
+    good_trailer = trailer_record(n, b, [("t", n, b, d)], good_digest)
 
     def with_tree_end(n2: int, b2: int, d2: bytes) -> bytes:
-        pre = header + rec_len(2, b"t") + body + struct.pack("<BQQ", 5, n2, b2) + d2
-        return pre + trailer_record(n2, b2, [("t", n2, b2, d2)], digest(pre))
+        end2 = struct.pack("<BQQ", 5, n2, b2) + d2
+        pre = header + begin + body + end2
+        return pre + trailer_record(n2, b2, [("t", n2, b2, d2)], digest(header + begin + end2))
 
     def with_trailer(total_items: int, total_bytes: int, trees: list, sd: bytes) -> bytes:
         return good_prefix + trailer_record(total_items, total_bytes, trees, sd)
@@ -574,11 +580,11 @@ def _crafted_cases(key: bytes) -> dict[str, tuple[bytes, type[BaseException] | t
         "item count": (with_tree_end(n + 1, b, d), IntegrityError),
         "byte count": (with_tree_end(n, b + 1, d), IntegrityError),
         "tree digest": (with_tree_end(n, b, bytes(32)), IntegrityError),
-        "trailer total items": (with_trailer(n + 1, b, [("t", n + 1, b, d)], digest(good_prefix)), IntegrityError),
-        "trailer sums": (with_trailer(n + 1, b, [("t", n, b, d)], digest(good_prefix)), IntegrityError),
-        "trailer tree digest": (with_trailer(n, b, [("t", n, b, bytes(32))], digest(good_prefix)), IntegrityError),
-        "trailer tree name": (with_trailer(n, b, [("u", n, b, d)], digest(good_prefix)), IntegrityError),
-        "trailer missing tree": (with_trailer(0, 0, [], digest(good_prefix)), IntegrityError),
+        "trailer total items": (with_trailer(n + 1, b, [("t", n + 1, b, d)], good_digest), IntegrityError),
+        "trailer sums": (with_trailer(n + 1, b, [("t", n, b, d)], good_digest), IntegrityError),
+        "trailer tree digest": (with_trailer(n, b, [("t", n, b, bytes(32))], good_digest), IntegrityError),
+        "trailer tree name": (with_trailer(n, b, [("u", n, b, d)], good_digest), IntegrityError),
+        "trailer missing tree": (with_trailer(0, 0, [], good_digest), IntegrityError),
         "stream digest": (with_trailer(n, b, [("t", n, b, d)], bytes(32)), IntegrityError),
         "trailer lengths disagree": (good_prefix + bytes(trailer_bad_len), IntegrityError),
     }
@@ -1046,3 +1052,23 @@ def test_interface_names(core: ModuleType) -> None:
     assert core.CORE_NAME == ("pure" if core.__name__.endswith("_pure") else "rust")
     if core.CORE_NAME == "pure":
         assert set(core.__all__) == names
+
+
+def test_read_items_batches_are_bounded_by_bytes(core: ModuleType, backup_key: bytes) -> None:
+    """A batch ends once its keys and values reach max_bytes, but always holds one record."""
+    sink = io.BytesIO()
+    writer = core.BackupWriter(sink, backup_key, b"{}", segment_size=4096)
+    writer.begin_tree("big")
+    writer.add_items((b"%03d" % i, bytes([i]) * 10_000) for i in range(20))
+    writer.end_tree()
+    writer.finish()
+    reader = core.BackupReader(io.BytesIO(sink.getvalue()))
+    reader.unlock(backup_key)
+    assert reader.next_tree() == "big"
+    assert len(reader.read_items(100, max_bytes=25_000)) == 3  # 3 x 10,003 bytes reach the limit
+    assert len(reader.read_items(100, max_bytes=1)) == 1
+    rest = reader.read_items(100)
+    assert [k for k, _ in rest] == [b"%03d" % i for i in range(4, 20)]
+    assert reader.read_items() == []
+    with pytest.raises(InvalidArgumentError):
+        reader.read_items(10, max_bytes=0)

@@ -122,10 +122,11 @@ class BackupReader:
         """Name of the next tree, or None after the TRAILER was read, checked against everything
         read, and the stream was found to end right after it. Called while a tree is open, it
         first reads and checks the rest of that tree (this is how a reader skips a tree)."""
-    def read_items(self, max_items: int = 4096) -> list[tuple[bytes, bytes | None]]:
+    def read_items(self, max_items: int = 4096, max_bytes: int = 16 << 20) -> list[tuple[bytes, bytes | None]]:
         """Up to max_items records of the current tree: (key, value) for PUT, (key, None) for
-        DELETE. [] once the tree's TREE_END was read and its count, bytes and digest checked.
-        max_items < 1 is an InvalidArgumentError."""
+        DELETE; the batch also ends once its keys and values reach max_bytes (at least one record
+        is returned), so memory stays bounded with large values. [] once the tree's TREE_END was
+        read and its count, bytes and digest checked. A limit < 1 is an InvalidArgumentError."""
     @property
     def trailer(self) -> Trailer | None: ...  # set once next_tree() returned None
     def read_summary(self) -> Trailer:

@@ -208,17 +208,27 @@ impl PyBackupReader {
         self.guarded(py, |s, py| s.drive(py, |d| d.next_tree()))
     }
 
-    #[pyo3(signature = (max_items=4096))]
-    fn read_items<'py>(&mut self, py: Python<'py>, max_items: i64) -> PyResult<Bound<'py, PyList>> {
+    /// At most `max_items` records, and no more once `max_bytes` of keys and values are in the
+    /// batch (so a batch of large values stays small).
+    #[pyo3(signature = (max_items=4096, max_bytes=16 << 20))]
+    fn read_items<'py>(
+        &mut self,
+        py: Python<'py>,
+        max_items: i64,
+        max_bytes: i64,
+    ) -> PyResult<Bound<'py, PyList>> {
         self.guarded(py, |s, py| {
-            if max_items < 1 {
-                return Err(InvalidArgumentError::new_err(format!(
-                    "max_items must be at least 1, got {max_items}"
-                )));
+            for (name, value) in [("max_items", max_items), ("max_bytes", max_bytes)] {
+                if value < 1 {
+                    return Err(InvalidArgumentError::new_err(format!(
+                        "{name} must be at least 1, got {value}"
+                    )));
+                }
             }
-            let max_items = max_items as usize;
+            let (max_items, max_bytes) = (max_items as usize, max_bytes as usize);
+            let mut bytes = 0usize;
             let list = PyList::empty(py);
-            while list.len() < max_items {
+            while list.len() < max_items && bytes < max_bytes {
                 let dec = s.decoder()?;
                 let pair = match dec.next_item()? {
                     Step::NeedMore => {
@@ -227,9 +237,13 @@ impl PyBackupReader {
                     }
                     Step::Done(None) => break,
                     Step::Done(Some(Item::Put(k, v))) => {
+                        bytes += k.len() + v.len();
                         (PyBytes::new(py, k), Some(PyBytes::new(py, v)))
                     }
-                    Step::Done(Some(Item::Delete(k))) => (PyBytes::new(py, k), None),
+                    Step::Done(Some(Item::Delete(k))) => {
+                        bytes += k.len();
+                        (PyBytes::new(py, k), None)
+                    }
                 };
                 list.append(pair)?;
             }

@@ -204,8 +204,11 @@ class BackupWriter:
         self._bytes_written += len(data)
 
     def _feed(self, data: Any) -> None:
-        """Plaintext before the TRAILER: into the stream digest, then into the segment buffer."""
+        """Structure records (HEADER, TREE_BEGIN, TREE_END): into the stream digest and the buffer."""
         self._stream_hasher.update(data)
+        self._append(data)
+
+    def _append(self, data: Any) -> None:
         self._buf += data
         if len(self._buf) > self._seg_plain:
             self._drain()
@@ -225,8 +228,10 @@ class BackupWriter:
             self._seg_plain = self._cipher.plain
 
     def _emit_tree(self, data: Any) -> None:
+        # A tree's records go into its tree digest only; the stream digest covers them through
+        # the TREE_END record that carries that digest (docs/FORMAT.md §4).
         self._tree_hasher.update(data)
-        self._feed(data)
+        self._append(data)
 
     # -- public API --
 
@@ -417,6 +422,10 @@ def digest_items(backup_key: Buffer, items: Iterable[tuple[Buffer, Buffer | None
 # --- reader -----------------------------------------------------------------------------------
 
 # _R_TREE_END is READY right after a tree's TREE_END: read_items() keeps returning [] there.
+# read_items batches: at most this many records, or records up to this many key+value bytes.
+DEFAULT_BATCH_ITEMS = 4096
+DEFAULT_BATCH_BYTES = 16 << 20
+
 _R_LOCKED, _R_READY, _R_IN_TREE, _R_TREE_END, _R_DONE, _R_SUMMARY, _R_POISONED = range(7)
 _R_STATE_NAMES = {
     _R_LOCKED: "locked (call unlock() first)",
@@ -561,9 +570,10 @@ class BackupReader:
             if self._hashing:
                 with memoryview(self._data) as view:
                     part = view[self._mark : self._pos]
-                    self._stream_hasher.update(part)
                     if self._tree_hasher is not None:
                         self._tree_hasher.update(part)
+                    else:
+                        self._stream_hasher.update(part)
                     part.release()
             self._mark = self._pos
 
@@ -695,21 +705,24 @@ class BackupReader:
         self._trailer = trailer
         self._state = _R_DONE
 
-    def read_items(self, max_items: int = 4096) -> list[tuple[bytes, bytes | None]]:
+    def read_items(
+        self, max_items: int = DEFAULT_BATCH_ITEMS, max_bytes: int = DEFAULT_BATCH_BYTES
+    ) -> list[tuple[bytes, bytes | None]]:
         self._enter((_R_IN_TREE, _R_TREE_END), "read_items")
         try:
-            if isinstance(max_items, bool) or not isinstance(max_items, int):
-                raise ArgumentTypeError(f"max_items must be an int, not {type(max_items).__name__}")
-            if max_items < 1:
-                raise InvalidArgumentError(f"max_items must be at least 1, got {max_items}")
+            for name, value in (("max_items", max_items), ("max_bytes", max_bytes)):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ArgumentTypeError(f"{name} must be an int, not {type(value).__name__}")
+                if value < 1:
+                    raise InvalidArgumentError(f"{name} must be at least 1, got {value}")
             if self._state == _R_TREE_END:
                 return []
-            return self._read_items(max_items)
+            return self._read_items(max_items, max_bytes)
         except BaseException:
             self._state = _R_POISONED
             raise
 
-    def _read_items(self, max_items: int) -> list[tuple[bytes, bytes | None]]:
+    def _read_items(self, max_items: int, max_bytes: int = DEFAULT_BATCH_BYTES) -> list[tuple[bytes, bytes | None]]:
         out: list[tuple[bytes, bytes | None]] = []
         data = self._data
         pos = self._pos
@@ -717,7 +730,7 @@ class BackupReader:
         nbytes = 0
         unpack_put = PUT_HEADER.unpack_from
         unpack_u32 = U32.unpack_from
-        while count < max_items:
+        while count < max_items and nbytes < max_bytes:
             if pos >= len(data):
                 self._pos = pos
                 self._need(1)
@@ -770,7 +783,7 @@ class BackupReader:
         return out
 
     def _tree_end(self) -> None:
-        self._flush_hash()  # the tree's records, into both digests
+        self._flush_hash()  # the tree's records, into the tree digest
         self._need(TREE_END_LENGTH)
         _, item_count, byte_count, digest = TREE_END.unpack_from(self._data, self._pos)
         self._pos += TREE_END_LENGTH
