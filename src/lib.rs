@@ -6,6 +6,7 @@ pub mod digest;
 pub mod error;
 pub mod format;
 pub mod keys;
+pub mod parallel;
 pub mod reader;
 pub mod stream;
 pub mod writer;

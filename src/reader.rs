@@ -100,6 +100,11 @@ impl BackupDecoder {
         self.cipher.params.ciphertext_length(self.next_segment)
     }
 
+    /// Index of the next segment to push.
+    pub fn next_segment_index(&self) -> u64 {
+        self.next_segment
+    }
+
     pub fn ended(&self) -> bool {
         self.ended
     }
@@ -126,23 +131,36 @@ impl BackupDecoder {
 
     /// Decrypts the next segment (ciphertext || tag) straight onto the end of the plaintext.
     pub fn push_segment(&mut self, segment: &[u8], last: bool) -> Result<()> {
+        self.push_segments(&[(segment, last)], 1)
+    }
+
+    /// Decrypts the next segments, in order, onto the end of the plaintext, spread over
+    /// `threads` threads. Only the final one may be flagged last.
+    pub fn push_segments(&mut self, segments: &[(&[u8], bool)], threads: usize) -> Result<()> {
         self.guarded(|s| {
-            if s.ended {
-                return Err(Error::integrity(
-                    "data follows the last segment of the backup",
-                ));
-            }
-            let full = s.cipher.params.ciphertext_length(s.next_segment);
-            if segment.len() > full || (!last && segment.len() != full) {
-                return Err(Error::integrity(
-                    "backup segment has the wrong length (corrupted file)",
-                ));
-            }
-            if segment.len() < TAG_LENGTH {
-                return Err(Error::integrity(format!(
-                    "backup is truncated or corrupted (segment {} is shorter than its tag)",
-                    s.next_segment
-                )));
+            let mut index = s.next_segment;
+            let mut ended = s.ended;
+            let mut total = 0;
+            for &(segment, last) in segments {
+                if ended {
+                    return Err(Error::integrity(
+                        "data follows the last segment of the backup",
+                    ));
+                }
+                let full = s.cipher.params.ciphertext_length(index);
+                if segment.len() > full || (!last && segment.len() != full) {
+                    return Err(Error::integrity(
+                        "backup segment has the wrong length (corrupted file)",
+                    ));
+                }
+                if segment.len() < TAG_LENGTH {
+                    return Err(Error::integrity(format!(
+                        "backup is truncated or corrupted (segment {index} is shorter than its tag)"
+                    )));
+                }
+                total += segment.len() - TAG_LENGTH;
+                index += 1;
+                ended = last;
             }
             // Drop what is parsed (after digesting it) before appending.
             s.absorb_parsed();
@@ -150,11 +168,20 @@ impl BackupDecoder {
             s.pos = 0;
             s.hashed = 0;
             let start = s.plain.len();
-            s.plain.resize(start + segment.len() - TAG_LENGTH, 0);
-            s.cipher
-                .open_to(s.next_segment, last, segment, &mut s.plain[start..])?;
-            s.next_segment += 1;
-            s.ended = last;
+            s.plain.resize(start + total, 0);
+            let mut jobs = Vec::with_capacity(segments.len());
+            let mut dst = &mut s.plain[start..];
+            for (i, &(segment, last)) in segments.iter().enumerate() {
+                let (out, rest) = dst.split_at_mut(segment.len() - TAG_LENGTH);
+                jobs.push((s.next_segment + i as u64, last, segment, out));
+                dst = rest;
+            }
+            let cipher = &s.cipher;
+            crate::parallel::run(jobs, total, threads, |(i, last, seg, out)| {
+                cipher.open_to(i, last, seg, out)
+            })?;
+            s.next_segment = index;
+            s.ended = ended;
             Ok(())
         })
     }

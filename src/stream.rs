@@ -296,21 +296,30 @@ pub fn plaintext_length_for(params: &StreamParams, len: u64) -> Result<u64> {
     Ok(body + tag - tag * segments)
 }
 
-/// Encrypts a whole plaintext into `out` (exactly `ciphertext_length_for` bytes), header included.
-pub fn encrypt_to(cipher: &SegmentCipher, plaintext: &[u8], out: &mut [u8]) -> Result<()> {
+/// Encrypts a whole plaintext into `out` (exactly `ciphertext_length_for` bytes), header
+/// included, sealing segments on up to `threads` threads.
+pub fn encrypt_to(
+    cipher: &SegmentCipher,
+    plaintext: &[u8],
+    out: &mut [u8],
+    threads: usize,
+) -> Result<()> {
     let params = cipher.params;
     let segments = segment_count_for_plaintext(&params, plaintext.len() as u64);
     let (header, mut rest_out) = out.split_at_mut(params.header_length());
     header.copy_from_slice(cipher.header());
     let mut rest = plaintext;
+    let mut jobs = Vec::with_capacity(segments as usize);
     for i in 0..segments {
         let take = rest.len().min(params.plaintext_length(i));
         let (seg, tail) = rest_out.split_at_mut(take + TAG_LENGTH);
-        cipher.seal_to(i, i + 1 == segments, &rest[..take], seg)?;
+        jobs.push((i, i + 1 == segments, &rest[..take], seg));
         rest = &rest[take..];
         rest_out = tail;
     }
-    Ok(())
+    crate::parallel::run(jobs, plaintext.len(), threads, |(i, last, src, dst)| {
+        cipher.seal_to(i, last, src, dst)
+    })
 }
 
 /// Encrypts a whole plaintext into a Tink stream (header included).
@@ -324,18 +333,19 @@ pub fn encrypt(
 ) -> Result<Vec<u8>> {
     let cipher = new_cipher(params, ikm, aad, salt, nonce_prefix)?;
     let mut out = vec![0u8; ciphertext_length_for(&params, plaintext.len() as u64) as usize];
-    encrypt_to(&cipher, plaintext, &mut out)?;
+    encrypt_to(&cipher, plaintext, &mut out, 1)?;
     Ok(out)
 }
 
-/// Decrypts a whole stream into `out` (exactly `plaintext_length_for` bytes); the last segment
-/// is the one that ends the input.
+/// Decrypts a whole stream into `out` (exactly `plaintext_length_for` bytes) on up to `threads`
+/// threads; the last segment is the one that ends the input.
 pub fn decrypt_to(
     params: StreamParams,
     ikm: &[u8],
     ciphertext: &[u8],
     aad: &[u8],
     out: &mut [u8],
+    threads: usize,
 ) -> Result<()> {
     let cipher = SegmentCipher::from_header(params, ikm, aad, ciphertext)?;
     let expected = plaintext_length_for(&params, ciphertext.len() as u64)?;
@@ -344,20 +354,23 @@ pub fn decrypt_to(
     }
     let mut rest = &ciphertext[params.header_length()..];
     let mut rest_out = out;
-    let mut index = 0u64;
-    loop {
+    let mut jobs = Vec::new();
+    for index in 0u64.. {
         let full = params.ciphertext_length(index);
         let last = rest.len() <= full;
         let take = rest.len().min(full);
         let (seg_out, tail) = rest_out.split_at_mut(take - TAG_LENGTH);
-        cipher.open_to(index, last, &rest[..take], seg_out)?;
+        jobs.push((index, last, &rest[..take], seg_out));
         rest = &rest[take..];
         rest_out = tail;
         if last {
-            return Ok(());
+            break;
         }
-        index += 1;
     }
+    let cipher = &cipher;
+    crate::parallel::run(jobs, ciphertext.len(), threads, |(i, last, seg, out)| {
+        cipher.open_to(i, last, seg, out)
+    })
 }
 
 /// Decrypts a whole Tink stream.
@@ -367,7 +380,7 @@ pub fn decrypt(params: StreamParams, ikm: &[u8], ciphertext: &[u8], aad: &[u8]) 
     }
     let n = plaintext_length_for(&params, ciphertext.len() as u64)?;
     let mut out = vec![0u8; n as usize];
-    decrypt_to(params, ikm, ciphertext, aad, &mut out)?;
+    decrypt_to(params, ikm, ciphertext, aad, &mut out, 1)?;
     Ok(out)
 }
 

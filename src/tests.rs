@@ -16,6 +16,7 @@ fn encode(trees: &[Tree], segment_size: u32) -> (Vec<u8>, Trailer) {
         kdf_params: b"",
         salt: None,
         nonce_prefix: None,
+        threads: 2,
     };
     let mut enc = BackupEncoder::new(&KEY, b"{\"m\":1}", &opts).unwrap();
     let mut file = enc.output().to_vec();
@@ -174,6 +175,7 @@ fn writer_state_machine() {
         kdf_params: b"",
         salt: None,
         nonce_prefix: None,
+        threads: 2,
     };
     let mut enc = BackupEncoder::new(&KEY, b"{}", &opts).unwrap();
     assert!(matches!(
@@ -208,6 +210,7 @@ fn streamed_value_equals_buffered_put() {
         kdf_params: b"",
         salt: Some(&[1; 32]),
         nonce_prefix: Some(&[2; 7]),
+        threads: 2,
     };
     let value: Vec<u8> = (0..50_000u32).map(|i| (i * 7) as u8).collect();
     let mut files = Vec::new();

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 
+use crate::aead::TAG_LENGTH;
 use crate::digest::{Digests, Tally};
 use crate::error::{Error, Result};
 use crate::format::{
@@ -11,6 +12,7 @@ use crate::format::{
     Preamble, Trailer, TreeSummary, REC_HEADER, REC_TREE_BEGIN,
 };
 use crate::keys::{derive_digest_key, derive_key_id, SecretKey};
+use crate::parallel;
 use crate::stream::{new_cipher, SegmentCipher, StreamParams};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +29,8 @@ pub struct EncoderOptions<'a> {
     pub kdf_params: &'a [u8],
     pub salt: Option<&'a [u8]>,
     pub nonce_prefix: Option<&'a [u8]>,
+    /// Threads that seal segments; 0 means all cores.
+    pub threads: usize,
 }
 
 pub struct BackupEncoder {
@@ -45,6 +49,7 @@ pub struct BackupEncoder {
     names: HashSet<String>,
     /// Value bytes still owed by a PUT started with `begin_put`.
     value_remaining: u64,
+    threads: usize,
 }
 
 impl BackupEncoder {
@@ -86,6 +91,11 @@ impl BackupEncoder {
             trees: Vec::new(),
             names: HashSet::new(),
             value_remaining: 0,
+            threads: if opts.threads == 0 {
+                parallel::default_threads()
+            } else {
+                opts.threads
+            },
         })
     }
 
@@ -232,27 +242,43 @@ impl BackupEncoder {
     fn seal(&mut self, finishing: bool) -> Result<()> {
         self.absorb_pending();
         let params = self.cipher.params;
-        let mut start = 0;
+        // Cut the plaintext into the segments that can be sealed now.
+        let mut pieces: Vec<(u64, bool, std::ops::Range<usize>)> = Vec::new();
+        let (mut start, mut index) = (0, self.next_segment);
         loop {
-            let full = params.plaintext_length(self.next_segment);
+            let full = params.plaintext_length(index);
             let rest = self.plain.len() - start;
             let last = finishing && rest <= full;
             if !last && rest <= full {
                 break;
             }
             let end = start + rest.min(full);
-            self.cipher.seal_into(
-                self.next_segment,
-                last,
-                &self.plain[start..end],
-                &mut self.out,
-            )?;
-            self.next_segment += 1;
+            pieces.push((index, last, start..end));
+            index += 1;
             start = end;
             if last {
                 break;
             }
         }
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        // Each segment gets its own slice of the output, so they can be sealed in parallel.
+        let out_start = self.out.len();
+        self.out
+            .resize(out_start + start + pieces.len() * TAG_LENGTH, 0);
+        let mut jobs = Vec::with_capacity(pieces.len());
+        let mut dst = &mut self.out[out_start..];
+        for (index, last, range) in pieces {
+            let (seg, rest) = dst.split_at_mut(range.len() + TAG_LENGTH);
+            jobs.push((index, last, &self.plain[range], seg));
+            dst = rest;
+        }
+        let cipher = &self.cipher;
+        parallel::run(jobs, start, self.threads, |(i, last, src, dst)| {
+            cipher.seal_to(i, last, src, dst)
+        })?;
+        self.next_segment = index;
         self.plain.drain(..start);
         self.hashed -= start;
         Ok(())

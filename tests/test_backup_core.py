@@ -1072,3 +1072,32 @@ def test_read_items_batches_are_bounded_by_bytes(core: ModuleType, backup_key: b
     assert reader.read_items() == []
     with pytest.raises(InvalidArgumentError):
         reader.read_items(10, max_bytes=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads_do_not_change_the_bytes(core: ModuleType, backup_key: bytes, threads: int) -> None:
+    """Sealing and opening segments in parallel writes and reads exactly what one thread does."""
+    trees: Trees = [("t", [(b"%06d" % i, bytes([i % 251]) * 3000) for i in range(3000)])]
+    one = write_backup(core, backup_key, trees, segment_size=65536)
+    sink = io.BytesIO()
+    writer = core.BackupWriter(sink, backup_key, HEADER, segment_size=65536, salt=SALT, nonce_prefix=PREFIX,
+                               threads=threads)
+    writer.begin_tree("t")
+    writer.add_items(trees[0][1])
+    writer.end_tree()
+    writer.finish()
+    assert sink.getvalue() == one[0]
+    reader = core.BackupReader(io.BytesIO(one[0]), threads=threads)
+    reader.unlock(backup_key)
+    assert reader.next_tree() == "t"
+    got = []
+    while batch := reader.read_items():
+        got.extend(batch)
+    assert got == trees[0][1]
+    assert reader.next_tree() is None
+    data = bytes(range(256)) * 20_000
+    ct = core.encrypt_stream(backup_key, data, b"ad", 4096, SALT, PREFIX, threads=threads)
+    assert ct == core.encrypt_stream(backup_key, data, b"ad", 4096, SALT, PREFIX, threads=1)
+    assert core.decrypt_stream(backup_key, ct, b"ad", 4096, threads=threads) == data
+    with pytest.raises(ValueError):
+        core.BackupReader(io.BytesIO(one[0]), threads=-1)

@@ -30,6 +30,9 @@ class _Source(Protocol):
 # segment_size is the ciphertext segment size; it must leave at least one plaintext byte in the
 # first segment (segment_size > header length + 16). Failures to authenticate raise IntegrityError;
 # bad parameters raise ValueError.
+# threads (here and on BackupWriter/BackupReader): segments are sealed/opened on up to this many
+# threads, 0 = all cores. The Rust core releases the GIL for that work; the pure core accepts and
+# validates the argument but always works on the calling thread.
 def encrypt_stream(
     key: Buffer,
     plaintext: Buffer,
@@ -40,6 +43,7 @@ def encrypt_stream(
     *,
     hkdf_hash: str = "sha256",
     derived_key_size: int = 32,
+    threads: int = 0,
 ) -> bytes: ...
 def decrypt_stream(
     key: Buffer,
@@ -49,6 +53,7 @@ def decrypt_stream(
     *,
     hkdf_hash: str = "sha256",
     derived_key_size: int = 32,
+    threads: int = 0,
 ) -> bytes: ...
 
 # --- keys and digests -------------------------------------------------------------------------
@@ -92,6 +97,7 @@ class BackupWriter:
         kdf_params: Buffer = b"",
         salt: Buffer | None = None,
         nonce_prefix: Buffer | None = None,
+        threads: int = 0,
     ) -> None: ...
     @property
     def bytes_written(self) -> int: ...
@@ -112,7 +118,7 @@ class BackupReader:
     READY ... -(next_tree returns None)-> DONE. Any error poisons it. __init__ reads and checks the
     preamble only (no key needed, so a passphrase's KDF parameters can be read first)."""
 
-    def __init__(self, source: _Source) -> None: ...
+    def __init__(self, source: _Source, *, threads: int = 0) -> None: ...
     @property
     def preamble(self) -> Preamble: ...
     def unlock(self, backup_key: Buffer) -> bytes:

@@ -67,6 +67,18 @@ pub(crate) fn pair<'py>(
         })
 }
 
+/// The `threads` argument: 0 means all cores.
+pub(crate) fn threads_arg(threads: i64) -> PyResult<usize> {
+    match threads {
+        0 => Ok(crate::parallel::default_threads()),
+        n if n > 0 => Ok(n as usize),
+        n => Err(crate::error::Error::invalid(format!(
+            "threads must be 0 (all cores) or more, got {n}"
+        ))
+        .into()),
+    }
+}
+
 fn stream_params(
     hkdf_hash: &str,
     derived_key_size: usize,
@@ -80,7 +92,7 @@ fn stream_params(
 }
 
 #[pyfunction]
-#[pyo3(signature = (key, plaintext, aad, segment_size, salt=None, nonce_prefix=None, *, hkdf_hash="sha256", derived_key_size=32))]
+#[pyo3(signature = (key, plaintext, aad, segment_size, salt=None, nonce_prefix=None, *, hkdf_hash="sha256", derived_key_size=32, threads=0))]
 #[allow(clippy::too_many_arguments)]
 fn encrypt_stream<'py>(
     py: Python<'py>,
@@ -92,8 +104,10 @@ fn encrypt_stream<'py>(
     nonce_prefix: Option<&Bound<'py, PyAny>>,
     hkdf_hash: &str,
     derived_key_size: usize,
+    threads: i64,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let params = stream_params(hkdf_hash, derived_key_size, segment_size)?;
+    let threads = threads_arg(threads)?;
     let key = secret_arg(key)?;
     let (aad, salt, prefix) = (
         with_bytes(aad, <[u8]>::to_vec)?,
@@ -105,13 +119,14 @@ fn encrypt_stream<'py>(
         let len = stream::ciphertext_length_for(&params, pt.len() as u64) as usize;
         // Seal straight into the new bytes object, with the GIL released.
         PyBytes::new_with(py, len, |out| {
-            Ok(py.detach(|| stream::encrypt_to(&cipher, pt, out))?)
+            Ok(py.detach(|| stream::encrypt_to(&cipher, pt, out, threads))?)
         })
     })?
 }
 
 #[pyfunction]
-#[pyo3(signature = (key, ciphertext, aad, segment_size, *, hkdf_hash="sha256", derived_key_size=32))]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (key, ciphertext, aad, segment_size, *, hkdf_hash="sha256", derived_key_size=32, threads=0))]
 fn decrypt_stream<'py>(
     py: Python<'py>,
     key: &Bound<'py, PyAny>,
@@ -120,8 +135,10 @@ fn decrypt_stream<'py>(
     segment_size: u64,
     hkdf_hash: &str,
     derived_key_size: usize,
+    threads: i64,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let params = stream_params(hkdf_hash, derived_key_size, segment_size)?;
+    let threads = threads_arg(threads)?;
     let key = secret_arg(key)?;
     let aad = with_bytes(aad, <[u8]>::to_vec)?;
     with_bytes(ciphertext, |ct| {
@@ -132,7 +149,7 @@ fn decrypt_stream<'py>(
         }
         let len = stream::plaintext_length_for(&params, ct.len() as u64)? as usize;
         PyBytes::new_with(py, len, |out| {
-            Ok(py.detach(|| stream::decrypt_to(params, &key, ct, &aad, out))?)
+            Ok(py.detach(|| stream::decrypt_to(params, &key, ct, &aad, out, threads))?)
         })
     })?
 }

@@ -90,6 +90,9 @@ fn read_up_to(source: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<u8>> {
     Ok(out)
 }
 
+/// Read-ahead bound: at most this many ciphertext bytes are read per feed.
+const READ_AHEAD_BYTES: usize = 64 << 20;
+
 #[pyclass(module = "datafold._core", name = "BackupReader")]
 pub struct PyBackupReader {
     source: Py<PyAny>,
@@ -98,6 +101,7 @@ pub struct PyBackupReader {
     feeder: SegmentFeeder,
     poisoned: bool,
     finished_by_summary: bool,
+    threads: usize,
 }
 
 impl PyBackupReader {
@@ -132,13 +136,32 @@ impl PyBackupReader {
             .ok_or_else(|| InvalidArgumentError::new_err("call unlock(backup_key) first"))
     }
 
-    /// Reads the next segment from the source and decrypts it into the decoder.
+    /// Reads the next segments from the source (a few per thread) and decrypts them into the
+    /// decoder, in parallel and with the GIL released.
     fn feed(&mut self, py: Python<'_>) -> PyResult<()> {
         let source = self.source.bind(py).clone();
+        let threads = self.threads;
         let dec = self.dec.as_mut().expect("unlocked");
-        let (now, next) = (dec.next_segment_length(), dec.params().segment_size);
-        let (segment, last) = self.feeder.next(now, next, |n| read_up_to(&source, n))?;
-        py.detach(|| dec.push_segment(&segment, last))?;
+        let params = dec.params();
+        let mut index = dec.next_segment_index();
+        let mut batch: Vec<(Vec<u8>, bool)> = Vec::new();
+        let mut bytes = 0;
+        // Segment 0 carries the header: read it alone so unlock() returns quickly.
+        let want = if index == 0 { 1 } else { 2 * threads };
+        while batch.len() < want && bytes < READ_AHEAD_BYTES {
+            let now = params.ciphertext_length(index);
+            let (segment, last) = self
+                .feeder
+                .next(now, params.segment_size, |n| read_up_to(&source, n))?;
+            bytes += segment.len();
+            batch.push((segment, last));
+            index += 1;
+            if last {
+                break;
+            }
+        }
+        let refs: Vec<(&[u8], bool)> = batch.iter().map(|(s, l)| (s.as_slice(), *l)).collect();
+        py.detach(|| dec.push_segments(&refs, threads))?;
         Ok(())
     }
 
@@ -160,7 +183,9 @@ impl PyBackupReader {
 #[pymethods]
 impl PyBackupReader {
     #[new]
-    fn new(py: Python<'_>, source: Bound<'_, PyAny>) -> PyResult<Self> {
+    #[pyo3(signature = (source, *, threads=0))]
+    fn new(py: Python<'_>, source: Bound<'_, PyAny>, threads: i64) -> PyResult<Self> {
+        let threads = super::threads_arg(threads)?;
         let mut head = read_up_to(&source, 16)?;
         let len = Preamble::declared_length(&head)?;
         head.extend(read_up_to(&source, len - 16)?);
@@ -178,6 +203,7 @@ impl PyBackupReader {
             feeder: SegmentFeeder::default(),
             poisoned: false,
             finished_by_summary: false,
+            threads,
         })
     }
 

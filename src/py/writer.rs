@@ -92,7 +92,7 @@ impl PyBackupWriter {
 #[pymethods]
 impl PyBackupWriter {
     #[new]
-    #[pyo3(signature = (sink, backup_key, header, *, segment_size=DEFAULT_SEGMENT_SIZE as u64, kdf_id=0, kdf_params=None, salt=None, nonce_prefix=None))]
+    #[pyo3(signature = (sink, backup_key, header, *, segment_size=DEFAULT_SEGMENT_SIZE as u64, kdf_id=0, kdf_params=None, salt=None, nonce_prefix=None, threads=0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -104,24 +104,28 @@ impl PyBackupWriter {
         kdf_params: Option<&Bound<'_, PyAny>>,
         salt: Option<&Bound<'_, PyAny>>,
         nonce_prefix: Option<&Bound<'_, PyAny>>,
+        threads: i64,
     ) -> PyResult<Self> {
         let segment_size = crate::format::check_segment_size(segment_size)?;
         let key = secret_arg(backup_key)?;
         let (salt, prefix, kdf_params) =
             (opt_arg(salt)?, opt_arg(nonce_prefix)?, opt_arg(kdf_params)?);
         let kdf_params = kdf_params.unwrap_or_default();
+        let threads = super::threads_arg(threads)?;
         let opts = EncoderOptions {
             segment_size,
             kdf_id,
             kdf_params: &kdf_params,
             salt: salt.as_deref(),
             nonce_prefix: prefix.as_deref(),
+            threads,
         };
         let enc = with_bytes(header, |h| BackupEncoder::new(&key, h, &opts))??;
         let mut w = PyBackupWriter {
             enc,
             sink: sink.unbind(),
-            flush_at: (4 * segment_size as usize).max(4 << 20),
+            // Enough segments per flush to keep every thread busy.
+            flush_at: (4 * segment_size as usize).max(4 << 20) * threads.clamp(1, 16),
         };
         w.write_out(py)?;
         Ok(w)

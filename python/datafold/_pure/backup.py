@@ -52,7 +52,7 @@ from .format import (
     encode_trailer,
     parse_preamble,
 )
-from .stream import MAX_SEGMENTS, NONCE_PREFIX_LENGTH, TAG_LENGTH, SegmentCipher, header_length
+from .stream import MAX_SEGMENTS, NONCE_PREFIX_LENGTH, TAG_LENGTH, SegmentCipher, check_threads, header_length
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -140,8 +140,10 @@ class BackupWriter:
         kdf_params: Buffer = b"",
         salt: Buffer | None = None,
         nonce_prefix: Buffer | None = None,
+        threads: int = 0,
     ) -> None:
         self._state = _W_POISONED  # until construction completes
+        check_threads(threads)
         key = _check_key(backup_key)
         head = as_bytes(header, "header")
         if len(head) > MAX_FIELD_LENGTH:
@@ -473,8 +475,9 @@ class BackupReader:
         "_trailer",
     )
 
-    def __init__(self, source: Any) -> None:
+    def __init__(self, source: Any, *, threads: int = 0) -> None:
         self._state = _R_POISONED  # until the preamble checks out
+        check_threads(threads)
         self._source = source
         self._trailer: Trailer | None = None
         first = self._read_exact(16)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -136,6 +136,17 @@ def _stream_params(key: Buffer, hkdf_hash: str, derived_key_size: int) -> tuple[
     return k, h, size
 
 
+def check_threads(threads: Any) -> int:
+    """`threads` is accepted for interface parity with the Rust core and validated; the pure core
+    always works on the calling thread (cryptography's AES-GCM holds the GIL, so Python threads
+    would not run segments in parallel)."""
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise ArgumentTypeError(f"threads must be an int, not {type(threads).__name__}")
+    if threads < 0:
+        raise InvalidArgumentError(f"threads must be 0 (all cores) or more, got {threads}")
+    return threads
+
+
 def encrypt_stream(
     key: Buffer,
     plaintext: Buffer,
@@ -146,7 +157,9 @@ def encrypt_stream(
     *,
     hkdf_hash: str = "sha256",
     derived_key_size: int = 32,
+    threads: int = 0,
 ) -> bytes:
+    check_threads(threads)
     k, h, size = _stream_params(key, hkdf_hash, derived_key_size)
     hlen = header_length(size)
     css = _check_stream_segment_size(segment_size, hlen)
@@ -184,7 +197,9 @@ def decrypt_stream(
     *,
     hkdf_hash: str = "sha256",
     derived_key_size: int = 32,
+    threads: int = 0,
 ) -> bytes:
+    check_threads(threads)
     k, h, size = _stream_params(key, hkdf_hash, derived_key_size)
     hlen = header_length(size)
     css = _check_stream_segment_size(segment_size, hlen)
