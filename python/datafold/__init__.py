@@ -19,6 +19,8 @@ from .keys import MasterKeyPair, derive_backup_key
 from .manager import EncryptedBackupManager
 from .metadata import BackupMetadata, BackupResult, BackupStats, EncryptionInfo, RestoreStats, SourceInfo, TreeInfo
 from .options import BackupMode, BackupOptions, RestoreOptions
+from .passphrase import Argon2Params, Passphrase
+from .progress import ProgressEvent
 from .stores import DbOperations
 
 __version__ = "0.1.0"
@@ -38,6 +40,9 @@ __all__ = [
     "EncryptionInfo",
     "SourceInfo",
     "MasterKeyPair",
+    "Passphrase",
+    "Argon2Params",
+    "ProgressEvent",
     "derive_backup_key",
     "BackupError",
     "FormatError",

@@ -6,11 +6,13 @@ This is the one place where datafold derives keys in Python; the Rust core mirro
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import ArgumentTypeError, InvalidArgumentError
+from .errors import ArgumentTypeError, EncryptionKeyError, InvalidArgumentError
 
 __all__ = [
     "MasterKeyPair",
@@ -62,6 +64,35 @@ class MasterKeyPair:
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
         )
 
+    def private_pem(self, passphrase: bytes | None = None) -> bytes:
+        """The key as PKCS#8 PEM; with a passphrase, encrypted (BestAvailableEncryption)."""
+        encryption: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+        )
+        return self._private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+
+    @classmethod
+    def from_pem(cls, data: bytes, passphrase: bytes | None = None) -> MasterKeyPair:
+        """Loads a PKCS#8 PEM Ed25519 key (private_pem()). An encrypted one needs its passphrase:
+        EncryptionKeyError if it is missing or wrong; InvalidArgumentError if data is no Ed25519 key."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ArgumentTypeError(f"PEM data must be bytes, not {type(data).__name__}")
+        data = bytes(data)
+        encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data
+        if encrypted and not passphrase:
+            raise EncryptionKeyError("the master key file is protected by a passphrase, and none was given")
+        try:
+            key = serialization.load_pem_private_key(data, passphrase if encrypted else None)
+        except (ValueError, TypeError) as e:
+            if encrypted:
+                raise EncryptionKeyError("wrong passphrase for the protected master key file") from None
+            raise InvalidArgumentError(f"not a PEM private key ({str(e).split('. ')[0]})") from None
+        except Exception as e:  # cryptography's UnsupportedAlgorithm and friends
+            raise InvalidArgumentError(f"not a usable PEM private key ({type(e).__name__})") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise InvalidArgumentError(f"the key is a {type(key).__name__}, not an Ed25519 master key")
+        return cls(key)
+
     def public_key_bytes(self) -> bytes:
         return self._private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -79,7 +110,7 @@ class MasterKeyPair:
     def __hash__(self) -> int:
         return hash(self.public_key_bytes())
 
-    def __reduce__(self):
+    def __reduce__(self) -> NoReturn:
         raise TypeError("MasterKeyPair cannot be pickled; store private_bytes() deliberately instead")
 
 
@@ -89,7 +120,8 @@ def derive_backup_key(master: MasterKeyPair | bytes) -> bytes:
     It is the key value (IKM) of the Tink AES-GCM-HKDF streaming key that encrypts every backup
     made with this master key; see docs/FORMAT.md for how to decrypt a backup with Tink.
     """
-    seed = master.private_bytes() if isinstance(master, MasterKeyPair) else MasterKeyPair.from_private_bytes(master).private_bytes()
+    keys = master if isinstance(master, MasterKeyPair) else MasterKeyPair.from_private_bytes(master)
+    seed = keys.private_bytes()
     return hkdf_sha256(seed, BACKUP_KEY_CONTEXT)
 
 

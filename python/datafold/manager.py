@@ -19,12 +19,15 @@ from .errors import (
     BackupFileNotFoundError,
     BackupIOError,
     DatabaseError,
+    EncryptionKeyError,
     InvalidArgumentError,
     StoreError,
 )
 from .keys import MasterKeyPair, derive_backup_key
 from .metadata import BackupMetadata, BackupResult, BackupStats, RestoreStats, SourceInfo
 from .options import BackupMode, BackupOptions, RestoreOptions
+from .passphrase import KDF_ARGON2ID, KDF_MASTER_KEY, Passphrase
+from .progress import Meter, MeteredFile, ProgressCallback
 from .stores import DbOperations, WriteTransaction, is_metadata_tree
 
 __all__ = ["EncryptedBackupManager"]
@@ -56,18 +59,26 @@ def _open_backup(path: str) -> Iterator[IO[bytes]]:
 class EncryptedBackupManager:
     """Creates, restores, verifies and lists encrypted backups of one database.
 
-    Every backup is encrypted with the backup key derived from `master_keypair`
-    (`datafold.keys.derive_backup_key`); `core` picks the Rust or pure-Python core for this
-    manager ("rust" / "pure"; default: the one `DATAFOLD_CORE` selects).
+    `master_keypair` is the key source: a MasterKeyPair (every backup is encrypted with the backup
+    key derived from it, `datafold.keys.derive_backup_key`) or a `datafold.Passphrase` (each backup
+    gets its own key, Argon2id over the passphrase with a fresh salt; reading derives it from the
+    parameters in the file's preamble). `core` picks the Rust or pure-Python core for this manager
+    ("rust" / "pure"; default: the one `DATAFOLD_CORE` selects).
     """
 
-    def __init__(self, db: DbOperations, master_keypair: MasterKeyPair, *, core: str | None = None) -> None:
+    def __init__(
+        self, db: DbOperations, master_keypair: MasterKeyPair | Passphrase, *, core: str | None = None
+    ) -> None:
         if not isinstance(db, DbOperations):
             raise ArgumentTypeError(f"db must be a DbOperations (DbOperations.open(path)), not {type(db).__name__}")
-        if not isinstance(master_keypair, MasterKeyPair):
-            raise ArgumentTypeError(f"master_keypair must be a MasterKeyPair, not {type(master_keypair).__name__}")
+        if not isinstance(master_keypair, (MasterKeyPair, Passphrase)):
+            raise ArgumentTypeError(
+                f"master_keypair must be a MasterKeyPair or a datafold.Passphrase, not {type(master_keypair).__name__}"
+            )
         self._db = db
-        self._backup_key = derive_backup_key(master_keypair)
+        self._passphrase = master_keypair if isinstance(master_keypair, Passphrase) else None
+        self._backup_key = derive_backup_key(master_keypair) if isinstance(master_keypair, MasterKeyPair) else None
+        self._derived: dict[bytes, bytes] = {}  # passphrase: kdf_params -> backup key
         self._core = _core_select.core if core is None else _core_select.load_core(core)
 
     def __repr__(self) -> str:
@@ -77,11 +88,67 @@ class EncryptedBackupManager:
     def core_name(self) -> str:
         return str(self._core.CORE_NAME)
 
+    # ------------------------------------------------------------------ keys
+
+    def _write_key(self) -> tuple[bytes, int, bytes]:
+        """(backup key, kdf_id, kdf_params) for a new backup (docs/FORMAT.md §1)."""
+        if self._passphrase is None:
+            assert self._backup_key is not None
+            return self._backup_key, KDF_MASTER_KEY, b""
+        params = self._passphrase.new_kdf_params()
+        return self._derived_key(params), KDF_ARGON2ID, params
+
+    def _derived_key(self, kdf_params: bytes) -> bytes:
+        assert self._passphrase is not None
+        key = self._derived.get(kdf_params)
+        if key is None:
+            if len(self._derived) >= 64:
+                self._derived.clear()
+            key = self._derived[kdf_params] = self._passphrase.derive(kdf_params)
+        return key
+
+    def _key_for(self, preamble: Any) -> bytes:
+        """The backup key of a file with this preamble; EncryptionKeyError if it needs the other kind of key."""
+        if preamble.kdf_id == KDF_ARGON2ID:
+            if self._passphrase is None:
+                raise EncryptionKeyError(
+                    "this backup is protected by a passphrase (Argon2id), not by a master key"
+                )
+            return self._derived_key(bytes(preamble.kdf_params))
+        if self._backup_key is None:
+            raise EncryptionKeyError("this backup was made with a master key, not with a passphrase")
+        return self._backup_key
+
+    def _unlock(self, reader: Any) -> Any:
+        """reader.unlock() with this manager's key for the reader's file: returns the HEADER payload."""
+        key = self._key_for(reader.preamble)
+        try:
+            return reader.unlock(key)
+        except EncryptionKeyError as e:
+            if self._passphrase is None:
+                raise
+            raise EncryptionKeyError("wrong passphrase: the key derived from it is not this backup's key") from e
+
+    def _file_key(self, path: str) -> bytes:
+        with _open_backup(path) as f:
+            return self._key_for(self._core.BackupReader(f).preamble)
+
     # ------------------------------------------------------------------ create
 
-    def create_backup(self, path: str | os.PathLike[str], options: BackupOptions | None = None) -> BackupResult:
-        """Writes a backup of the database to `path`; the file appears complete or not at all."""
+    def create_backup(
+        self,
+        path: str | os.PathLike[str],
+        options: BackupOptions | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> BackupResult:
+        """Writes a backup of the database to `path`; the file appears complete or not at all.
+
+        `progress(ProgressEvent)` hears of the records written (phase "backup") and of the check of
+        the file (phase "verify").
+        """
         options = _check_options(options, BackupOptions, "options")
+        meter = Meter(progress)
         if options.mode is not BackupMode.FULL:
             raise InvalidArgumentError(
                 "mode=BackupMode.INCREMENTAL: incremental backups are not available in this release of datafold; "
@@ -99,12 +166,16 @@ class EncryptedBackupManager:
         }
 
         def fill(writer: Any) -> None:
+            counted = meter.active and options.key_prefix_filter is None
+            meter.begin("backup", sum(map(self._db.count, trees)) if counted else None)
             for name in trees:
                 writer.begin_tree(name)
-                writer.add_items(self._db.items(name, prefix))
+                writer.add_items(meter.count(self._db.items(name, prefix)))
                 writer.end_tree()
 
-        metadata = self._write_backup(path, trees, option_doc, fill, options.segment_size, options.verify_during_creation)
+        metadata = self._write_backup(
+            path, trees, option_doc, fill, options.segment_size, options.verify_during_creation, meter
+        )
         stats = BackupStats(
             items_backed_up=metadata.total_items,
             trees_backed_up=len(metadata.trees),
@@ -134,7 +205,9 @@ class EncryptedBackupManager:
         fill: Callable[[Any], None],
         segment_size: int,
         verify: bool,
+        meter: Meter | None = None,
     ) -> BackupMetadata:
+        meter = meter or Meter(None)
         header = BackupMetadata.header_json(
             mode=BackupMode.FULL.value,
             parent_backup_id=None,
@@ -142,15 +215,24 @@ class EncryptedBackupManager:
             options=option_doc,
             trees=trees,
         )
+        key, kdf_id, kdf_params = self._write_key()
         with AtomicFile(path) as out:
             try:
-                writer = self._core.BackupWriter(out.file, self._backup_key, header, segment_size=segment_size)
+                writer = self._core.BackupWriter(
+                    meter.writing(out.file),
+                    key,
+                    header,
+                    segment_size=segment_size,
+                    kdf_id=kdf_id,
+                    kdf_params=kdf_params,
+                )
                 fill(writer)
                 trailer = writer.finish()
+                meter.end()  # the "backup" phase of create_backup ends with the trailer
                 out.file.flush()
                 if verify:
                     out.file.seek(0)
-                    _, _, verified = self._scan(out.file)
+                    _, _, verified = self._scan(meter.reading(out.file, "verify"))
                     if verified != trailer:
                         raise BackupIOError(
                             f"the backup written to {path} does not read back as written; the disk may be failing"
@@ -168,19 +250,30 @@ class EncryptedBackupManager:
     def _scan(
         self, f: IO[bytes], visit: Callable[[str, Any], None] | None = None
     ) -> tuple[Any, bytes, Trailer]:
-        """A full authenticated pass; `visit(tree, reader)` may read the tree's items."""
+        """A full authenticated pass; `visit(tree, reader)` may read the tree's items. A file from
+        Meter.reading() reports the pass as progress."""
+        meter = f.meter if isinstance(f, MeteredFile) else None
         reader = self._core.BackupReader(f)
-        header = reader.unlock(self._backup_key)
+        header = self._unlock(reader)
         while (name := reader.next_tree()) is not None:
             if visit is not None:
                 visit(name, reader)
+            elif meter is not None:  # count the records (next_tree alone would skip them unseen)
+                while batch := reader.read_items(READ_BATCH):
+                    meter.add_items(len(batch))
+        if meter is not None:
+            meter.end()
         return reader.preamble, header, reader.trailer
 
-    def verify_backup(self, path: str | os.PathLike[str]) -> BackupMetadata:
-        """Decrypts and checks the whole file (every segment, record, count and digest); writes nothing."""
+    def verify_backup(
+        self, path: str | os.PathLike[str], *, progress: ProgressCallback | None = None
+    ) -> BackupMetadata:
+        """Decrypts and checks the whole file (every segment, record, count and digest); writes nothing.
+        `progress(ProgressEvent)` hears of the pass (phase "verify")."""
         path = _path(path, "path")
+        meter = Meter(progress)
         with _open_backup(path) as f:
-            preamble, header, trailer = self._scan(f)
+            preamble, header, trailer = self._scan(meter.reading(f, "verify"))
             size = os.fstat(f.fileno()).st_size
         return BackupMetadata.from_parts(header, trailer, preamble, path=path, file_size=size)
 
@@ -189,7 +282,7 @@ class EncryptedBackupManager:
         path = _path(path, "path")
         with _open_backup(path) as f:
             reader = self._core.BackupReader(f)
-            header = reader.unlock(self._backup_key)
+            header = self._unlock(reader)
             trailer = reader.read_summary()
             size = os.fstat(f.fileno()).st_size
             return BackupMetadata.from_parts(header, trailer, reader.preamble, path=path, file_size=size)
@@ -217,9 +310,20 @@ class EncryptedBackupManager:
 
     # ------------------------------------------------------------------ restore
 
-    def restore_backup(self, path: str | os.PathLike[str], options: RestoreOptions | None = None) -> RestoreStats:
-        """Applies a backup to the database in one store transaction: all of it or nothing."""
+    def restore_backup(
+        self,
+        path: str | os.PathLike[str],
+        options: RestoreOptions | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> RestoreStats:
+        """Applies a backup to the database in one store transaction: all of it or nothing.
+
+        `progress(ProgressEvent)` hears of each pass: "verify" (verify_before_restore), "safety"
+        (backup_before_restore), "restore" (records applied) and "check" (verify_after_restore).
+        """
         options = _check_options(options, RestoreOptions, "options")
+        meter = Meter(progress)
         path = _path(path, "path")
         started = time.perf_counter()
         stats = RestoreStats()
@@ -231,7 +335,7 @@ class EncryptedBackupManager:
         # Check the key and read the tree list before anything else happens.
         with _open_backup(path) as f:
             reader = self._core.BackupReader(f)
-            header = reader.unlock(self._backup_key)
+            header = self._unlock(reader)
             summary = reader.read_summary()
         in_backup = _header_trees(header)
         if options.tree_filter is not None:
@@ -242,15 +346,21 @@ class EncryptedBackupManager:
 
         if options.backup_before_restore:
             # Also a full authenticated pass, so verify_before_restore needs no second one.
-            stats.safety_backup_path = self._safety_backup(path, targets, prefix, options)
+            stats.safety_backup_path = self._safety_backup(path, targets, prefix, options, meter)
         elif options.verify_before_restore:
-            self.verify_backup(path)
+            self.verify_backup(path, progress=progress)
 
         self._db.reserve(summary[1] + 64 * summary[0])
         outcome: dict[str, _TreeOutcome] = {}
         with _open_backup(path) as f:
-            reader = self._core.BackupReader(f)
-            reader.unlock(self._backup_key)
+            meter.begin(
+                "restore",
+                sum(t[1] for t in summary[2] if wanted(t[0])) if prefix is None else None,
+                lambda: stats.items_restored + stats.items_skipped + len(stats.errors),
+                f,
+            )
+            reader = self._core.BackupReader(meter.reading(f))
+            self._unlock(reader)
             with self._db.write_transaction() as txn:
                 while (name := reader.next_tree()) is not None:
                     if not wanted(name):
@@ -258,9 +368,12 @@ class EncryptedBackupManager:
                     outcome[name] = self._restore_tree(txn, reader, name, prefix, options, stats)
                     stats.trees_restored += 1
                 trailer = reader.trailer  # the whole stream checked out: now the transaction commits
+        meter.end()
 
         if options.verify_after_restore:
-            self._verify_restored(path, trailer, outcome, prefix)
+            meter.begin("check", sum(t[1] for t in trailer[2] if t[0] in outcome) if prefix is None else None)
+            self._verify_restored(path, trailer, outcome, prefix, meter)
+            meter.end()
             stats.verified = True
         stats.duration_s = time.perf_counter() - started
         return stats
@@ -298,7 +411,9 @@ class EncryptedBackupManager:
                     result.unchecked.add(key)
         return result
 
-    def _safety_backup(self, path: str, targets: list[str], prefix: bytes | None, options: RestoreOptions) -> str:
+    def _safety_backup(
+        self, path: str, targets: list[str], prefix: bytes | None, options: RestoreOptions, meter: Meter | None = None
+    ) -> str:
         """Backs up the current state of what restoring `path` would touch: the present values
         (PUT) and, as DELETE records, the backup's keys that the database does not hold yet — so
         restoring the safety backup with overwrite_existing=True gives back the prior state."""
@@ -326,10 +441,10 @@ class EncryptedBackupManager:
                     writer.add_deletes(self._absent_keys(name, reader, scan_prefix))
                     writer.end_tree()
 
-                self._scan(f, visit)
+                self._scan((meter or Meter(None)).reading(f, "safety"), visit)
 
         option_doc = {"purpose": f"safety backup taken before restoring {base}", "key_prefix_filter": scan_prefix.hex()}
-        self._write_backup(safety, targets, option_doc, fill, self._core.DEFAULT_SEGMENT_SIZE, True)
+        self._write_backup(safety, targets, option_doc, fill, self._core.DEFAULT_SEGMENT_SIZE, True, meter)
         return safety
 
     def _absent_keys(self, name: str, reader: Any, prefix: bytes) -> Iterator[bytes]:
@@ -339,15 +454,21 @@ class EncryptedBackupManager:
                     yield key
 
     def _verify_restored(
-        self, path: str, trailer: Trailer, outcome: dict[str, _TreeOutcome], prefix: bytes | None
+        self,
+        path: str,
+        trailer: Trailer,
+        outcome: dict[str, _TreeOutcome],
+        prefix: bytes | None,
+        meter: Meter | None = None,
     ) -> None:
         """Reads back what the restore wrote. A tree restored whole into an empty tree is compared
         by digest; any other tree item by item against a second pass over the backup."""
         expected = {name: (items, nbytes, digest) for name, items, nbytes, digest in trailer[2]}
+        backup_key = self._file_key(path)
         item_checked = []
         for name, result in outcome.items():
             if result.was_empty and prefix is None and not result.unchecked and not result.had_deletes:
-                got = self._core.digest_items(self._backup_key, self._db.items(name))
+                got = self._core.digest_items(backup_key, (meter or Meter(None)).count(self._db.items(name)))
                 if tuple(got) != expected[name]:
                     raise DatabaseError(
                         f"tree {name!r} does not match the backup after the restore "
@@ -374,7 +495,7 @@ class EncryptedBackupManager:
                         )
 
         with _open_backup(path) as f:
-            self._scan(f, visit)
+            self._scan((meter or Meter(None)).reading(f, "check"), visit)
 
 
 class _TreeOutcome:

@@ -1,0 +1,170 @@
+"""Progress reports of EncryptedBackupManager's create_backup / restore_backup / verify_backup
+(their keyword-only `progress=` callback)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any, TypeVar
+
+from .errors import ArgumentTypeError
+
+__all__ = ["ProgressEvent", "ProgressCallback", "PHASES"]
+
+T = TypeVar("T")
+
+# backup: records read from the database and written; verify: an authenticated pass over a file;
+# safety: the safety backup before a restore; restore: records applied; check: reading back after it.
+PHASES = ("backup", "verify", "safety", "restore", "check")
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One progress report. Each phase starts with an event of items = bytes = 0 and ends with one
+    of done=True; in between, events come at most every 50 ms.
+
+    items: records processed so far in this phase (0 where a phase does not count them);
+    bytes: bytes of the backup file written ("backup") or read (the other phases);
+    total_items / total_bytes: what the phase will reach, or None where it is not known in advance.
+    """
+
+    phase: str
+    items: int
+    total_items: int | None
+    bytes: int
+    total_bytes: int | None
+    done: bool = False
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class Meter:
+    """Feeds a ProgressCallback, throttled. Without a callback every method is a cheap no-op."""
+
+    INTERVAL = 0.05
+    _BATCH = 1024
+
+    def __init__(self, callback: ProgressCallback | None) -> None:
+        if callback is not None and not callable(callback):
+            raise ArgumentTypeError(f"progress must be a callable or None, not {type(callback).__name__}")
+        self._callback = callback
+        self.phase = ""
+        self.items = 0
+        self.bytes = 0
+        self.total_items: int | None = None
+        self.total_bytes: int | None = None
+        self._items_fn: Callable[[], int] | None = None
+        self._last = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self._callback is not None
+
+    def begin(
+        self,
+        phase: str,
+        total_items: int | None = None,
+        items_fn: Callable[[], int] | None = None,
+        source: IO[bytes] | None = None,
+    ) -> None:
+        """Starts a phase; `source`: the backup file the phase reads (its size is total_bytes)."""
+        if self._callback is None:
+            return
+        self.phase, self.items, self.bytes = phase, 0, 0
+        self.total_items, self.total_bytes, self._items_fn = total_items, None, items_fn
+        if source is not None:
+            try:
+                self.total_bytes = os.fstat(source.fileno()).st_size - source.tell()
+            except (OSError, AttributeError, ValueError):
+                pass
+        self._emit(False)
+
+    def end(self) -> None:
+        if self._callback is None or not self.phase:
+            return
+        self._emit(True)
+        self.phase = ""
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.INTERVAL:
+            self._emit(False, now)
+
+    def _emit(self, done: bool, now: float | None = None) -> None:
+        assert self._callback is not None
+        self._last = time.monotonic() if now is None else now
+        if self._items_fn is not None:
+            self.items = self._items_fn()
+        self._callback(ProgressEvent(self.phase, self.items, self.total_items, self.bytes, self.total_bytes, done))
+
+    def count(self, items: Iterable[T]) -> Iterable[T]:
+        """Passes `items` through, counting them."""
+        if self._callback is None:
+            return items
+        return self._count(items)
+
+    def _count(self, items: Iterable[T]) -> Iterator[T]:
+        n = 0
+        for item in items:
+            yield item
+            n += 1
+            if n == self._BATCH:
+                self.items += n
+                n = 0
+                self.tick()
+        self.items += n
+
+    def add_items(self, n: int) -> None:
+        if self._callback is not None:
+            self.items += n
+            self.tick()
+
+    def reading(self, f: IO[bytes], phase: str | None = None) -> Any:
+        """`f` with the bytes read from it counted (a MeteredFile); with `phase`, that phase begins
+        (total_bytes: the rest of the file). Without a callback, `f` itself."""
+        if self._callback is None:
+            return f
+        if phase is not None:
+            self.begin(phase, source=f)
+        return MeteredFile(f, self)
+
+
+    def writing(self, f: IO[bytes]) -> Any:
+        """`f` with the bytes written to it counted."""
+        if self._callback is None:
+            return f
+        return _CountingWriter(f, self)
+
+
+class _CountingWriter:
+    def __init__(self, f: IO[bytes], meter: Meter) -> None:
+        self._f = f
+        self._meter = meter
+
+    def write(self, data: Any) -> int:
+        n = self._f.write(data)
+        self._meter.bytes += len(memoryview(data).cast("B")) if n is None else n
+        return n if n is not None else 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+class MeteredFile:
+    """A file being read for a phase of `meter`."""
+
+    def __init__(self, f: IO[bytes], meter: Meter) -> None:
+        self._f = f
+        self.meter = meter
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.meter.bytes += len(data)
+        self.meter.tick()
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)

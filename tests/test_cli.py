@@ -1,0 +1,508 @@
+"""End-to-end tests of the command line: the installed console script `datafold-backup` run in a
+subprocess on real files, over LMDB and SQLite, every command and every documented exit code.
+
+Exit codes (README "Command line"): 0 ok, 1 usage, 2 damaged backup, 3 key problem, 4 I/O or store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from datafold import DbOperations, MasterKeyPair
+from helpers import db_location, fill, sample_data, snapshot
+
+PASSPHRASE = "correct horse battery staple"
+EXIT_OK, EXIT_USAGE, EXIT_BACKUP, EXIT_KEY, EXIT_IO = 0, 1, 2, 3, 4
+
+
+def _cli() -> list[str]:
+    """The installed console script; `python -m datafold` only if it is not installed."""
+    beside = Path(sys.executable).with_name("datafold-backup")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("datafold-backup")
+    return [found] if found else [sys.executable, "-m", "datafold"]
+
+
+CLI = _cli()
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.out.splitlines() if line.strip()]
+
+    def summary(self) -> dict[str, Any]:
+        (summary,) = [e for e in self.json_lines() if e["type"] == "summary"]
+        return summary
+
+
+def run(*args: str | os.PathLike[str], cwd: Path | None = None, **env: str) -> Result:
+    environ = {k: v for k, v in os.environ.items() if k != "DATAFOLD_PASSPHRASE"}
+    environ.update(env)
+    proc = subprocess.run(
+        [*CLI, *map(str, args)],
+        cwd=cwd,
+        env=environ,
+        stdin=subprocess.DEVNULL,  # not a terminal: nothing is prompted for
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def expect(result: Result, code: int, *in_stderr: str) -> Result:
+    assert result.code == code, f"exit {result.code}, expected {code}\nstdout:\n{result.out}\nstderr:\n{result.err}"
+    for text in in_stderr:
+        assert text in result.err, f"{text!r} not in stderr:\n{result.err}"
+    if code != EXIT_OK:
+        assert "Traceback" not in result.err, result.err
+        assert result.err.startswith("usage:") or result.err.startswith("datafold-backup: error:"), result.err
+    return result
+
+
+@dataclass
+class Setup:
+    tmp: Path
+    backend: str
+    db: Path  # a database holding sample_data()
+    key: Path  # a master key file
+    pass_file: Path  # PASSPHRASE plus a newline
+    backup: Path  # backup of db made with key
+    pass_backup: Path  # backup of db made with the passphrase
+    data: dict[str, dict[bytes, bytes]]
+
+    def new_db(self, name: str) -> Path:
+        return db_location(self.tmp, self.backend, name)
+
+    def read_db(self, path: Path) -> dict[str, list[tuple[bytes, bytes]]]:
+        with DbOperations.open(path, self.backend) as db:
+            return snapshot(db)
+
+
+@pytest.fixture(scope="module", params=["lmdb", "sqlite"])
+def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    backend = str(request.param)
+    tmp = tmp_path_factory.mktemp(f"cli-{backend}")
+    data = sample_data()
+    db = db_location(tmp, backend, "source")
+    with DbOperations.open(db, backend) as handle:
+        fill(handle, data)
+    key, pass_file = tmp / "master.pem", tmp / "pass.txt"
+    pass_file.write_text(PASSPHRASE + "\n")
+    expect(run("keygen", "--out", key), EXIT_OK)
+    backup, pass_backup = tmp / "master.dfb", tmp / "pass.dfb"
+    expect(run("create", db, backup, "--key", key), EXIT_OK)
+    expect(run("create", db, pass_backup, "--passphrase-file", pass_file), EXIT_OK)
+    yield Setup(tmp, backend, db, key, pass_file, backup, pass_backup, data)
+
+
+def expected(data: dict[str, dict[bytes, bytes]]) -> dict[str, list[tuple[bytes, bytes]]]:
+    return {tree: sorted(items.items()) for tree, items in sorted(data.items())}
+
+
+# --------------------------------------------------------------------------- help and usage
+
+
+@pytest.mark.parametrize("command", ["", "keygen", "create", "restore", "verify", "inspect", "list", "demo"])
+def test_help_of_every_command_has_an_example(command: str) -> None:
+    r = expect(run(*([command] if command else []), "--help"), EXIT_OK)
+    assert "usage: datafold-backup" in r.out
+    assert "example" in r.out and "datafold-backup " in r.out.split("example", 1)[1]
+    assert "exit codes" in r.out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["frobnicate"],
+        ["create"],
+        ["restore", "only-one-argument"],
+        ["create", "db", "b.dfb", "--compression", "abc"],
+        ["demo", "--records", "0"],
+        ["demo", "--records", "many"],
+        ["create", "db", "b.dfb", "--db-backend", "berkeley"],
+        ["verify", "b.dfb", "--no-such-option"],
+        ["keygen"],
+    ],
+    ids=lambda a: " ".join(a) or "nothing",
+)
+def test_argument_errors_exit_1_with_usage(args: list[str], tmp_path: Path) -> None:
+    r = expect(run(*args, cwd=tmp_path), EXIT_USAGE, "datafold-backup")
+    assert "usage:" in r.err
+    assert "error:" in r.err
+
+
+def test_version() -> None:
+    assert "datafold" in expect(run("--version"), EXIT_OK).out
+
+
+# --------------------------------------------------------------------------- keygen
+
+
+def test_keygen_writes_a_0600_pkcs8_key_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    key = tmp_path / "k.pem"
+    r = expect(run("keygen", "--out", key, "--json"), EXIT_OK)
+    summary = r.summary()
+    assert summary["command"] == "keygen" and summary["protected"] is False
+    pem = key.read_bytes()
+    assert pem.startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    keys = MasterKeyPair.from_pem(pem)
+    assert keys.public_key_bytes().hex() == summary["public_key"]
+
+    expect(run("keygen", "--out", key), EXIT_USAGE, "already exists", "--force")
+    assert key.read_bytes() == pem  # untouched
+    expect(run("keygen", "--out", key, "--force", "-q"), EXIT_OK)
+    assert key.read_bytes() != pem
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_keygen_unwritable_destination_exits_4(tmp_path: Path) -> None:
+    expect(run("keygen", "--out", tmp_path / "missing-dir" / "k.pem"), EXIT_IO, "cannot write key file")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    expect(run("keygen", "--out", blocker / "k.pem", "--force"), EXIT_IO, "k.pem")
+
+
+@pytest.mark.parametrize("setup", ["lmdb"], indirect=True)  # backend-independent
+def test_protected_key_file(setup: Setup) -> None:
+    key = setup.tmp / "protected.pem"
+    expect(run("keygen", "--out", key, "--protect"), EXIT_KEY, "--protect needs a passphrase")
+    assert not key.exists()
+    expect(run("keygen", "--out", key, "--protect", "--passphrase-file", setup.pass_file), EXIT_OK)
+    assert key.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert PASSPHRASE.encode() not in key.read_bytes()
+
+    backup = setup.tmp / "protected.dfb"
+    expect(run("create", setup.db, backup, "--key", key), EXIT_KEY, "protected by a passphrase")
+    wrong = setup.tmp / "wrong.txt"
+    wrong.write_text("not it\n")
+    expect(run("create", setup.db, backup, "--key", key, "--passphrase-file", wrong), EXIT_KEY, "wrong passphrase")
+    expect(run("create", setup.db, backup, "--key", key, DATAFOLD_PASSPHRASE=PASSPHRASE), EXIT_OK)
+    inspect = expect(run("inspect", backup, "--json"), EXIT_OK).summary()
+    assert inspect["key"] == "master-key"  # the backup itself is keyed by the master key
+    expect(run("verify", backup, "--key", key, "--passphrase-file", setup.pass_file), EXIT_OK)
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_master_key_roundtrip(setup: Setup) -> None:
+    r = expect(run("verify", setup.backup, "--key", setup.key), EXIT_OK)
+    assert "is intact" in r.out and f"{sum(map(len, setup.data.values()))} items" in r.out.replace(",", "")
+    target = setup.new_db("restored-master")
+    r = expect(run("restore", setup.backup, target, "--key", setup.key, "--json"), EXIT_OK)
+    summary = r.summary()
+    assert summary["verified"] is True and summary["backend"] == setup.backend
+    assert summary["items_restored"] == sum(map(len, setup.data.values()))
+    assert setup.read_db(target) == expected(setup.data)
+
+
+@pytest.mark.parametrize("core", ["rust", "pure"])
+def test_passphrase_roundtrip(setup: Setup, core: str) -> None:
+    backup = setup.tmp / f"pass-{core}.dfb"
+    r = expect(run("create", setup.db, backup, "--json", DATAFOLD_PASSPHRASE=PASSPHRASE, DATAFOLD_CORE=core), 0)
+    assert r.summary()["key"] == "passphrase"
+    assert PASSPHRASE.encode() not in backup.read_bytes()
+    # The passphrase file's one trailing newline is not part of the passphrase.
+    expect(run("verify", backup, "--passphrase-file", setup.pass_file, DATAFOLD_CORE=core), EXIT_OK)
+    target = setup.new_db(f"restored-pass-{core}")
+    expect(run("restore", backup, target, DATAFOLD_PASSPHRASE=PASSPHRASE, DATAFOLD_CORE=core), EXIT_OK)
+    assert setup.read_db(target) == expected(setup.data)
+    two_newlines = setup.tmp / "two-newlines.txt"
+    two_newlines.write_text(PASSPHRASE + "\n\n")
+    expect(run("verify", backup, "--passphrase-file", two_newlines), EXIT_KEY, "wrong passphrase")
+
+
+def test_inspect_shows_the_key_kind_without_a_key(setup: Setup) -> None:
+    r = expect(run("inspect", setup.pass_backup), EXIT_OK)
+    assert "passphrase" in r.out and "Argon2id" in r.out and "encrypted" in r.out
+    doc = expect(run("inspect", setup.pass_backup, "--json"), EXIT_OK).summary()
+    assert doc["key"] == "passphrase" and doc["unlocked"] is False
+    assert doc["kdf"] == {"name": "argon2id", "memory_kib": 65536, "iterations": 3, "lanes": 4, "salt_length": 16}
+    doc = expect(run("inspect", setup.backup, "--json"), EXIT_OK).summary()
+    assert doc["key"] == "master-key" and doc["kdf"] is None and doc["unlocked"] is False
+    r = expect(run("inspect", setup.backup), EXIT_OK)
+    assert "master key file" in r.out
+
+
+def test_inspect_with_the_key_shows_trees_items_sizes_digests_chain(setup: Setup) -> None:
+    r = expect(run("inspect", setup.backup, "--key", setup.key), EXIT_OK)
+    for tree in setup.data:
+        assert tree in r.out
+    for word in ("TREE", "ITEMS", "BYTES", "DIGEST", "chain", "no parent", "backup id", "total"):
+        assert word in r.out
+    doc = expect(run("inspect", setup.pass_backup, "--json", DATAFOLD_PASSPHRASE=PASSPHRASE), EXIT_OK).summary()
+    assert doc["unlocked"] is True and doc["parent_backup_id"] is None and doc["mode"] == "full"
+    trees = {t["name"]: t for t in doc["trees"]}
+    assert set(trees) == set(setup.data)
+    assert trees["users"]["items"] == len(setup.data["users"])
+    assert all(len(t["digest"]) == 64 for t in trees.values())
+    assert doc["items"] == sum(map(len, setup.data.values()))
+
+
+def test_create_options(setup: Setup) -> None:
+    out = setup.tmp / "filtered.dfb"
+    expect(run("create", setup.db, out, "--key", setup.key, "--tree", "logs", "--tree", "users", "--prefix", "log:"), 0)
+    doc = expect(run("inspect", out, "--key", setup.key, "--json"), EXIT_OK).summary()
+    trees = {t["name"]: t["items"] for t in doc["trees"]}
+    assert trees == {"logs": 400, "users": 0}
+    expect(run("create", setup.db, out, "--key", setup.key, "--no-metadata", "--no-verify", "-q"), EXIT_OK)
+    doc = expect(run("inspect", out, "--key", setup.key, "--json"), EXIT_OK).summary()
+    assert {t["name"] for t in doc["trees"]} == {"users", "binary", "logs", "empty"}
+
+
+def test_restore_options(setup: Setup) -> None:
+    target = setup.new_db("restore-options")
+    with DbOperations.open(target, setup.backend) as db:
+        db.put("users", b"alice", b"changed")
+    expect(run("restore", setup.backup, target, "--key", setup.key, "--tree", "users", "--prefix", "a"), EXIT_OK)
+    assert setup.read_db(target) == {"users": [(b"alice", b"changed")]}  # kept without --overwrite
+    r = expect(
+        run(
+            "restore", setup.backup, target, "--key", setup.key, "--overwrite", "--safety-backup",
+            "--no-verify", "--continue-on-errors", "--json",
+        ),
+        EXIT_OK,
+    )
+    summary = r.summary()
+    assert summary["errors"] == [] and summary["verified"] is True
+    assert Path(summary["safety_backup"]).is_file()
+    assert setup.read_db(target) == expected(setup.data)
+    # The safety backup gives back the state before the restore.
+    expect(run("restore", summary["safety_backup"], target, "--key", setup.key, "--overwrite", "-q"), EXIT_OK)
+    assert setup.read_db(target) == {"users": [(b"alice", b"changed")], **{t: [] for t in setup.data if t != "users"}}
+
+
+def test_list(setup: Setup) -> None:
+    directory = setup.tmp / f"listing-{setup.backend}"
+    directory.mkdir()
+    shutil.copy(setup.backup, directory / "a.dfb")
+    shutil.copy(setup.pass_backup, directory / "b.dfb")
+    (directory / "notes.txt").write_text("not a backup")
+    r = expect(run("list", directory, "--key", setup.key), EXIT_OK)
+    assert "a.dfb" in r.out and "b.dfb" not in r.out
+    assert "skipped" in r.err and "b.dfb" in r.err and "notes.txt" in r.err
+    doc = expect(run("list", directory, "--json", DATAFOLD_PASSPHRASE=PASSPHRASE), EXIT_OK).summary()
+    assert [Path(b["path"]).name for b in doc["backups"]] == ["b.dfb"]
+    assert {Path(s["path"]).name for s in doc["skipped"]} == {"a.dfb", "notes.txt"}
+    expect(run("list", setup.tmp / "no-such-dir", "--key", setup.key), EXIT_IO, "does not exist")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_wrong_key_exits_3(setup: Setup) -> None:
+    other = setup.tmp / "other.pem"
+    if not other.exists():
+        expect(run("keygen", "--out", other), EXIT_OK)
+    expect(run("verify", setup.backup, "--key", other), EXIT_KEY, "different key", "--key KEYFILE")
+    target = setup.new_db("never-created")
+    expect(run("restore", setup.backup, target, "--key", other), EXIT_KEY, "different key")
+    assert not target.exists()  # checked before the database is opened
+    expect(run("verify", setup.pass_backup, DATAFOLD_PASSPHRASE="wrong"), EXIT_KEY, "wrong passphrase")
+    expect(run("inspect", setup.pass_backup, "--passphrase-file", other), EXIT_KEY, "wrong passphrase")
+
+
+def test_the_other_kind_of_key_exits_3_and_says_which_is_needed(setup: Setup) -> None:
+    expect(run("verify", setup.pass_backup, "--key", setup.key), EXIT_KEY, "protected by a passphrase")
+    expect(
+        run("restore", setup.backup, setup.new_db("x"), DATAFOLD_PASSPHRASE=PASSPHRASE),
+        EXIT_KEY,
+        "made with a master key",
+    )
+    expect(run("inspect", setup.backup, "--passphrase-file", setup.pass_file), EXIT_KEY, "master key")
+
+
+def test_key_source_problems_exit_3(setup: Setup) -> None:
+    expect(run("verify", setup.backup), EXIT_KEY, "no key given")
+    expect(run("create", setup.db, setup.tmp / "k.dfb"), EXIT_KEY, "no key given")
+    expect(run("verify", setup.backup, "--key", setup.tmp / "missing.pem"), EXIT_KEY, "missing.pem", "does not exist")
+    expect(run("verify", setup.backup, "--key", setup.pass_file), EXIT_KEY, "not a datafold master key file")
+    expect(run("verify", setup.pass_backup, "--passphrase-file", setup.tmp / "nope"), EXIT_KEY, "does not exist")
+    empty = setup.tmp / "empty.txt"
+    empty.write_text("\n")
+    expect(run("verify", setup.pass_backup, "--passphrase-file", empty), EXIT_KEY, "is empty")
+    expect(run("verify", setup.pass_backup, DATAFOLD_PASSPHRASE=""), EXIT_KEY, "empty")
+
+
+def test_missing_backup_file_exits_4(setup: Setup) -> None:
+    missing = setup.tmp / "missing.dfb"
+    commands: list[list[str | Path]] = [
+        ["verify", missing],
+        ["inspect", missing],
+        ["restore", missing, setup.new_db("m")],
+    ]
+    for args in commands:
+        expect(run(*args, "--key", setup.key), EXIT_IO, "missing.dfb", "does not exist")
+    assert not setup.new_db("m").exists()
+    expect(run("verify", setup.tmp, "--key", setup.key), EXIT_IO, "is a directory")
+
+
+def test_damaged_backups_exit_2(setup: Setup) -> None:
+    good = setup.backup.read_bytes()
+    cases = {
+        "not-a-backup.dfb": b"hello, world" * 100,
+        "empty.dfb": b"",
+        "corrupted.dfb": good[:-3000] + bytes([good[-3000] ^ 1]) + good[-2999:],
+        "truncated.dfb": good[: len(good) - 100],
+        "newer.dfb": good[:8] + (2).to_bytes(4, "little") + good[12:],
+    }
+    messages = {
+        "not-a-backup.dfb": "not a datafold backup",
+        "empty.dfb": "not a datafold backup",
+        "corrupted.dfb": "corrupted",
+        "truncated.dfb": "truncated",
+        "newer.dfb": "upgrade datafold",
+    }
+    for name, data in cases.items():
+        path = setup.tmp / name
+        path.write_bytes(data)
+        expect(run("verify", path, "--key", setup.key), EXIT_BACKUP, name, messages[name])
+
+    # A damaged backup leaves the database exactly as it was, even without the check before writing.
+    target = setup.new_db("untouched")
+    with DbOperations.open(target, setup.backend) as db:
+        db.put("users", b"alice", b"before")
+    before = setup.read_db(target)
+    corrupted = setup.tmp / "corrupted.dfb"
+    for extra in ([], ["--no-verify"]):
+        r = run("restore", corrupted, target, "--key", setup.key, "--overwrite", *extra)
+        expect(r, EXIT_BACKUP, "corrupted.dfb", "was not changed")
+    assert setup.read_db(target) == before
+    fresh = setup.new_db("fresh-after-damage")
+    expect(run("restore", corrupted, fresh, "--key", setup.key, "--no-verify"), EXIT_BACKUP)
+    assert not fresh.exists()  # no empty database left behind
+
+
+def test_damaged_passphrase_parameters_exit_2(setup: Setup) -> None:
+    data = bytearray(setup.pass_backup.read_bytes())
+    data[44] = 9  # kdf_params layout version
+    path = setup.tmp / "bad-kdf.dfb"
+    path.write_bytes(bytes(data))
+    expect(run("inspect", path), EXIT_BACKUP, "bad-kdf.dfb", "layout version 9")
+    expect(run("verify", path, DATAFOLD_PASSPHRASE=PASSPHRASE), EXIT_BACKUP, "layout version 9")
+
+
+def test_unwritable_destination_and_missing_database_exit_4(setup: Setup) -> None:
+    expect(run("create", setup.db, setup.tmp / "no-dir" / "b.dfb", "--key", setup.key), EXIT_IO, "does not exist")
+    expect(run("create", setup.db, setup.tmp, "--key", setup.key), EXIT_IO, "is a directory")
+    expect(run("create", setup.new_db("absent"), setup.tmp / "b.dfb", "--key", setup.key), EXIT_IO, "does not exist")
+    junk = setup.tmp / "junk.bin"
+    junk.write_bytes(b"\x01" * 100)
+    expect(run("create", junk, setup.tmp / "b.dfb", "--key", setup.key), EXIT_IO, "junk.bin")
+    expect(run("restore", setup.backup, junk, "--key", setup.key), EXIT_IO, "junk.bin")
+    expect(
+        run("restore", setup.backup, setup.tmp / "no-dir" / "db", "--key", setup.key, "--db-backend", setup.backend),
+        EXIT_IO,
+    )
+
+
+def test_bad_option_values_exit_1(setup: Setup) -> None:
+    out = setup.tmp / "never.dfb"
+    expect(run("create", setup.db, out, "--key", setup.key, "--compression", "5"), EXIT_USAGE, "compression")
+    expect(run("create", setup.db, out, "--key", setup.key, "--compression", "99"), EXIT_USAGE, "between 0 and 22")
+    expect(run("create", setup.db, out, "--key", setup.key, "--tree", "nope"), EXIT_USAGE, "nope")
+    expect(run("create", setup.db, out, "--key", setup.key, "--tree", ""), EXIT_USAGE, "tree")
+    expect(run("restore", setup.backup, setup.new_db("y"), "--key", setup.key, "--tree", "nope"), EXIT_USAGE, "nope")
+    assert not out.exists()
+
+
+def test_debug_shows_the_traceback(setup: Setup) -> None:
+    missing = setup.tmp / "missing.dfb"
+    r = run("verify", missing, "--key", setup.key, "--debug")
+    assert r.code == EXIT_IO and "Traceback" in r.err and "BackupFileNotFoundError" in r.err
+    assert "Traceback" not in run("verify", missing, "--key", setup.key).err
+
+
+def test_json_errors(setup: Setup) -> None:
+    r = run("verify", setup.tmp / "missing.dfb", "--key", setup.key, "--json")
+    assert r.code == EXIT_IO
+    (error,) = r.json_lines()
+    assert error["type"] == "error" and error["exit_code"] == EXIT_IO
+    assert error["error"] == "BackupFileNotFoundError" and error["file"].endswith("missing.dfb")
+    assert error["message"] and error["hint"]
+    r = run("create", "--json")
+    assert r.code == EXIT_USAGE and r.json_lines()[0]["exit_code"] == EXIT_USAGE
+
+
+# --------------------------------------------------------------------------- progress and demo
+
+
+def test_json_progress_and_quiet(setup: Setup) -> None:
+    out = setup.tmp / "progress.dfb"
+    events = expect(run("create", setup.db, out, "--key", setup.key, "--json"), EXIT_OK).json_lines()
+    progress = [e for e in events if e["type"] == "progress"]
+    assert {e["phase"] for e in progress} == {"backup", "verify"}
+    fields = {"command", "phase", "items", "total_items", "bytes", "total_bytes", "percent", "elapsed_s",
+              "bytes_per_s", "eta_s", "done"}
+    assert all(fields <= e.keys() for e in progress)
+    done = [e for e in progress if e["done"]]
+    total = sum(map(len, setup.data.values()))
+    assert done[0]["phase"] == "backup" and done[0]["items"] == done[0]["total_items"] == total
+    assert events[-1]["type"] == "summary"
+    quiet = run("verify", out, "--key", setup.key, "--json", "--quiet")
+    assert [e["type"] for e in quiet.json_lines()] == ["summary"]
+    r = expect(run("verify", out, "--key", setup.key), EXIT_OK)  # stderr is not a terminal: no bar
+    assert r.err == "" and "\r" not in r.out
+    assert expect(run("verify", out, "--key", setup.key, "-q"), EXIT_OK).out == ""
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+@pytest.mark.parametrize("setup", ["lmdb"], indirect=True)
+def test_progress_bar_on_a_terminal(setup: Setup) -> None:
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run(
+            [*CLI, "restore", str(setup.backup), str(setup.new_db("tty")), "--key", str(setup.key)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            timeout=60,
+        )
+        os.close(slave)
+        slave = -1
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+        if slave != -1:
+            os.close(slave)
+    shown = b"".join(chunks).decode()
+    assert proc.returncode == 0
+    assert "\r" in shown and "restore" in shown and "items" in shown
+
+
+def test_demo(tmp_path: Path) -> None:
+    r = expect(run("demo", "--records", "3000"), EXIT_OK)
+    for step in ("1. built", "3. created", "4. verified", "5. restored", "equals the original", "MiB/s"):
+        assert step in r.out
+    summary = run("demo", "--records", "2000", "--db-backend", "sqlite", "--json", "--dir", tmp_path).summary()
+    assert summary["digests_match"] is True and summary["records"] == 2000 and summary["backend"] == "sqlite"
+    assert [s["step"] for s in summary["steps"]] == ["build", "create", "verify", "restore", "digests"]
+    assert (tmp_path / "demo.dfb").is_file()  # --dir keeps the files
+    expect(run("demo", "--records", "10", "--dir", tmp_path, "--db-backend", "sqlite"), EXIT_USAGE, "already exists")
