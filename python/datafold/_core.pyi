@@ -83,7 +83,8 @@ class BackupWriter:
     """State machine: OPEN -> (begin_tree -> IN_TREE -> end_tree -> OPEN)* -> finish -> FINISHED.
     Any error poisons it: every later call raises BackupError. Calls out of order raise
     InvalidArgumentError. Ciphertext goes to sink.write() in whole segments (one or a few per
-    call; memory stays bounded by a few segments); an OSError from the sink becomes BackupIOError. The preamble and Tink header are written by __init__; the
+    call; memory stays bounded by a few segments); an OSError from the sink becomes BackupIOError.
+    The preamble and Tink header are written by __init__; the
     HEADER record is the first plaintext."""
 
     def __init__(

@@ -31,7 +31,7 @@ def load_core(name: str | None = None) -> ModuleType:
 
         return _pure
     try:
-        from . import _core  # type: ignore[attr-defined]
+        from . import _core
     except ImportError as e:
         if explicit:
             raise ImportError(

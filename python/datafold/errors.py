@@ -38,7 +38,7 @@ class VersionMismatchError(BackupError):
             f"{expected}); upgrade datafold to read it"
         )
 
-    def __reduce__(self):  # keep pickling working with the extra constructor arguments
+    def __reduce__(self) -> tuple[type, tuple[int, int, str]]:  # pickling with the extra arguments
         return (type(self), (self.found, self.expected, str(self)))
 
 

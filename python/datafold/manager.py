@@ -157,7 +157,7 @@ class EncryptedBackupManager:
         path = _path(path, "path")
         started = time.perf_counter()
         trees = self._select_trees(options)
-        prefix = options.key_prefix_filter or b""
+        prefix = options.key_prefix or b""
         option_doc = {
             "tree_filter": sorted(options.tree_filter) if options.tree_filter is not None else None,
             "key_prefix_filter": prefix.hex() if options.key_prefix_filter is not None else None,
@@ -327,7 +327,7 @@ class EncryptedBackupManager:
         path = _path(path, "path")
         started = time.perf_counter()
         stats = RestoreStats()
-        prefix = options.key_prefix_filter
+        prefix = options.key_prefix
 
         def wanted(name: str) -> bool:
             return options.tree_filter is None or name in options.tree_filter

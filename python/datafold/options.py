@@ -59,8 +59,18 @@ def _check_bools(obj: object) -> None:
             _bool(getattr(obj, f.name), f.name)
 
 
+class _PrefixMixin:
+    key_prefix_filter: bytes | str | None
+
+    @property
+    def key_prefix(self) -> bytes | None:
+        """key_prefix_filter as bytes (validation already encoded a str as UTF-8)."""
+        p = self.key_prefix_filter
+        return p.encode("utf-8") if isinstance(p, str) else p
+
+
 @dataclass(frozen=True)
-class BackupOptions:
+class BackupOptions(_PrefixMixin):
     """What `create_backup` backs up and how.
 
     mode: BackupMode.FULL (INCREMENTAL is refused until incremental backups land).
@@ -111,7 +121,7 @@ class BackupOptions:
 
 
 @dataclass(frozen=True)
-class RestoreOptions:
+class RestoreOptions(_PrefixMixin):
     """How `restore_backup` applies a backup. The whole restore is one store transaction.
 
     overwrite_existing: False keeps the values of keys that already exist (counted as skipped).
