@@ -325,6 +325,13 @@ impl BackupEncoder {
         self.out.clear();
     }
 
+    /// Gives up the output buffer without freeing it: for when Python code may still read it.
+    pub fn leak_output(&mut self) {
+        self.bytes_written += self.out.len() as u64;
+        let cap = self.out.capacity();
+        std::mem::forget(std::mem::replace(&mut self.out, Vec::with_capacity(cap)));
+    }
+
     pub fn output_len(&self) -> usize {
         self.out.len()
     }

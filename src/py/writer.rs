@@ -28,6 +28,42 @@ pub(crate) fn tree_tuple<'py>(
     )
 }
 
+/// Writes all of `view` (`len` bytes): raw files may write less than asked per call.
+fn write_all(sink: &Bound<'_, PyAny>, view: &Bound<'_, PyAny>, len: usize) -> PyResult<()> {
+    let py = sink.py();
+    let mut done = 0usize;
+    while done < len {
+        let part = if done == 0 {
+            view.clone()
+        } else {
+            view.get_item(pyo3::types::PySlice::new(
+                py,
+                done as isize,
+                len as isize,
+                1,
+            ))?
+        };
+        let n = sink
+            .call_method1("write", (part,))
+            .io_context(py, "writing the backup")?;
+        if n.is_none() {
+            return Ok(()); // a sink that returns nothing has taken everything
+        }
+        let n: usize = n.extract().map_err(|_| {
+            pyo3::exceptions::PyTypeError::new_err(
+                "sink.write() must return the number of bytes written or None",
+            )
+        })?;
+        if n == 0 {
+            return Err(super::errors::BackupIOError::new_err(
+                "writing the backup failed: the sink accepted no bytes",
+            ));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 type PyTrailer<'py> = (
     u64,
     u64,
@@ -45,15 +81,31 @@ pub(crate) fn trailer_tuple<'py>(py: Python<'py>, t: &Trailer) -> PyTrailer<'py>
 }
 
 impl PyBackupWriter {
+    /// Hands the sealed output to `sink.write()` without copying it: the sink gets a read-only
+    /// memoryview that is valid during the call only (the contract of `io.BufferedIOBase.write`)
+    /// and is released afterwards, so a sink that kept it gets an error, never reused memory.
     fn write_out(&mut self, py: Python<'_>) -> PyResult<()> {
-        if self.enc.output_len() == 0 {
+        let out = self.enc.output();
+        if out.is_empty() {
             return Ok(());
         }
-        let chunk = PyBytes::new(py, self.enc.output());
-        self.sink
-            .bind(py)
-            .call_method1("write", (chunk,))
-            .io_context(py, "writing the backup")?;
+        // SAFETY: `out` stays alive and unmodified until the view is released below (or, if
+        // something still holds an export of it, forever: `leak_output`).
+        let view = unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                pyo3::ffi::PyMemoryView_FromMemory(
+                    out.as_ptr() as *mut std::os::raw::c_char,
+                    out.len() as pyo3::ffi::Py_ssize_t,
+                    pyo3::ffi::PyBUF_READ,
+                ),
+            )?
+        };
+        let written = write_all(self.sink.bind(py), &view, out.len());
+        if view.call_method0("release").is_err() {
+            self.enc.leak_output();
+        }
+        written?;
         self.enc.clear_output();
         Ok(())
     }

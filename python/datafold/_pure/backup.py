@@ -199,10 +199,24 @@ class BackupWriter:
         )
 
     def _write(self, data: bytes) -> None:
+        """Writes all of `data`: raw files may take less than given per call."""
+        view = memoryview(data)
         try:
-            self._sink.write(data)
+            while view:
+                n = self._sink.write(view)
+                if n is None:
+                    break  # a sink that returns nothing has taken everything
+                if isinstance(n, bool) or not isinstance(n, int):
+                    raise TypeError("sink.write() must return the number of bytes written or None")
+                if n <= 0:
+                    raise BackupIOError("writing the backup failed: the sink accepted no bytes")
+                view = view[n:]
+        except BackupIOError:
+            raise
         except OSError as exc:
             raise BackupIOError(f"writing the backup failed: {exc}") from exc
+        finally:
+            view.release()
         self._bytes_written += len(data)
 
     def _feed(self, data: Any) -> None:
