@@ -7,6 +7,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -384,6 +385,10 @@ def test_lmdb_key_limits(tmp_path: Path) -> None:
         assert db.get("t", b"") is None
         assert db.delete("t", long_key) is False
         assert [k for k, _ in db.items("t")] == [b"k" * 511]
+        assert list(db.items("t", long_key)) == []
+        with db.write_transaction() as txn:
+            assert list(txn.items("t", long_key)) == []
+            assert txn.get("t", long_key) is None
 
 
 def test_sqlite_accepts_empty_key(tmp_path: Path) -> None:
@@ -588,3 +593,324 @@ def test_matches_a_dict_model(db: DbOperations, ops: list[tuple[str, bytes, byte
     for prefix in prefixes:
         assert list(db.items(tree, prefix)) == sorted((k, v) for k, v in model.items() if k.startswith(prefix))
     assert db.count(tree) == len(model)
+
+
+# --- read snapshots ---------------------------------------------------------------------------
+
+OLD_A = [(b"k1", b"v1"), (b"k2", b"v2"), (b"k4", b"v4")]
+OLD_B = [(b"x", b"1"), (b"y", b"2")]
+
+
+def fill_old_state(db: DbOperations) -> None:
+    db.put_many("a", OLD_A)
+    db.put_many("b", OLD_B)
+
+
+def change_state(db: DbOperations) -> None:
+    """Writes of every kind: overwrite, insert, delete, new trees (put and create_tree), a transaction."""
+    db.put("a", b"k1", b"changed")
+    db.put("a", b"k3", b"inserted")
+    assert db.delete("a", b"k2") is True
+    db.put("c", b"new", b"tree")
+    db.create_tree("d")
+    with db.write_transaction() as txn:
+        txn.delete("b", b"x")
+        txn.put("b", b"z", b"3")
+
+
+def assert_old_state(snap: Any) -> None:
+    assert snap.tree_names() == ["a", "b"]
+    assert list(snap.items("a")) == OLD_A
+    assert list(snap.items("b")) == OLD_B
+    assert list(snap.items("a", b"k2")) == [(b"k2", b"v2")]
+    assert snap.get("a", b"k1") == b"v1"
+    assert snap.get("a", b"k2") == b"v2"
+    assert snap.get("a", b"k3") is None
+    assert snap.get("b", b"x") == b"1"
+    assert snap.get("c", b"new") is None
+    assert snap.count("a") == 3
+    assert snap.count("b") == 2
+    assert snap.count("c") == 0
+    assert list(snap.items("c")) == []
+    assert list(snap.items("d")) == []
+
+
+def assert_new_state(snap: Any) -> None:
+    assert snap.tree_names() == ["a", "b", "c", "d"]
+    assert list(snap.items("a")) == [(b"k1", b"changed"), (b"k3", b"inserted"), (b"k4", b"v4")]
+    assert list(snap.items("b")) == [(b"y", b"2"), (b"z", b"3")]
+    assert snap.get("a", b"k2") is None
+    assert snap.get("c", b"new") == b"tree"
+    assert snap.count("a") == 3
+    assert snap.count("c") == 1
+    assert snap.count("d") == 0
+
+
+def run_in_thread(target: Any) -> None:
+    """Run target in another thread and re-raise what it raised."""
+    errors: list[BaseException] = []
+
+    def wrapper() -> None:
+        try:
+            target()
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=wrapper)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+    if errors:
+        raise errors[0]
+
+
+def test_snapshot_ignores_writes_from_another_thread(db: DbOperations) -> None:
+    fill_old_state(db)
+    with db.snapshot() as snap:
+        assert snap.get("a", b"k1") == b"v1"  # the snapshot is in use before the writes
+        run_in_thread(lambda: change_state(db))
+        assert db.get("a", b"k1") == b"changed"  # the writes are committed
+        assert_old_state(snap)
+    with db.snapshot() as snap:
+        assert_new_state(snap)
+
+
+def test_snapshot_ignores_writes_from_the_same_thread(db: DbOperations) -> None:
+    fill_old_state(db)
+    with db.snapshot() as snap:
+        change_state(db)
+        assert db.tree_names() == ["a", "b", "c", "d"]
+        assert_old_state(snap)
+    with db.snapshot() as snap:
+        assert_new_state(snap)
+
+
+def test_snapshot_ignores_writes_from_another_process(path: Path, backend: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "writer.py"
+    script.write_text(
+        "import sys\n"
+        "from datafold.stores import DbOperations\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_stores import change_state\n"
+        "with DbOperations.open(sys.argv[1], sys.argv[2]) as db:\n"
+        "    change_state(db)\n"
+    )
+    with DbOperations.open(path, backend) as db:
+        fill_old_state(db)
+        with db.snapshot() as snap:
+            assert snap.count("a") == 3
+            subprocess.run([sys.executable, str(script), str(path), backend], check=True, timeout=120)
+            assert db.get("a", b"k1") == b"changed"
+            assert_old_state(snap)
+        with db.snapshot() as snap:
+            assert_new_state(snap)
+
+
+def test_snapshot_interleaved_iterators(db: DbOperations) -> None:
+    db.put_many("a", [(i.to_bytes(2, "big"), b"a%d" % i) for i in range(500)])
+    db.put_many("b", [(i.to_bytes(2, "big"), b"b%d" % i) for i in range(0, 1000, 2)])
+    with db.snapshot() as snap:
+        it_a, it_b, it_a_prefix = snap.items("a"), snap.items("b"), snap.items("a", b"\x01")
+        seen_a, seen_b = [], []
+        for n, (pa, pb) in enumerate(zip(it_a, it_b, strict=True)):
+            seen_a.append(pa)
+            seen_b.append(pb)
+            if n == 10:  # writes and other reads in the middle of the iterations
+                db.put("a", b"\x00\xff\x01", b"late")
+                db.delete("b", (20).to_bytes(2, "big"))
+                run_in_thread(lambda: db.put_many("b", [(b"\x00\x15", b"late")]))
+                assert snap.get("b", (20).to_bytes(2, "big")) == b"b20"
+                assert snap.count("a") == 500
+                assert next(it_a_prefix) == (b"\x01\x00", b"a256")
+        assert seen_a == [(i.to_bytes(2, "big"), b"a%d" % i) for i in range(500)]
+        assert seen_b == [(i.to_bytes(2, "big"), b"b%d" % i) for i in range(0, 1000, 2)]
+        assert [k for k, _ in it_a_prefix] == [i.to_bytes(2, "big") for i in range(257, 500)]
+        assert all(type(k) is bytes and type(v) is bytes for k, v in seen_a + seen_b)
+    assert db.count("a") == 501
+
+
+def test_snapshot_is_unusable_after_the_block(db: DbOperations) -> None:
+    db.put_many("t", [(b"a", b"1"), (b"b", b"2")])
+    with db.snapshot() as snap:
+        started = snap.items("t")
+        assert next(started) == (b"a", b"1")
+        unstarted = snap.items("t")
+    calls = [
+        lambda: snap.tree_names(),
+        lambda: snap.get("t", b"a"),
+        lambda: snap.count("t"),
+        lambda: snap.items("t"),
+        lambda: next(started),
+        lambda: next(unstarted),
+    ]
+    for call in calls:
+        with pytest.raises(StoreError, match="snapshot is over"):
+            call()
+    # leaving the block by an exception ends the snapshot too, and lets the exception through
+    with pytest.raises(KeyError):
+        with db.snapshot() as snap:
+            it = snap.items("t")
+            raise KeyError("boom")
+    with pytest.raises(StoreError, match="snapshot is over"):
+        list(it)
+    db.put("t", b"c", b"3")  # the database is not left locked
+    assert db.count("t") == 3
+
+
+def test_snapshot_and_closed_database(db: DbOperations) -> None:
+    db.put("t", b"a", b"1")
+    with db.snapshot() as snap:
+        it = snap.items("t")
+        db.close()
+        with pytest.raises(StoreError, match="closed"):
+            snap.get("t", b"a")
+        with pytest.raises(StoreError, match="closed"):
+            next(it)
+    with pytest.raises(StoreError, match="closed"):
+        db.snapshot()
+
+
+def test_snapshot_argument_validation(db: DbOperations) -> None:
+    db.put("t", b"a", b"1")
+    with db.snapshot() as snap:
+        with pytest.raises(ArgumentTypeError, match="tree"):
+            snap.get(5, b"a")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="tree"):
+            snap.count("")
+        with pytest.raises(InvalidArgumentError, match="NUL"):
+            snap.items("a\x00b")
+        with pytest.raises(ArgumentTypeError, match="key"):
+            snap.get("t", "a")  # type: ignore[arg-type]
+        with pytest.raises(ArgumentTypeError, match="prefix"):
+            snap.items("t", "a")  # type: ignore[arg-type]
+        assert snap.get("t", memoryview(b"a")) == b"1"
+        assert list(snap.items("t", bytearray(b"a"))) == [(b"a", b"1")]
+
+
+def test_snapshots_release_their_resources(db: DbOperations) -> None:
+    db.put("t", b"a", b"1")
+    for i in range(300):  # more than LMDB's default 126 reader slots if they leaked
+        with db.snapshot() as snap:
+            it = snap.items("t")
+            assert next(it) == (b"a", b"1")
+            if i % 2:
+                db.put("t", b"a", b"1")  # a write while the snapshot is open
+    db.put("t", b"b", b"2")
+    assert db.count("t") == 2
+
+
+def test_snapshot_shared_by_threads(db: DbOperations) -> None:
+    records = [(i.to_bytes(4, "big"), b"v%d" % i) for i in range(2000)]
+    db.put_many("t", records)
+    results: list[list[tuple[bytes, bytes]]] = []
+    with db.snapshot() as snap:
+        db.put_many("t", [(b"\x00", b"late")])
+
+        def read() -> None:
+            results.append(list(snap.items("t")))
+
+        threads = [threading.Thread(target=read) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert results == [records] * 4
+
+
+def test_lmdb_growth_refused_while_this_thread_holds_a_snapshot(small_lmdb: DbOperations) -> None:
+    small_lmdb.put("t", b"a", b"1")
+    before = map_size(small_lmdb)
+    with small_lmdb.snapshot() as snap:
+        small_lmdb.put("t", b"b", b"2")  # fits in the map: fine
+        with pytest.raises(StoreError, match="snapshot"):
+            small_lmdb.put_many("u", twenty_mib_of_records())
+        with pytest.raises(StoreError, match="snapshot"):
+            small_lmdb.reserve(20 * MiB)
+        assert snap.count("t") == 1
+        assert map_size(small_lmdb) == before
+    assert small_lmdb.count("u") == 0
+    assert small_lmdb.put_many("u", twenty_mib_of_records()) == 320
+
+
+def test_lmdb_growth_in_another_thread_waits_for_the_snapshot(small_lmdb: DbOperations) -> None:
+    small_lmdb.put("t", b"a", b"1")
+    done = threading.Event()
+    results: list[object] = []
+
+    def writer() -> None:
+        try:
+            results.append(small_lmdb.put_many("u", twenty_mib_of_records()))
+        except BaseException as e:  # pragma: no cover - asserted below
+            results.append(e)
+        done.set()
+
+    with small_lmdb.snapshot() as snap:
+        thread = threading.Thread(target=writer)
+        thread.start()
+        assert not done.wait(0.5)  # the grow waits for the snapshot to end
+        assert list(snap.items("t")) == [(b"a", b"1")]
+        assert snap.tree_names() == ["t"]
+    thread.join(60)
+    assert results == [320]
+    assert small_lmdb.count("u") == 320
+
+
+def test_lmdb_snapshot_keeps_tree_handles_intact(tmp_path: Path) -> None:
+    """Trees read in a snapshot of a fresh environment, and trees created while it is open, all stay intact."""
+    with DbOperations.open(tmp_path / "db", "lmdb") as db:
+        db.put("a", b"k", b"a")
+        db.put("b", b"k", b"b")
+    with DbOperations.open(tmp_path / "db", "lmdb") as db:  # a fresh environment: no handles open yet
+        with db.snapshot() as snap:
+            assert snap.get("a", b"k") == b"a"
+            assert list(snap.items("b")) == [(b"k", b"b")]
+            db.put("c", b"k", b"c")
+            run_in_thread(lambda: db.put("d", b"k", b"d"))
+            with db.write_transaction() as txn:
+                txn.put("e", b"k", b"e")
+                txn.put("a", b"k2", b"a2")
+            assert snap.get("a", b"k") == b"a"
+            assert snap.count("a") == 1
+        for name in "abcde":
+            assert db.get(name, b"k") == name.encode()
+        assert db.get("a", b"k2") == b"a2"
+    with DbOperations.open(tmp_path / "db", "lmdb") as db:
+        assert db.tree_names() == list("abcde")
+        assert {name: dict(db.items(name)) for name in "bcde"} == {n: {b"k": n.encode()} for n in "bcde"}
+        assert dict(db.items("a")) == {b"k": b"a", b"k2": b"a2"}
+
+
+def test_lmdb_snapshot_ending_during_a_write_keeps_its_trees(tmp_path: Path) -> None:
+    """A snapshot that opened tree handles itself would close them when it ends, under a write
+    transaction that created a tree in the same handle slot meanwhile (its commit would then fail)."""
+    with DbOperations.open(tmp_path / "db", "lmdb") as db:
+        db.put("a", b"k", b"a")
+    with DbOperations.open(tmp_path / "db", "lmdb") as db:  # a fresh environment: no handles open yet
+        with ExitStack() as stack:
+            snap = stack.enter_context(db.snapshot())
+            assert snap.get("a", b"k") == b"a"
+            with db.write_transaction() as txn:
+                txn.put("new", b"k", b"new")
+                stack.close()  # the snapshot ends while the write transaction is open
+        assert db.get("new", b"k") == b"new"
+        assert db.get("a", b"k") == b"a"
+    with DbOperations.open(tmp_path / "db", "lmdb") as db:
+        assert db.tree_names() == ["a", "new"]
+        assert db.get("new", b"k") == b"new"
+
+
+def test_snapshot_inside_a_write_transaction(db: DbOperations, backend: str) -> None:
+    db.put("t", b"a", b"1")
+    with db.write_transaction() as txn:
+        txn.put("t", b"a", b"uncommitted")
+        if backend == "lmdb":
+            with pytest.raises(StoreError, match="write transaction"):
+                db.snapshot().__enter__()
+        else:
+            with db.snapshot() as snap:
+                assert snap.get("t", b"a") == b"1"
+    with db.snapshot() as snap:
+        assert snap.get("t", b"a") == b"uncommitted"

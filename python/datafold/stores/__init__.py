@@ -27,6 +27,7 @@ __all__ = [
     "is_metadata_tree",
     "MAX_TREE_NAME_BYTES",
     "Items",
+    "ReadSnapshot",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -144,6 +145,33 @@ class WriteTransaction(ABC):
     def tree_names(self) -> list[str]: ...
 
 
+class ReadSnapshot(ABC):
+    """A consistent read-only view of every tree; obtained from `snapshot()`, valid only inside it.
+
+    All reads see the database as it was when the snapshot started, whatever is written meanwhile
+    (by this process or another one). Its methods, and next() on its items() iterators, raise
+    StoreError once the snapshot's with block has exited (or the database was closed). It may be
+    used from several threads; each call is serialized.
+    """
+
+    @abstractmethod
+    def tree_names(self) -> list[str]:
+        """Names of the trees that existed when the snapshot started, sorted."""
+
+    @abstractmethod
+    def items(self, tree: str, prefix: Buffer = b"") -> Items:
+        """Stream (key, value) pairs in key order, only keys starting with prefix (nothing for a missing tree).
+
+        Several iterators, over the same or different trees, may be interleaved.
+        """
+
+    @abstractmethod
+    def get(self, tree: str, key: Buffer) -> bytes | None: ...
+
+    @abstractmethod
+    def count(self, tree: str) -> int: ...
+
+
 class Store(ABC):
     """One open database of one backend. Use through DbOperations."""
 
@@ -185,6 +213,10 @@ class Store(ABC):
 
     @abstractmethod
     def write_transaction(self) -> AbstractContextManager[WriteTransaction]: ...
+
+    @abstractmethod
+    def snapshot(self) -> AbstractContextManager[ReadSnapshot]:
+        """A ReadSnapshot held open for the with block; released on exit."""
 
     def reserve(self, nbytes: int, *, records: int = 0) -> None:
         """Make room for nbytes more of keys+values; a no-op for backends that grow by themselves."""
@@ -294,12 +326,33 @@ class DbOperations:
         """
         return self._live().write_transaction()
 
+    def snapshot(self) -> AbstractContextManager[ReadSnapshot]:
+        """A consistent read view of all trees at one point in time, for the duration of the with block.
+
+            with db.snapshot() as snap:
+                for tree in snap.tree_names():
+                    for key, value in snap.items(tree): ...
+
+        Writes made meanwhile (by any thread or process) are not seen by the snapshot; a snapshot
+        taken afterwards sees them. Once the block exits, the snapshot and its iterators raise
+        StoreError. Keep snapshots short-lived: they pin old data. With lmdb the snapshot is one read
+        transaction, so while it is open the map cannot grow: a write in the same thread that needs
+        a bigger map fails with StoreError (call reserve() before taking the snapshot), and one in
+        another thread waits up to resize_timeout for the snapshot to end. Also with lmdb, snapshot()
+        raises StoreError inside a write transaction of the same thread, and may wait for another
+        thread's or process's write transaction to finish (it registers tree handles first). With
+        sqlite it is a read transaction on its own connection; the WAL cannot be checkpointed past
+        it, so it grows while the snapshot is open.
+        """
+        return self._live().snapshot()
+
     def reserve(self, nbytes: int, *, records: int = 0) -> None:
         """Grow the database ahead of time so that nbytes more of keys+values fit (lmdb; no-op for sqlite).
 
-        Call it before write_transaction() (lmdb cannot grow the map while a write transaction or an
-        items() iterator of this thread is open). records, the number of records those bytes make,
-        is optional; give it when the records are small, since each costs ~16 bytes beyond its data.
+        Call it before write_transaction() or snapshot() (lmdb cannot grow the map while a write
+        transaction, an items() iterator or a snapshot of this thread is open). records, the number of
+        records those bytes make, is optional; give it when the records are small, since each costs
+        ~16 bytes beyond its data.
         """
         self._live().reserve(nbytes, records=records)
 

@@ -8,8 +8,18 @@ raises StoreError("database map is full ...") and the transaction rolls back; ca
 DbOperations.reserve(nbytes) first to make room.
 
 Growing the map needs every transaction of this process on the environment to be finished, including
-open items() iterators: a grow waits (up to resize_timeout seconds) for other threads and fails at
-once if the calling thread itself holds one.
+open items() iterators and snapshots: a grow waits (up to resize_timeout seconds) for other threads
+and fails at once with StoreError if the calling thread itself holds one (it would otherwise wait
+for itself). So while a snapshot() is open, a put() in the same thread that needs a bigger map
+raises StoreError; call reserve() before taking the snapshot.
+
+snapshot() holds one read transaction for its whole life. LMDB forbids a transaction to open a
+database handle (dbi) while another transaction that opened one is still running, so the snapshot
+never opens one itself: the handles of every tree it can see are opened beforehand by a short, empty
+write transaction (only a write transaction's commit keeps the handles it opened: a read transaction
+closes them when it ends). Hence, with lmdb, snapshot() raises StoreError when the calling thread has
+a write transaction open, and the first snapshot that sees a tree may wait for a running writer (of
+any thread or process) to finish.
 
 LMDB must not open the same environment twice in one process, so stores opened on the same
 directory share one lmdb.Environment (reference counted).
@@ -27,7 +37,18 @@ from typing import Any, TypeVar
 import lmdb
 
 from ..errors import ArgumentTypeError, InvalidArgumentError, StoreError
-from . import Buffer, Items, Store, WriteTransaction, as_bytes, check_bool, check_item, check_nbytes, check_tree
+from . import (
+    Buffer,
+    Items,
+    ReadSnapshot,
+    Store,
+    WriteTransaction,
+    as_bytes,
+    check_bool,
+    check_item,
+    check_nbytes,
+    check_tree,
+)
 
 __all__ = ["LmdbStore", "DEFAULT_MAP_SIZE", "DEFAULT_MAX_DBS"]
 
@@ -47,6 +68,7 @@ _RECORD_OVERHEAD = 16
 _SLACK = 8 * MiB  # branch pages, freelist, copy-on-write of touched pages
 _GRANULE = MiB  # map sizes are rounded up to this (a multiple of any OS page size)
 _MAX_GROW_ATTEMPTS = 40  # doubling each time: far beyond any address space
+_MAX_SNAPSHOT_ATTEMPTS = 20  # retries while new trees keep appearing as a snapshot starts
 
 _OPTIONS = ("map_size", "max_dbs", "max_readers", "resize_timeout")
 
@@ -125,6 +147,8 @@ class _SharedEnv:
         self.writer: int | None = None  # thread holding the write transaction
         # mdb_dbi_open is not thread-safe in read transactions; serialize all of them.
         self.dbi_lock = threading.Lock()
+        # Handles opened by a committed transaction: valid in every transaction started later.
+        self.published: dict[bytes, Any] = {}
 
     # --- transactions ---
 
@@ -207,6 +231,54 @@ class _SharedEnv:
                     raise
                 return None
 
+    def begin_snapshot(self) -> tuple[_Handle, dict[str, Any]]:
+        """A read transaction plus a handle for each tree it sees, none opened inside it.
+
+        A handle opened by a transaction is only safe for other transactions once that transaction
+        has finished, and only valid in transactions started after that; so the handles are opened
+        by a short transaction first (publish) and the snapshot's own transaction starts after it.
+        """
+        if self.writer == threading.get_ident():
+            raise StoreError(
+                "cannot start a snapshot while this thread has a write transaction open on the database "
+                "(LMDB would need a second writer to register the tree handles); take it before or after"
+            )
+        for _ in range(_MAX_SNAPSHOT_ATTEMPTS):
+            handle = self.begin(write=False)
+            try:
+                names = _list_trees(handle.txn)
+                with self.dbi_lock:
+                    dbs = {name: self.published.get(name.encode()) for name in names}
+            except BaseException:
+                self.end(handle, commit=True)
+                raise
+            missing = [name.encode() for name, db in dbs.items() if db is None]
+            if not missing:
+                return handle, dbs
+            self.end(handle, commit=True)
+            self.publish(missing)
+        raise StoreError("LMDB snapshot could not start: new trees kept being created meanwhile")
+
+    def publish(self, names: list[bytes]) -> None:
+        """Open the handles of existing trees in an empty write transaction and commit it.
+
+        The commit makes them valid in every transaction started afterwards; a read transaction
+        would not do: py-lmdb ends it with mdb_txn_reset, which closes the handles it opened.
+        """
+        handle = self.begin(write=True)
+        opened: dict[bytes, Any] = {}
+        try:
+            for name in names:
+                db = self.open_db(handle.txn, name, create=False)
+                if db is not None:
+                    opened[name] = db
+        except BaseException:
+            self.end(handle, commit=False)
+            raise
+        self.end(handle, commit=True)  # writes nothing: no page is written or synced
+        with self.dbi_lock:
+            self.published.update(opened)
+
     # --- map size ---
 
     def resize(self, new_size: int, what: str) -> None:
@@ -215,8 +287,8 @@ class _SharedEnv:
         with self.cond:
             if self.threads.get(me):
                 raise StoreError(
-                    f"cannot {what}: this thread has an open transaction or items() iterator on the "
-                    "database; finish or close it first (or call reserve() before starting)"
+                    f"cannot {what}: this thread has an open transaction, items() iterator or snapshot on "
+                    "the database; finish or close it first (or call reserve() before starting)"
                 )
             self.growth_pending += 1
             try:
@@ -225,8 +297,8 @@ class _SharedEnv:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise StoreError(
-                            f"cannot {what}: other threads kept transactions or items() iterators open "
-                            f"for {self.resize_timeout} s"
+                            f"cannot {what}: other threads kept transactions, items() iterators or "
+                            f"snapshots open for {self.resize_timeout} s"
                         )
                     self.cond.wait(remaining)
                 if new_size == 0 or new_size > self.env.info()["map_size"]:
@@ -487,6 +559,18 @@ class LmdbStore(Store):
         return self._write(op, lambda: (nbytes, nrecords), "put_many")
 
     @contextmanager
+    def snapshot(self) -> Iterator[ReadSnapshot]:
+        """One read transaction for the with block. The map cannot grow meanwhile (see the module doc)."""
+        self._check_open()
+        with _errors("snapshot"):
+            handle, dbs = self._shared.begin_snapshot()
+        snap = _LmdbSnapshot(self, handle, dbs)
+        try:
+            yield snap
+        finally:
+            snap._finish()
+
+    @contextmanager
     def write_transaction(self) -> Iterator[WriteTransaction]:
         """All-or-nothing; a full map raises StoreError (see reserve())."""
         self._check_open()
@@ -694,3 +778,74 @@ class _LmdbWriteTransaction(WriteTransaction):
     def tree_names(self) -> list[str]:
         with self._errors("tree_names"):
             return _list_trees(self._txn())
+
+
+class _LmdbSnapshot(ReadSnapshot):
+    """One read transaction; its tree handles were opened (and published) before it started."""
+
+    def __init__(self, store: LmdbStore, handle: _Handle, dbs: dict[str, Any]) -> None:
+        self._store = store
+        self._shared = store._shared
+        self._handle = handle
+        self._dbs = dbs  # tree name -> handle, for every tree the transaction sees
+        self._names = sorted(dbs)
+        self._lock = threading.Lock()  # an LMDB transaction must not be used by two threads at once
+
+    def _txn(self) -> lmdb.Transaction[bytes]:
+        """The transaction, or StoreError once the snapshot is over; call with _lock held."""
+        if self._handle.done:
+            raise StoreError("the snapshot is over (its with block has exited)")
+        self._store._check_open()
+        return self._handle.txn
+
+    def _finish(self) -> None:
+        with self._lock:
+            if self._handle.done:
+                return
+            with _errors("end snapshot"):
+                self._shared.end(self._handle, commit=True)
+
+    def tree_names(self) -> list[str]:
+        with self._lock:
+            self._txn()
+            return list(self._names)
+
+    def get(self, tree: str, key: Buffer) -> bytes | None:
+        tree = check_tree(tree)
+        key = as_bytes(key, "key")
+        with self._lock, _errors("get"):
+            txn = self._txn()
+            db = self._dbs.get(tree)
+            if db is None or not self._store._storable(key):
+                return None
+            value: bytes | None = txn.get(key, db=db)
+            return value
+
+    def count(self, tree: str) -> int:
+        tree = check_tree(tree)
+        with self._lock, _errors("count"):
+            txn = self._txn()
+            db = self._dbs.get(tree)
+            return 0 if db is None else int(txn.stat(db)["entries"])
+
+    def items(self, tree: str, prefix: Buffer = b"") -> Items:
+        tree = check_tree(tree)
+        prefix = as_bytes(prefix, "prefix")
+        with self._lock:
+            self._txn()
+        return self._iter_items(tree, prefix)
+
+    def _iter_items(self, tree: str, prefix: bytes) -> Items:
+        scan: Iterator[tuple[bytes, bytes]] | None = None
+        while True:
+            with self._lock, _errors("items"):
+                txn = self._txn()  # checked at every step: the snapshot may have ended meanwhile
+                if scan is None:
+                    db = self._dbs.get(tree)
+                    if db is None:
+                        return
+                    scan = _scan(txn, db, prefix, self._shared.max_key_size)
+                pair = next(scan, None)
+            if pair is None:
+                return
+            yield pair

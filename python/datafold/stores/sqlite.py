@@ -8,6 +8,10 @@ Writes go through one connection, serialized by a lock, each in BEGIN IMMEDIATE 
 pool of separate connections; in WAL mode each SELECT reads one consistent snapshot and never blocks
 or is blocked by the writer, so items() can stream while writes go on. synchronous=FULL keeps every
 commit durable.
+
+snapshot() runs BEGIN (deferred) on a connection of its own and pins the WAL snapshot with a first
+SELECT; every read until its COMMIT sees that point in time. While it is open the WAL cannot be
+checkpointed past it, so the -wal file grows with the writes made meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..errors import ArgumentTypeError, InvalidArgumentError, StoreError
 from . import (
     Buffer,
     Items,
+    ReadSnapshot,
     Store,
     WriteTransaction,
     as_bytes,
@@ -157,6 +162,26 @@ class SqliteStore(Store):
         if self._closed:
             raise StoreError(f"database {self.path!r} is closed")
 
+    def _new_reader(self) -> sqlite3.Connection:
+        """A new read-only connection, registered so that close() closes it."""
+        conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA query_only=ON")  # never write through a reader by mistake
+        except BaseException:
+            conn.close()
+            raise
+        with self._pool_lock:
+            self._readers.add(conn)
+        return conn
+
+    def _drop_reader(self, conn: sqlite3.Connection) -> None:
+        with self._pool_lock:
+            self._readers.discard(conn)
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
+
     @contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
         """A read connection from the pool, returned afterwards."""
@@ -164,10 +189,7 @@ class SqliteStore(Store):
         with self._pool_lock:
             conn = self._idle.pop() if self._idle else None
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA query_only=ON")  # never write through a reader by mistake
-            with self._pool_lock:
-                self._readers.add(conn)
+            conn = self._new_reader()
         try:
             yield conn
         finally:
@@ -287,6 +309,27 @@ class SqliteStore(Store):
             written = _put_pairs(conn, tree, items, overwrite=True)[0]
         self._commit_trees(created)
         return written
+
+    @contextmanager
+    def snapshot(self) -> Iterator[ReadSnapshot]:
+        """BEGIN on a dedicated read connection, pinned by a first SELECT; COMMIT (ROLLBACK) at exit."""
+        self._check_open()
+        with _errors("begin snapshot"):
+            conn = self._new_reader()
+            try:
+                conn.execute("BEGIN")  # deferred: the read transaction starts at the first SELECT
+                # In WAL mode the first read fixes the snapshot that every later read of the transaction sees.
+                conn.execute("SELECT count(*) FROM trees").fetchone()
+            except BaseException:
+                self._drop_reader(conn)
+                raise
+        snap = _SqliteSnapshot(self, conn)
+        try:
+            yield snap
+        except BaseException:
+            snap._finish(commit=False)
+            raise
+        snap._finish(commit=True)
 
     @contextmanager
     def write_transaction(self) -> Iterator[WriteTransaction]:
@@ -457,3 +500,86 @@ class _SqliteWriteTransaction(WriteTransaction):
     def tree_names(self) -> list[str]:
         with _errors("tree_names"):
             return _list_trees(self._check())
+
+
+class _SqliteSnapshot(ReadSnapshot):
+    """A read transaction on a connection of its own (closed at the end)."""
+
+    def __init__(self, store: SqliteStore, conn: sqlite3.Connection) -> None:
+        self._store = store
+        self._conn = conn
+        self._active = True
+        # One statement at a time (cursors may still be interleaved); reentrant because a collected
+        # items() generator closes its cursor under it.
+        self._lock = threading.RLock()
+        self._cursors: list[sqlite3.Cursor] = []  # open items() cursors, closed at the end
+
+    def _check(self) -> sqlite3.Connection:
+        """The connection, or StoreError once the snapshot is over; call with _lock held."""
+        if not self._active:
+            raise StoreError("the snapshot is over (its with block has exited)")
+        self._store._check_open()
+        return self._conn
+
+    def _finish(self, commit: bool) -> None:
+        with self._lock:
+            if not self._active:
+                return
+            self._active = False
+            for cursor in self._cursors:
+                _close_quietly(cursor)
+            self._cursors.clear()
+            conn = self._conn
+            try:
+                if self._store.closed:
+                    return  # close() closed the connection already
+                if commit:
+                    with _errors("end snapshot"):
+                        conn.execute("COMMIT")
+                else:
+                    _rollback(conn)
+            finally:
+                self._store._drop_reader(conn)
+
+    def tree_names(self) -> list[str]:
+        with self._lock, _errors("tree_names"):
+            return _list_trees(self._check())
+
+    def get(self, tree: str, key: Buffer) -> bytes | None:
+        tree = check_tree(tree)
+        key = as_bytes(key, "key")
+        with self._lock, _errors("get"):
+            return _get(self._check(), tree, key)
+
+    def count(self, tree: str) -> int:
+        tree = check_tree(tree)
+        with self._lock, _errors("count"):
+            return int(self._check().execute("SELECT COUNT(*) FROM kv WHERE tree = ?", (tree,)).fetchone()[0])
+
+    def items(self, tree: str, prefix: Buffer = b"") -> Items:
+        tree = check_tree(tree)
+        prefix = as_bytes(prefix, "prefix")
+        with self._lock:
+            self._check()
+        return self._iter_items(tree, prefix)
+
+    def _iter_items(self, tree: str, prefix: bytes) -> Items:
+        cursor: sqlite3.Cursor | None = None
+        try:
+            while True:
+                with self._lock, _errors("items"):
+                    conn = self._check()  # checked at every step: the snapshot may have ended meanwhile
+                    if cursor is None:
+                        cursor = conn.cursor()
+                        self._cursors.append(cursor)
+                        _select_items(cursor, tree, prefix)
+                    row = cursor.fetchone()
+                if row is None:
+                    return
+                yield bytes(row[0]), bytes(row[1])
+        finally:
+            if cursor is not None:
+                with self._lock:
+                    _close_quietly(cursor)
+                    if cursor in self._cursors:
+                        self._cursors.remove(cursor)
