@@ -211,6 +211,11 @@ class _CountingTxn:
         self._spy.puts += 1
         return bool(self._txn.put(*args, **kwargs))
 
+    def put_many(self, tree: str, items: Any, overwrite: bool = True) -> tuple[int, int]:
+        items = list(items)
+        self._spy.puts += len(items)
+        return tuple(self._txn.put_many(tree, items, overwrite))  # type: ignore[return-value]
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._txn, name)
 

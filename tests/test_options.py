@@ -594,7 +594,21 @@ def faulty_put(monkeypatch: pytest.MonkeyPatch, backend: str, fault: str) -> Non
             value = bytes(value) + b"!"
         return bool(original(self, tree, key, value, overwrite))
 
+    original_many = cls.put_many
+
+    def put_many(self: Any, tree: str, items: Any, overwrite: bool = True) -> tuple[int, int]:
+        kept = []
+        for key, value in items:
+            if tree == "users" and bytes(key) == b"carol":
+                if fault == "drop":
+                    continue
+                value = bytes(value) + b"!"
+            kept.append((key, value))
+        written, skipped = original_many(self, tree, kept, overwrite)
+        return written + (len(items) - len(kept) if isinstance(items, list) else 0), skipped
+
     monkeypatch.setattr(cls, "put", put)
+    monkeypatch.setattr(cls, "put_many", put_many)
 
 
 @pytest.mark.parametrize("fault", ["drop", "alter"])

@@ -35,9 +35,9 @@ class AtomicFile:
         try:
             fd = self._open_unnamed()
             if fd is None:
-                fd, self._temp_name = tempfile.mkstemp(
-                    dir=directory, prefix="." + os.path.basename(self.path) + ".", suffix=TEMP_SUFFIX
-                )
+                # The temporary name does not repeat the final one, so a final name near NAME_MAX
+                # still fits.
+                fd, self._temp_name = tempfile.mkstemp(dir=directory, prefix=".", suffix=TEMP_SUFFIX)
         except OSError as e:
             raise BackupIOError(f"cannot write backup to {path}: {e.strerror or e}") from e
         self.file: IO[bytes] = os.fdopen(fd, "w+b")
@@ -60,9 +60,7 @@ class AtomicFile:
             self.file.flush()
             os.fsync(self.file.fileno())
             if self._temp_name is None:
-                self._temp_name = os.path.join(
-                    self._dir, f".{os.path.basename(self.path)}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
-                )
+                self._temp_name = os.path.join(self._dir, f".{uuid.uuid4().hex}{TEMP_SUFFIX}")
                 # linkat(AT_SYMLINK_FOLLOW) through /proc gives the unnamed inode a name; Python only
                 # calls linkat (not link) when a dir_fd is given.
                 proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)

@@ -390,10 +390,18 @@ class EncryptedBackupManager:
         txn.create_tree(name)
         result = _TreeOutcome(was_empty=next(iter(txn.items(name)), None) is None)
         overwrite = options.overwrite_existing
+        # A batch goes to the store in one call when no per-record outcome is needed: every record
+        # is written (overwrite) or none can be skipped (the tree was empty), and errors abort.
+        batched = not options.continue_on_errors and (overwrite or result.was_empty)
         while batch := reader.read_items(READ_BATCH):
+            if prefix is not None:
+                batch = [item for item in batch if item[0].startswith(prefix)]
+            if batched and all(value is not None for _, value in batch):
+                written, skipped = txn.put_many(name, batch, overwrite)
+                stats.items_restored += written
+                stats.items_skipped += skipped
+                continue
             for key, value in batch:
-                if prefix is not None and not key.startswith(prefix):
-                    continue
                 try:
                     if value is None:
                         txn.delete(name, key)

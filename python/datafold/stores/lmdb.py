@@ -113,6 +113,10 @@ def _errors(action: str) -> Iterator[None]:
         raise _translate(e, action) from e
 
 
+# Records per LMDB putmulti call in WriteTransaction.put_many.
+PUT_BATCH = 4096
+
+
 class _Handle:
     """An lmdb transaction plus what the shared environment needs to account for it."""
 
@@ -737,16 +741,29 @@ class _LmdbWriteTransaction(WriteTransaction):
         name = check_tree(tree).encode()
         check_bool(overwrite, "overwrite")
         written = skipped = 0
+        max_key = self._shared.max_key_size
         with self._errors("put_many"):
             txn = self._txn()
-            db = self._db(txn, name, create=True)
+            cursor = txn.cursor(db=self._db(txn, name, create=True))
+            batch: list[tuple[bytes, bytes]] = []
+
+            def flush() -> None:
+                # One C loop over the batch (LMDB's cursor put), not a Python call per record.
+                nonlocal written, skipped
+                consumed, added = cursor.putmulti(batch, overwrite=overwrite)
+                written += added
+                skipped += consumed - added
+                batch.clear()
+
             for pair in items:
                 key, value = check_item(pair)
-                self._store._check_key(key)
-                if txn.put(key, value, db=db, overwrite=overwrite):
-                    written += 1
-                else:
-                    skipped += 1
+                if not 0 < len(key) <= max_key:
+                    self._store._check_key(key)  # raises the clear StoreError
+                batch.append((key, value))
+                if len(batch) >= PUT_BATCH:
+                    flush()
+            if batch:
+                flush()
         return written, skipped
 
     def delete(self, tree: str, key: Buffer) -> bool:
