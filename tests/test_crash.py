@@ -31,15 +31,19 @@ MiB = 1 << 20
 CREATE_CHILD = """
 import os, sys, time
 from datafold import DbOperations, EncryptedBackupManager, MasterKeyPair
+from datafold.stores.lmdb import _LmdbSnapshot
+from datafold.stores.sqlite import _SqliteSnapshot
 
 db_path, backend, destination, marker, ready_after = sys.argv[1:]
 ready_after = int(ready_after)
-original = DbOperations.items
+snapshot_class = {"lmdb": _LmdbSnapshot, "sqlite": _SqliteSnapshot}[backend]
+original = snapshot_class.items
 seen = 0
 
 
 def slow_items(self, tree, prefix=b""):
-    # Reads normally until ready_after records are in the backup, then signals and crawls.
+    # create_backup reads through a snapshot: read normally until ready_after records are in
+    # the backup, then signal and crawl.
     global seen
     for item in original(self, tree, prefix):
         seen += 1
@@ -51,7 +55,7 @@ def slow_items(self, tree, prefix=b""):
         yield item
 
 
-DbOperations.items = slow_items
+snapshot_class.items = slow_items
 with DbOperations.open(db_path, backend) as db:
     EncryptedBackupManager(db, MasterKeyPair.from_private_bytes(bytes(range(32)))).create_backup(destination)
 open(marker + ".finished", "w").close()

@@ -13,6 +13,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import datafold.manager as manager_module
 import pytest
@@ -37,6 +38,8 @@ from datafold import (
 )
 from datafold.atomic import TEMP_SUFFIX, AtomicFile
 from datafold.keys import derive_key_id
+from datafold.stores.lmdb import _LmdbSnapshot
+from datafold.stores.sqlite import _SqliteSnapshot
 from helpers import (  # noqa: F401 - fixtures
     OTHER_SEED,
     SEED,
@@ -419,19 +422,33 @@ def test_unwritable_destination(filled: Env, where: str) -> None:
     assert (filled.backups / "plain-file").read_bytes() == b"x"
 
 
+SNAPSHOT_CLASSES = (_LmdbSnapshot, _SqliteSnapshot)
+
+
+def patch_snapshot_items(monkeypatch: pytest.MonkeyPatch, wrap: Any) -> None:
+    """Replaces items() of every backend's read snapshot (what create_backup reads through) by
+    wrap(original, self, tree, prefix)."""
+    for cls in SNAPSHOT_CLASSES:
+        original = cls.items
+
+        def items(self: Any, tree: str, prefix: bytes = b"", _original: Any = original) -> Any:
+            return wrap(_original, self, tree, prefix)
+
+        monkeypatch.setattr(cls, "items", items)
+
+
 def fail_items_after(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
-    """Makes DbOperations.items raise StoreError once n items were read in total."""
-    original = DbOperations.items
+    """Makes the snapshot's items() raise StoreError once n items were read in total."""
     seen = [0]
 
-    def items(self: DbOperations, tree: str, prefix: bytes = b""):  # type: ignore[no-untyped-def]
+    def wrap(original: Any, self: Any, tree: str, prefix: bytes):  # type: ignore[no-untyped-def]
         for item in original(self, tree, prefix):
             if seen[0] == n:
                 raise StoreError("simulated read failure")
             seen[0] += 1
             yield item
 
-    monkeypatch.setattr(DbOperations, "items", items)
+    patch_snapshot_items(monkeypatch, wrap)
     return seen
 
 
@@ -461,16 +478,15 @@ def test_failed_create_without_o_tmpfile_removes_its_temporary_file(
 ) -> None:
     """Where O_TMPFILE is unavailable the named temporary file exists while writing and is removed on failure."""
     monkeypatch.setattr(AtomicFile, "_open_unnamed", lambda self: None)
-    original = DbOperations.items
     during: list[list[str]] = []
 
-    def items(self: DbOperations, tree: str, prefix: bytes = b""):  # type: ignore[no-untyped-def]
+    def wrap(original: Any, self: Any, tree: str, prefix: bytes):  # type: ignore[no-untyped-def]
         during.append(listing(filled.backups))
         yield from original(self, tree, prefix)
         if tree == "logs":
             raise StoreError("simulated read failure")
 
-    monkeypatch.setattr(DbOperations, "items", items)
+    patch_snapshot_items(monkeypatch, wrap)
     with pytest.raises(StoreError):
         filled.manager.create_backup(filled.backup_path(), SMALL_SEGMENTS)
     assert any(name.endswith(TEMP_SUFFIX) for name in during[-1])

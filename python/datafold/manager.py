@@ -28,7 +28,7 @@ from .metadata import BackupMetadata, BackupResult, BackupStats, RestoreStats, S
 from .options import BackupMode, BackupOptions, RestoreOptions
 from .passphrase import KDF_ARGON2ID, KDF_MASTER_KEY, Passphrase
 from .progress import Meter, MeteredFile, ProgressCallback
-from .stores import DbOperations, WriteTransaction, is_metadata_tree
+from .stores import DbOperations, ReadSnapshot, WriteTransaction, is_metadata_tree
 
 __all__ = ["EncryptedBackupManager"]
 
@@ -156,7 +156,19 @@ class EncryptedBackupManager:
             )
         path = _path(path, "path")
         started = time.perf_counter()
-        trees = self._select_trees(options)
+        # One read snapshot for the whole backup: every tree as of the same moment.
+        with self._db.snapshot() as snap:
+            metadata = self._create_from(snap, path, options, meter)
+        stats = BackupStats(
+            items_backed_up=metadata.total_items,
+            trees_backed_up=len(metadata.trees),
+            bytes_written=metadata.file_size or 0,
+            duration_s=time.perf_counter() - started,
+        )
+        return BackupResult(path=path, metadata=metadata, stats=stats)
+
+    def _create_from(self, snap: ReadSnapshot, path: str, options: BackupOptions, meter: Meter) -> BackupMetadata:
+        trees = self._select_trees(options, snap.tree_names())
         prefix = options.key_prefix or b""
         option_doc = {
             "tree_filter": sorted(options.tree_filter) if options.tree_filter is not None else None,
@@ -167,25 +179,17 @@ class EncryptedBackupManager:
 
         def fill(writer: Any) -> None:
             counted = meter.active and options.key_prefix_filter is None
-            meter.begin("backup", sum(map(self._db.count, trees)) if counted else None)
+            meter.begin("backup", sum(map(snap.count, trees)) if counted else None)
             for name in trees:
                 writer.begin_tree(name)
-                writer.add_items(meter.count(self._db.items(name, prefix)))
+                writer.add_items(meter.count(snap.items(name, prefix)))
                 writer.end_tree()
 
-        metadata = self._write_backup(
+        return self._write_backup(
             path, trees, option_doc, fill, options.segment_size, options.verify_during_creation, meter
         )
-        stats = BackupStats(
-            items_backed_up=metadata.total_items,
-            trees_backed_up=len(metadata.trees),
-            bytes_written=metadata.file_size or 0,
-            duration_s=time.perf_counter() - started,
-        )
-        return BackupResult(path=path, metadata=metadata, stats=stats)
 
-    def _select_trees(self, options: BackupOptions) -> list[str]:
-        names = self._db.tree_names()
+    def _select_trees(self, options: BackupOptions, names: list[str]) -> list[str]:
         if options.tree_filter is not None:
             missing = sorted(set(options.tree_filter) - set(names))
             if missing:
