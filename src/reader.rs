@@ -221,11 +221,7 @@ impl BackupDecoder {
             match s.available().first() {
                 None => return s.need_more(),
                 Some(&REC_HEADER) => {}
-                Some(_) => {
-                    return Err(Error::integrity(
-                        "backup stream does not start with a HEADER record",
-                    ))
-                }
+                Some(&other) => return Err(unexpected(other, "the HEADER record")),
             }
             let Step::Done(n) = s.blob_len() else {
                 return s.need_more();

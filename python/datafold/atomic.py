@@ -26,7 +26,7 @@ class AtomicFile:
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
         directory = os.path.dirname(self.path)
-        if os.path.isdir(self.path):
+        if os.path.isdir(self.path) or path.endswith((os.sep, "/")):
             raise BackupIOError(f"cannot write backup to {path}: it is a directory; give a file path")
         if not os.path.isdir(directory):
             raise BackupIOError(f"cannot write backup to {path}: directory {directory} does not exist; create it first")
@@ -82,12 +82,17 @@ class AtomicFile:
             raise BackupIOError(f"cannot write backup to {self.path}: {e.strerror or e}") from e
 
     def discard(self) -> None:
+        """Drops the file. Never raises: it runs while another error is on its way out (closing
+        flushes the buffer, which fails again on a full disk)."""
         if not self.file.closed:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                pass
         if self._temp_name is not None:
             try:
                 os.unlink(self._temp_name)
-            except FileNotFoundError:
+            except OSError:
                 pass
             self._temp_name = None
         self._done = True

@@ -387,6 +387,9 @@ class LmdbStore(Store):
                         max_readers=max_readers,
                         subdir=True,
                         create=False,  # the directory was made above
+                        # Dirty pages of a write transaction live in the file mapping, not in
+                        # anonymous memory: a restore of any size in one transaction stays flat.
+                        writemap=True,
                     )
                 except (lmdb.Error, OSError) as e:
                     raise StoreError(
