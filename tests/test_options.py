@@ -672,3 +672,22 @@ def test_manager_defaults(filled: Env, source: Path, target: Any) -> None:
     stats = EncryptedBackupManager(target, filled.keys, core=filled.core).restore_backup(source)
     assert target.get("users", b"alice") == b"old"
     assert stats.items_skipped == 1 and stats.verified is True and stats.safety_backup_path is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_option_gives_the_same_backup_and_restore(filled: Env, threads: int) -> None:
+    """threads changes who seals and opens segments, never what is written or restored."""
+    path = filled.backups / f"threads-{threads}.dfb"
+    result = filled.manager.create_backup(path, BackupOptions(segment_size=4096, threads=threads))
+    assert filled.manager.verify_backup(path, threads=threads).checksum == result.metadata.checksum
+    target = filled.open_db(f"threads-{threads}")
+    stats = filled.manager_for(target).restore_backup(path, RestoreOptions(threads=threads))
+    assert stats.items_restored == result.metadata.total_items
+    assert snapshot(target) == snapshot(filled.db)
+
+
+@pytest.mark.parametrize("bad", [-1, 1025, 1.5, "2", True])
+def test_threads_option_is_validated(bad: Any) -> None:
+    for make in (lambda: BackupOptions(threads=bad), lambda: RestoreOptions(threads=bad)):
+        with pytest.raises((ValueError, TypeError), match="threads"):
+            make()

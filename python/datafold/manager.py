@@ -25,7 +25,7 @@ from .errors import (
 )
 from .keys import MasterKeyPair, derive_backup_key
 from .metadata import BackupMetadata, BackupResult, BackupStats, RestoreStats, SourceInfo
-from .options import BackupMode, BackupOptions, RestoreOptions
+from .options import BackupMode, BackupOptions, RestoreOptions, check_threads
 from .passphrase import KDF_ARGON2ID, KDF_MASTER_KEY, Passphrase
 from .progress import Meter, MeteredFile, ProgressCallback
 from .stores import DbOperations, ReadSnapshot, WriteTransaction, is_metadata_tree
@@ -80,6 +80,9 @@ class EncryptedBackupManager:
         self._backup_key = derive_backup_key(master_keypair) if isinstance(master_keypair, MasterKeyPair) else None
         self._derived: dict[bytes, bytes] = {}  # passphrase: kdf_params -> backup key
         self._core = _core_select.core if core is None else _core_select.load_core(core)
+        # Threads that seal/open segments in the operation under way (its options' `threads`).
+        # A manager runs one operation at a time.
+        self._threads = 0
 
     def __repr__(self) -> str:
         return f"EncryptedBackupManager(db={self._db!r}, core={self._core.CORE_NAME!r})"
@@ -131,7 +134,7 @@ class EncryptedBackupManager:
 
     def _file_key(self, path: str) -> bytes:
         with _open_backup(path) as f:
-            return self._key_for(self._core.BackupReader(f).preamble)
+            return self._key_for(self._core.BackupReader(f, threads=self._threads).preamble)
 
     # ------------------------------------------------------------------ create
 
@@ -148,6 +151,7 @@ class EncryptedBackupManager:
         the file (phase "verify").
         """
         options = _check_options(options, BackupOptions, "options")
+        self._threads = options.threads
         meter = Meter(progress)
         if options.mode is not BackupMode.FULL:
             raise InvalidArgumentError(
@@ -229,6 +233,7 @@ class EncryptedBackupManager:
                     segment_size=segment_size,
                     kdf_id=kdf_id,
                     kdf_params=kdf_params,
+                    threads=self._threads,
                 )
                 fill(writer)
                 trailer = writer.finish()
@@ -257,7 +262,7 @@ class EncryptedBackupManager:
         """A full authenticated pass; `visit(tree, reader)` may read the tree's items. A file from
         Meter.reading() reports the pass as progress."""
         meter = f.meter if isinstance(f, MeteredFile) else None
-        reader = self._core.BackupReader(f)
+        reader = self._core.BackupReader(f, threads=self._threads)
         header = self._unlock(reader)
         while (name := reader.next_tree()) is not None:
             if visit is not None:
@@ -270,11 +275,13 @@ class EncryptedBackupManager:
         return reader.preamble, header, reader.trailer
 
     def verify_backup(
-        self, path: str | os.PathLike[str], *, progress: ProgressCallback | None = None
+        self, path: str | os.PathLike[str], *, progress: ProgressCallback | None = None, threads: int = 0
     ) -> BackupMetadata:
         """Decrypts and checks the whole file (every segment, record, count and digest); writes nothing.
-        `progress(ProgressEvent)` hears of the pass (phase "verify")."""
+        `progress(ProgressEvent)` hears of the pass (phase "verify"); `threads` open segments in
+        parallel (0: all cores)."""
         path = _path(path, "path")
+        self._threads = check_threads(threads)
         meter = Meter(progress)
         with _open_backup(path) as f:
             preamble, header, trailer = self._scan(meter.reading(f, "verify"))
@@ -285,7 +292,7 @@ class EncryptedBackupManager:
         """Metadata from the preamble and the segments holding the header and trailer only."""
         path = _path(path, "path")
         with _open_backup(path) as f:
-            reader = self._core.BackupReader(f)
+            reader = self._core.BackupReader(f, threads=self._threads)
             header = self._unlock(reader)
             trailer = reader.read_summary()
             size = os.fstat(f.fileno()).st_size
@@ -327,6 +334,7 @@ class EncryptedBackupManager:
         (backup_before_restore), "restore" (records applied) and "check" (verify_after_restore).
         """
         options = _check_options(options, RestoreOptions, "options")
+        self._threads = options.threads
         meter = Meter(progress)
         path = _path(path, "path")
         started = time.perf_counter()
@@ -338,7 +346,7 @@ class EncryptedBackupManager:
 
         # Check the key and read the tree list before anything else happens.
         with _open_backup(path) as f:
-            reader = self._core.BackupReader(f)
+            reader = self._core.BackupReader(f, threads=self._threads)
             header = self._unlock(reader)
             summary = reader.read_summary()
         in_backup = _header_trees(header)
@@ -363,7 +371,7 @@ class EncryptedBackupManager:
                 lambda: stats.items_restored + stats.items_skipped + len(stats.errors),
                 f,
             )
-            reader = self._core.BackupReader(meter.reading(f))
+            reader = self._core.BackupReader(meter.reading(f), threads=self._threads)
             self._unlock(reader)
             with self._db.write_transaction() as txn:
                 while (name := reader.next_tree()) is not None:

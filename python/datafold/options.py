@@ -11,7 +11,7 @@ from typing import Any
 from .core import core
 from .errors import ArgumentTypeError, InvalidArgumentError
 
-__all__ = ["BackupMode", "BackupOptions", "RestoreOptions", "MAX_COMPRESSION_LEVEL"]
+__all__ = ["BackupMode", "BackupOptions", "RestoreOptions", "MAX_COMPRESSION_LEVEL", "check_threads"]
 
 MAX_COMPRESSION_LEVEL = 22
 
@@ -45,6 +45,14 @@ def _prefix(value: Any, name: str) -> bytes | None:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise ArgumentTypeError(f"{name} must be str, bytes or None, not {type(value).__name__}")
+
+
+def check_threads(value: Any, name: str = "threads") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"{name} must be an int (0 = all cores), not {type(value).__name__}")
+    if not 0 <= value <= 1024:
+        raise InvalidArgumentError(f"{name} must be between 0 (all cores) and 1024, got {value}")
+    return value
 
 
 def _bool(value: Any, name: str) -> bool:
@@ -81,6 +89,7 @@ class BackupOptions(_PrefixMixin):
     compression_level: 0 (no compression); validated 0-22, levels above 0 arrive with zstd support.
     verify_during_creation: re-read and verify the finished file before it is put in place.
     segment_size: the Tink ciphertext segment size (docs/FORMAT.md).
+    threads: threads that seal segments, 0 = all cores (the Rust core; the pure core uses one).
     """
 
     mode: BackupMode = BackupMode.FULL
@@ -90,8 +99,10 @@ class BackupOptions(_PrefixMixin):
     compression_level: int = 0
     verify_during_creation: bool = True
     segment_size: int = field(default=core.DEFAULT_SEGMENT_SIZE)
+    threads: int = 0
 
     def __post_init__(self) -> None:
+        check_threads(self.threads)
         try:
             object.__setattr__(self, "mode", BackupMode(self.mode))
         except ValueError:
@@ -135,6 +146,7 @@ class RestoreOptions(_PrefixMixin):
         aborting; integrity failures always abort.
     verify_after_restore: read back what was written and check it against the backup (per-tree
         digests where a whole tree went into an empty tree, item by item otherwise).
+    threads: threads that open segments, 0 = all cores (the Rust core; the pure core uses one).
     """
 
     overwrite_existing: bool = False
@@ -145,8 +157,10 @@ class RestoreOptions(_PrefixMixin):
     continue_on_errors: bool = False
     verify_after_restore: bool = True
     safety_backup_path: str | None = None
+    threads: int = 0
 
     def __post_init__(self) -> None:
+        check_threads(self.threads)
         object.__setattr__(self, "tree_filter", _tree_filter(self.tree_filter, "tree_filter"))
         object.__setattr__(self, "key_prefix_filter", _prefix(self.key_prefix_filter, "key_prefix_filter"))
         _check_bools(self)
