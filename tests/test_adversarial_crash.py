@@ -406,7 +406,7 @@ SIGBUS = (
 
 @pytest.mark.parametrize(
     "backend",
-    [pytest.param("lmdb", marks=pytest.mark.xfail(strict=True, reason=SIGBUS)), "sqlite"],
+    ["lmdb", "sqlite"],
 )
 def test_restore_onto_a_full_file_system(tmp_path: Path, backend: str) -> None:
     """A real full disk: the database lives on a 2 MiB tmpfs (a private mount namespace, so

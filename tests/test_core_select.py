@@ -39,7 +39,8 @@ def test_unknown_value_names_the_accepted_ones() -> None:
 
 
 def test_missing_extension_falls_back_to_pure_with_a_warning() -> None:
-    r = run_python(HIDE_RUST + "import warnings; warnings.simplefilter('always')\nimport datafold; print(datafold.CORE)")
+    code = "import warnings; warnings.simplefilter('always')\nimport datafold; print(datafold.CORE)"
+    r = run_python(HIDE_RUST + code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "pure"
     assert "RuntimeWarning" in r.stderr and "Rust extension is missing" in r.stderr

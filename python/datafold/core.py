@@ -11,7 +11,7 @@ import os
 import warnings
 from types import ModuleType
 
-from .errors import InvalidArgumentError
+from .errors import ArgumentTypeError, InvalidArgumentError
 
 __all__ = ["CORE", "core", "load_core", "ACCEPTED_CORES"]
 
@@ -20,6 +20,8 @@ ACCEPTED_CORES = ("rust", "pure")
 
 def load_core(name: str | None = None) -> ModuleType:
     """The core module for `name` ("rust" or "pure"); None reads DATAFOLD_CORE."""
+    if name is not None and not isinstance(name, str):
+        raise ArgumentTypeError(f"core must be 'rust', 'pure' or None, not {type(name).__name__}")
     explicit = name is not None or bool(os.environ.get("DATAFOLD_CORE", "").strip())
     choice = (name if name is not None else os.environ.get("DATAFOLD_CORE", "rust")).strip().lower() or "rust"
     if choice not in ACCEPTED_CORES:

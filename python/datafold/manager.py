@@ -552,5 +552,7 @@ def _path(value: Any, name: str) -> str:
     if isinstance(value, (str, os.PathLike)):
         p = os.fspath(value)
         if isinstance(p, str) and p:
+            if "\x00" in p:
+                raise InvalidArgumentError(f"{name} must not contain a NUL character: {p!r}")
             return p
     raise ArgumentTypeError(f"{name} must be a non-empty str or os.PathLike, not {value!r}")

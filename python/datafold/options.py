@@ -41,7 +41,10 @@ def _prefix(value: Any, name: str) -> bytes | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return value.encode("utf-8")
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgumentError(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise ArgumentTypeError(f"{name} must be str, bytes or None, not {type(value).__name__}")
@@ -171,5 +174,10 @@ class RestoreOptions(_PrefixMixin):
             if not isinstance(p, os.PathLike):
                 raise ArgumentTypeError(f"safety_backup_path must be a path or None, not {type(p).__name__}")
             object.__setattr__(self, "safety_backup_path", os.fspath(p))
-        if self.safety_backup_path == "":
+        p = self.safety_backup_path
+        if p is not None and not isinstance(p, str):
+            raise ArgumentTypeError(f"safety_backup_path must be a str path, not {type(p).__name__}")
+        if p == "":
             raise InvalidArgumentError("safety_backup_path must be a file path or None, not an empty string")
+        if p is not None and "\x00" in p:
+            raise InvalidArgumentError("safety_backup_path must not contain a NUL character")

@@ -128,7 +128,10 @@ class Passphrase:
 
     def __init__(self, secret: bytes | str, params: Argon2Params | None = None) -> None:
         if isinstance(secret, str):
-            secret = secret.encode("utf-8")
+            try:
+                secret = secret.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidArgumentError("passphrase is not valid Unicode text (it holds a lone surrogate)") from None
         elif isinstance(secret, (bytearray, memoryview)):
             secret = bytes(secret)
         elif not isinstance(secret, bytes):

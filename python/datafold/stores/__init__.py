@@ -268,6 +268,8 @@ class DbOperations:
             raise ArgumentTypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
         if not path:
             raise InvalidArgumentError("path must be a non-empty path")
+        if "\x00" in path:
+            raise InvalidArgumentError(f"path must not contain a NUL character: {path!r}")
         return cls(store_class.open(path, **backend_options))
 
     @property

@@ -387,9 +387,8 @@ class LmdbStore(Store):
                         max_readers=max_readers,
                         subdir=True,
                         create=False,  # the directory was made above
-                        # Dirty pages of a write transaction live in the file mapping, not in
-                        # anonymous memory: a restore of any size in one transaction stays flat.
-                        writemap=True,
+                        # No writemap: with it a full disk during a write is a SIGBUS that kills
+                        # the process, and an aborted transaction leaves bytes in free pages.
                     )
                 except (lmdb.Error, OSError) as e:
                     raise StoreError(
