@@ -78,6 +78,9 @@ def _get(conn: sqlite3.Connection, tree: str, key: bytes) -> bytes | None:
     return None if row is None else bytes(row[0])
 
 
+# Rows a snapshot iterator fetches per lock round trip.
+SNAPSHOT_BATCH = 1024
+
 class SqliteStore(Store):
     """A Store on one SQLite file. Open with SqliteStore.open() or DbOperations.open()."""
 
@@ -568,15 +571,19 @@ class _SqliteSnapshot(ReadSnapshot):
         try:
             while True:
                 with self._lock, _errors("items"):
-                    conn = self._check()  # checked at every step: the snapshot may have ended meanwhile
+                    conn = self._check()  # checked at every batch: the snapshot may have ended meanwhile
                     if cursor is None:
                         cursor = conn.cursor()
                         self._cursors.append(cursor)
                         _select_items(cursor, tree, prefix)
-                    row = cursor.fetchone()
-                if row is None:
+                    # A batch of rows per lock round trip (per row it costs several times more).
+                    rows = cursor.fetchmany(SNAPSHOT_BATCH)
+                for key, value in rows:
+                    if not self._active:  # the rows are copies, but the promise is no reads after the block
+                        raise StoreError("the snapshot is over (its with block has exited)")
+                    yield bytes(key), bytes(value)
+                if len(rows) < SNAPSHOT_BATCH:
                     return
-                yield bytes(row[0]), bytes(row[1])
         finally:
             if cursor is not None:
                 with self._lock:
