@@ -208,14 +208,16 @@ def bench_aead(payload: bytes, runs: int, with_pure: bool) -> Table:
     aad = b"datafold compare"
     n = len(payload)
     table = Table(
-        f"In-memory AEAD, {n // MIB} MiB of random bytes (single thread)",
+        f"In-memory AEAD, {n // MIB} MiB of random bytes (datafold: all cores unless marked; the others one thread)",
         ("encrypt", "decrypt"),
         n,
         reference="datafold rust: encrypt_stream / decrypt_stream",
         notes=[
             "one-shot = datafold's `encrypt_stream`/`decrypt_stream` (bytes in, one bytes out), 1 MiB segments.",
-            "BackupWriter/Reader = the backup record path: 64 KiB-value PUT records in one tree, framing and two keyed "
-            "BLAKE3 digests (tree and stream) on top of the AEAD; writes to a null sink, reads from io.BytesIO.",
+            "BackupWriter/Reader = the backup record path: 64 KiB-value PUT records in one tree, framing and a keyed "
+            "BLAKE3 digest on top of the AEAD; writes to a null sink, reads from io.BytesIO.",
+            "threads=1 = the Rust core held to one thread (the default, threads=0, uses every core: 2 here); the pure "
+            "core always uses one.",
             "cryptography = `AESGCM(key).encrypt/decrypt` per 1 MiB chunk (fresh nonce, output chunks kept in a list, "
             "no join): the bare OpenSSL cost, no key derivation, no framing.",
             "Tink = `tink` streaming AEAD AES256_GCM_HKDF_1MB, keyset built from the same raw key; 1 MiB writes into "
@@ -223,14 +225,16 @@ def bench_aead(payload: bytes, runs: int, with_pure: bool) -> Table:
         ],
     )
     cores = ["rust", "pure"] if with_pure else ["rust"]
-    for name in cores:
+    variants = [(name, 0) for name in cores] + [("rust", 1)]
+    for name, threads in variants:
         core = load_core(name)
-        row = Row(f"datafold {name}: encrypt_stream / decrypt_stream", "one-shot")
+        label = f"datafold {name}" + (", threads=1" if threads else "")
+        row = Row(f"{label}: encrypt_stream / decrypt_stream", "one-shot")
 
-        def one_shot(core: Any = core, row: Row = row) -> None:
-            ct = core.encrypt_stream(key, payload, aad, SEGMENT)
-            repeat(row, "encrypt", runs, core.encrypt_stream, key, payload, aad, SEGMENT)
-            repeat(row, "decrypt", runs, core.decrypt_stream, key, ct, aad, SEGMENT)
+        def one_shot(core: Any = core, row: Row = row, threads: int = threads) -> None:
+            ct = core.encrypt_stream(key, payload, aad, SEGMENT, threads=threads)
+            repeat(row, "encrypt", runs, lambda: core.encrypt_stream(key, payload, aad, SEGMENT, threads=threads))
+            repeat(row, "decrypt", runs, lambda: core.decrypt_stream(key, ct, aad, SEGMENT, threads=threads))
             assert core.decrypt_stream(key, ct, aad, SEGMENT) == payload
 
         log(f"aead: {row.name}")
