@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, ClassVar
@@ -75,6 +75,24 @@ def as_bytes(value: object, argument: str) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise ArgumentTypeError(f"{argument} must be bytes, bytearray or memoryview, not {type(value).__name__}")
+
+
+# A snapshot iterator reads a batch of records per lock round trip: at most this many records,
+# and no more once their keys and values reach SNAPSHOT_BATCH_BYTES (so large values stay few).
+SNAPSHOT_BATCH = 1024
+SNAPSHOT_BATCH_BYTES = 1 << 20
+
+
+def take_batch(pairs: Iterator[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The next batch of pairs, and whether the iterator may hold more."""
+    batch: list[tuple[bytes, bytes]] = []
+    size = 0
+    for pair in pairs:
+        batch.append(pair)
+        size += len(pair[0]) + len(pair[1])
+        if len(batch) >= SNAPSHOT_BATCH or size >= SNAPSHOT_BATCH_BYTES:
+            return batch, True
+    return batch, False
 
 
 def check_item(pair: object) -> tuple[bytes, bytes]:

@@ -27,7 +27,6 @@ directory share one lmdb.Environment (reference counted).
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
@@ -49,6 +48,7 @@ from . import (
     check_item,
     check_nbytes,
     check_tree,
+    take_batch,
 )
 
 __all__ = ["LmdbStore", "DEFAULT_MAP_SIZE", "DEFAULT_MAX_DBS"]
@@ -116,8 +116,6 @@ def _errors(action: str) -> Iterator[None]:
 
 # Records per LMDB putmulti call in WriteTransaction.put_many.
 PUT_BATCH = 4096
-# Records a snapshot iterator reads per lock round trip.
-SNAPSHOT_BATCH = 1024
 
 
 class _Handle:
@@ -868,10 +866,10 @@ class _LmdbSnapshot(ReadSnapshot):
                         return
                     scan = _scan(txn, db, prefix, self._shared.max_key_size)
                 # Copies of a batch of records per lock round trip (per record it costs 5x).
-                batch = list(itertools.islice(scan, SNAPSHOT_BATCH))
+                batch, more = take_batch(scan)
             for pair in batch:
                 if self._handle.done:  # the records are copies, but the promise is no reads after the block
                     raise StoreError("the snapshot is over (its with block has exited)")
                 yield pair
-            if len(batch) < SNAPSHOT_BATCH:
+            if not more:
                 return

@@ -35,6 +35,7 @@ from . import (
     check_item,
     check_tree,
     prefix_successor,
+    take_batch,
 )
 
 __all__ = ["SqliteStore", "DEFAULT_TIMEOUT"]
@@ -77,9 +78,6 @@ def _get(conn: sqlite3.Connection, tree: str, key: bytes) -> bytes | None:
     row = conn.execute("SELECT value FROM kv WHERE tree = ? AND key = ?", (tree, key)).fetchone()
     return None if row is None else bytes(row[0])
 
-
-# Rows a snapshot iterator fetches per lock round trip.
-SNAPSHOT_BATCH = 1024
 
 class SqliteStore(Store):
     """A Store on one SQLite file. Open with SqliteStore.open() or DbOperations.open()."""
@@ -577,12 +575,12 @@ class _SqliteSnapshot(ReadSnapshot):
                         self._cursors.append(cursor)
                         _select_items(cursor, tree, prefix)
                     # A batch of rows per lock round trip (per row it costs several times more).
-                    rows = cursor.fetchmany(SNAPSHOT_BATCH)
-                for key, value in rows:
+                    rows, more = take_batch((bytes(k), bytes(v)) for k, v in iter(cursor.fetchone, None))
+                for pair in rows:
                     if not self._active:  # the rows are copies, but the promise is no reads after the block
                         raise StoreError("the snapshot is over (its with block has exited)")
-                    yield bytes(key), bytes(value)
-                if len(rows) < SNAPSHOT_BATCH:
+                    yield pair
+                if not more:
                     return
         finally:
             if cursor is not None:
