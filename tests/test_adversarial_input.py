@@ -719,11 +719,15 @@ def _writer_bytes(core: ModuleType) -> bytes:
     return sink.getvalue()
 
 
+PURE_KEY_ID = "BUG: the pure core's derive_key_id accepts a key of any length (the Rust core requires 32 bytes)"
+FIXED.update({NO_READ_WRITE, PURE_KEY_ID})
+
+
 def _core_reason(bug_cores: tuple[str, ...], label: str) -> str:
     if "source" in label or "sink" in label:
         return NO_READ_WRITE
     if "derive_key_id" in label:
-        return "BUG: the pure core's derive_key_id accepts a key of any length (the Rust core requires 32 bytes)"
+        return PURE_KEY_ID
     return CORE_OVERFLOW
 
 

@@ -12,6 +12,7 @@ pyo3::import_exception!(datafold.errors, EncryptionKeyError);
 pyo3::import_exception!(datafold.errors, BackupIOError);
 pyo3::import_exception!(datafold.errors, CryptoError);
 pyo3::import_exception!(datafold.errors, InvalidArgumentError);
+pyo3::import_exception!(datafold.errors, ArgumentTypeError);
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -27,6 +28,26 @@ impl From<Error> for PyErr {
             Error::Poisoned(_) => BackupError::new_err(msg),
             Error::Crypto(_) => CryptoError::new_err(msg),
         }
+    }
+}
+
+/// ArgumentTypeError unless `obj` has a callable `method` (a sink's write(), a source's read()).
+pub fn require_method(obj: &Bound<'_, PyAny>, method: &str, what: &str) -> PyResult<()> {
+    let ok = obj
+        .getattr(method)
+        .map(|m| m.is_callable())
+        .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        let kind = obj
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        Err(ArgumentTypeError::new_err(format!(
+            "{what} must be a binary file-like object with {method}(), not {kind}"
+        )))
     }
 }
 

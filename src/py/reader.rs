@@ -186,6 +186,7 @@ impl PyBackupReader {
     #[pyo3(signature = (source, *, threads=0))]
     fn new(py: Python<'_>, source: Bound<'_, PyAny>, threads: i64) -> PyResult<Self> {
         let threads = super::threads_arg(threads)?;
+        super::errors::require_method(&source, "read", "source")?;
         let mut head = read_up_to(&source, 16)?;
         let len = Preamble::declared_length(&head)?;
         head.extend(read_up_to(&source, len - 16)?);

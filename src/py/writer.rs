@@ -158,6 +158,7 @@ impl PyBackupWriter {
         nonce_prefix: Option<&Bound<'_, PyAny>>,
         threads: i64,
     ) -> PyResult<Self> {
+        super::errors::require_method(&sink, "write", "sink")?;
         let segment_size = crate::format::check_segment_size(segment_size)?;
         let key = secret_arg(backup_key)?;
         let (salt, prefix, kdf_params) =

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import keys as _keys
-from .backup import BackupReader, BackupWriter, digest_items
+from .backup import BackupReader, BackupWriter, _check_key, digest_items
 from .format import (
     DEFAULT_SEGMENT_SIZE,
     FORMAT_VERSION,
@@ -17,7 +17,6 @@ from .format import (
     Preamble,
     Trailer,
     TreeSummary,
-    as_bytes,
     encode_preamble,
     parse_preamble,
 )
@@ -52,4 +51,4 @@ CORE_NAME = "pure"
 
 def derive_key_id(backup_key: Buffer) -> bytes:
     """16-byte fingerprint of a backup key (docs/FORMAT.md §4); see datafold.keys.derive_key_id."""
-    return _keys.derive_key_id(as_bytes(backup_key, "backup_key"))
+    return _keys.derive_key_id(_check_key(backup_key))

@@ -162,6 +162,8 @@ class BackupWriter:
             if len(prefix) != NONCE_PREFIX_LENGTH:
                 raise InvalidArgumentError(f"nonce_prefix must be {NONCE_PREFIX_LENGTH} bytes, got {len(prefix)}")
         preamble = encode_preamble(css, derive_key_id(key), kdf_id, kdf_params)
+        if not callable(getattr(sink, "write", None)):
+            raise ArgumentTypeError(f"sink must be a binary file-like object with write(), not {type(sink).__name__}")
         self._sink = sink
         self._preamble = preamble
         self._cipher = SegmentCipher(key, salt_b, prefix, preamble, css)
@@ -492,6 +494,10 @@ class BackupReader:
     def __init__(self, source: Any, *, threads: int = 0) -> None:
         self._state = _R_POISONED  # until the preamble checks out
         check_threads(threads)
+        if not callable(getattr(source, "read", None)):
+            raise ArgumentTypeError(
+                f"source must be a binary file-like object with read(), not {type(source).__name__}"
+            )
         self._source = source
         self._trailer: Trailer | None = None
         first = self._read_exact(16)
