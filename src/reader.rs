@@ -525,3 +525,60 @@ impl SegmentFeeder {
         }
     }
 }
+
+/// A tree as read back: its name and its records (value `None` for a DELETE).
+pub type Tree = (String, Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+/// A whole backup held in memory, read and checked the way `BackupReader` reads a file: preamble,
+/// key check, every tree and item, trailer. For tests and fuzzing; the binding streams instead.
+pub fn read_all(file: &[u8], key: &[u8]) -> Result<(Vec<u8>, Vec<Tree>, Trailer)> {
+    let preamble = Preamble::parse(file)?;
+    let mut pos = preamble.raw.len();
+    let mut read = |n: usize| -> Result<Vec<u8>> {
+        let end = pos.saturating_add(n).min(file.len());
+        let v = file[pos..end].to_vec();
+        pos = end;
+        Ok(v)
+    };
+    let header = read(40)?;
+    let mut dec = BackupDecoder::new(&preamble, key, &header)?;
+    let mut feeder = SegmentFeeder::default();
+    let mut feed = |dec: &mut BackupDecoder, read: &mut dyn FnMut(usize) -> Result<Vec<u8>>| {
+        let now = dec.next_segment_length();
+        let next = dec.params().segment_size;
+        let (segment, last) = feeder.next(now, next, read)?;
+        dec.push_segment(&segment, last)
+    };
+    let meta = loop {
+        match dec.read_header()? {
+            Step::Done(h) => break h,
+            Step::NeedMore => feed(&mut dec, &mut read)?,
+        }
+    };
+    let mut trees = Vec::new();
+    loop {
+        let name = match dec.next_tree()? {
+            Step::NeedMore => {
+                feed(&mut dec, &mut read)?;
+                continue;
+            }
+            Step::Done(None) => break,
+            Step::Done(Some(n)) => n,
+        };
+        let mut items = Vec::new();
+        loop {
+            match dec.next_item()? {
+                Step::NeedMore => feed(&mut dec, &mut read)?,
+                Step::Done(None) => break,
+                Step::Done(Some(Item::Put(k, v))) => items.push((k.to_vec(), Some(v.to_vec()))),
+                Step::Done(Some(Item::Delete(k))) => items.push((k.to_vec(), None)),
+            }
+        }
+        trees.push((name, items));
+    }
+    let trailer = dec
+        .trailer()
+        .cloned()
+        .expect("next_tree returned None: trailer is set");
+    Ok((meta, trees, trailer))
+}

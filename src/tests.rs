@@ -2,10 +2,8 @@
 
 use crate::error::Error;
 use crate::format::{Preamble, Trailer};
-use crate::reader::{parse_tail_trailer, BackupDecoder, Item, Layout, SegmentFeeder, Step};
+use crate::reader::{parse_tail_trailer, BackupDecoder, Layout, Tree};
 use crate::writer::{BackupEncoder, EncoderOptions};
-
-type Tree = (String, Vec<(Vec<u8>, Option<Vec<u8>>)>);
 
 const KEY: [u8; 32] = [0x42; 32];
 
@@ -41,52 +39,7 @@ fn encode(trees: &[Tree], segment_size: u32) -> (Vec<u8>, Trailer) {
 }
 
 fn decode(file: &[u8], key: &[u8]) -> Result<(Vec<u8>, Vec<Tree>, Trailer), Error> {
-    let preamble = Preamble::parse(file)?;
-    let mut pos = preamble.raw.len();
-    let mut read = |n: usize| -> Result<Vec<u8>, Error> {
-        let end = (pos + n).min(file.len());
-        let v = file[pos..end].to_vec();
-        pos = end;
-        Ok(v)
-    };
-    let header = read(40)?;
-    let mut dec = BackupDecoder::new(&preamble, key, &header)?;
-    let mut feeder = SegmentFeeder::default();
-    let mut feed = |dec: &mut BackupDecoder,
-                    read: &mut dyn FnMut(usize) -> Result<Vec<u8>, Error>| {
-        let p = dec.params();
-        let i = dec.next_segment_length();
-        let (seg, last) = feeder.next(i, p.segment_size, read)?;
-        dec.push_segment(&seg, last)
-    };
-    let meta = loop {
-        match dec.read_header()? {
-            Step::Done(h) => break h,
-            Step::NeedMore => feed(&mut dec, &mut read)?,
-        }
-    };
-    let mut trees = Vec::new();
-    loop {
-        let name = match dec.next_tree()? {
-            Step::NeedMore => {
-                feed(&mut dec, &mut read)?;
-                continue;
-            }
-            Step::Done(None) => break,
-            Step::Done(Some(n)) => n,
-        };
-        let mut items = Vec::new();
-        loop {
-            match dec.next_item()? {
-                Step::NeedMore => feed(&mut dec, &mut read)?,
-                Step::Done(None) => break,
-                Step::Done(Some(Item::Put(k, v))) => items.push((k.to_vec(), Some(v.to_vec()))),
-                Step::Done(Some(Item::Delete(k))) => items.push((k.to_vec(), None)),
-            }
-        }
-        trees.push((name, items));
-    }
-    Ok((meta, trees, dec.trailer().unwrap().clone()))
+    crate::reader::read_all(file, key)
 }
 
 fn sample() -> Vec<Tree> {
