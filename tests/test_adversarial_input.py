@@ -138,7 +138,7 @@ MANAGER_CASES: list[tuple[str, Callable[[Ctx], object], str, tuple[Any, ...]]] =
     (
         "create incremental",
         lambda c: c.m.create_backup(c.d / "b.dfb", BackupOptions(mode="incremental")),
-        "INCREMENTAL",
+        "parent",
         (),
     ),
     # restore_backup

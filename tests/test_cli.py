@@ -506,3 +506,36 @@ def test_demo(tmp_path: Path) -> None:
     assert [s["step"] for s in summary["steps"]] == ["build", "create", "verify", "restore", "digests"]
     assert (tmp_path / "demo.dfb").is_file()  # --dir keeps the files
     expect(run("demo", "--records", "10", "--dir", tmp_path, "--db-backend", "sqlite"), EXIT_USAGE, "already exists")
+
+
+def test_incremental_chain(setup: Setup) -> None:
+    """create --parent writes an incremental; list and inspect show the chain; restore follows it
+    (found beside the backup, or given with --chain); a missing parent exits 2 and names it."""
+    directory = setup.tmp / f"chain-{setup.backend}"
+    directory.mkdir()
+    db = setup.new_db("chain-source")
+    shutil.copytree(setup.db, db) if setup.db.is_dir() else shutil.copy(setup.db, db)
+    full, incr = directory / "a-full.dfb", directory / "b-incr.dfb"
+    expect(run("create", db, full, "--key", setup.key), EXIT_OK)
+    with DbOperations.open(db, setup.backend) as handle:
+        handle.put("users", b"alice", b"changed")
+        handle.delete("users", b"bob")
+    r = expect(run("create", db, incr, "--key", setup.key, "--parent", full, "--json"), EXIT_OK)
+    summary = r.summary()
+    assert summary["mode"] == "incremental" and summary["items"] == 2
+    full_id = expect(run("inspect", full, "--key", setup.key, "--json"), EXIT_OK).summary()["backup_id"]
+    assert summary["parent_backup_id"] == full_id
+    r = expect(run("inspect", incr, "--key", setup.key), EXIT_OK)
+    assert f"parent {full_id}" in r.out
+    r = expect(run("list", directory, "--key", setup.key), EXIT_OK)
+    assert "PARENT" in r.out and full_id[:8] in r.out.splitlines()[-1]
+    target = setup.new_db("chain-restored")
+    expect(run("restore", incr, target, "--key", setup.key), EXIT_OK)
+    assert setup.read_db(target) == setup.read_db(db)
+    elsewhere = setup.tmp / f"chain-moved-{setup.backend}"
+    elsewhere.mkdir()
+    shutil.move(full, elsewhere / "full.dfb")
+    r = expect(run("restore", incr, setup.new_db("chain-missing"), "--key", setup.key), EXIT_BACKUP, full_id)
+    target = setup.new_db("chain-explicit")
+    expect(run("restore", incr, target, "--key", setup.key, "--chain", elsewhere / "full.dfb"), EXIT_OK)
+    assert setup.read_db(target) == setup.read_db(db)

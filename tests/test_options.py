@@ -242,12 +242,13 @@ def test_verify_during_creation_catches_a_bad_write(filled: Env, monkeypatch: py
 
 
 @pytest.mark.parametrize("mode", [BackupMode.INCREMENTAL, "incremental"])
-def test_incremental_mode_is_refused_clearly(filled: Env, mode: Any) -> None:
-    options = BackupOptions(mode=mode)
-    assert options.mode is BackupMode.INCREMENTAL
-    with pytest.raises(ValueError, match="incremental backups are not available"):
-        filled.manager.create_backup(filled.backup_path(), options)
-    assert listing(filled.backups) == []
+def test_incremental_mode_needs_a_parent(filled: Env, mode: Any) -> None:
+    with pytest.raises(ValueError, match="needs parent="):
+        BackupOptions(mode=mode)
+    full = filled.backup("full.dfb")
+    options = BackupOptions(mode=mode, parent=full)
+    assert options.mode is BackupMode.INCREMENTAL and options.parent == str(full)
+    assert filled.manager.create_backup(filled.backup_path("i.dfb"), options).metadata.mode == "incremental"
 
 
 def test_mode_values() -> None:

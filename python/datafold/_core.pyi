@@ -140,3 +140,25 @@ class BackupReader:
         """After unlock(), on a seekable source: decrypts only the last segment(s) holding the
         TRAILER and returns it, without reading the segments in between (docs/FORMAT.md §6).
         Checks the trailer's internal sums. The reader is DONE afterwards."""
+
+# --- backup chains (incremental backups) ------------------------------------------------------
+class ChainMerge:
+    """One tree across the readers of a backup chain (a full backup, then incrementals, oldest
+    first), each positioned inside that tree (its next_tree() returned the name). Every member
+    lists the tree's records in ascending key order; the merged state is one streaming pass in
+    which the newest member holding a key wins. Members `0..stale` are older than the tree's
+    latest whole-tree delete: their keys merge as deletes. A member whose keys do not ascend is an
+    IntegrityError. Any error poisons the merge (and the reader or writer it came from)."""
+
+    def __init__(self, readers: list[BackupReader], *, stale: int = 0) -> None: ...
+    def read_items(self, max_items: int = 4096, max_bytes: int = 16 << 20) -> list[tuple[bytes, bytes | None]]:
+        """The merged state in key order, as BackupReader.read_items: (key, value) where the
+        newest member holds a PUT, (key, None) where it holds a DELETE. [] at the end, once every
+        member's TREE_END was read and checked."""
+    def diff(self, items: Iterable[tuple[Buffer, Buffer]], writer: BackupWriter) -> int:
+        """Consumes the database's next (key, value) pairs (strictly ascending keys, across calls
+        too) and writes to `writer`'s open tree, in key order, the records that turn the chain's
+        state into the database's: PUT for new and changed keys, DELETE for keys the chain holds
+        that the database lacks (up to the last key given). Returns the records written."""
+    def finish_diff(self, writer: BackupWriter) -> int:
+        """After the database's last item: DELETE records for the keys the chain still holds."""

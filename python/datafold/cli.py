@@ -41,7 +41,7 @@ from .errors import (
 from .keys import MasterKeyPair, derive_backup_key, derive_key_id
 from .manager import EncryptedBackupManager
 from .metadata import BackupMetadata
-from .options import BackupOptions, RestoreOptions
+from .options import BackupMode, BackupOptions, RestoreOptions
 from .passphrase import KDF_ARGON2ID, Passphrase, decode_kdf_params
 from .progress import ProgressEvent
 from .stores import DbOperations
@@ -526,6 +526,8 @@ def _meta_fields(meta: BackupMetadata) -> dict[str, Any]:
         "created_at": meta.created_at.isoformat(),
         "mode": meta.mode,
         "parent_backup_id": meta.parent_backup_id,
+        "parent_digest": meta.parent_digest,
+        "deleted_trees": list(meta.deleted_trees),
         "trees": len(meta.trees),
         "items": meta.total_items,
         "data_bytes": meta.total_bytes,
@@ -606,6 +608,8 @@ def _write_private_file(path: str, data: bytes, *, replace: bool) -> None:
 def cmd_create(args: argparse.Namespace, out: Output, ctx: Context) -> int:
     ctx.file, ctx.database = args.backup, args.db
     options = BackupOptions(
+        mode=BackupMode.INCREMENTAL if args.parent else BackupMode.FULL,
+        parent=args.parent,
         tree_filter=args.tree,
         key_prefix_filter=args.prefix,
         include_metadata=not args.no_metadata,
@@ -649,6 +653,7 @@ def cmd_restore(args: argparse.Namespace, out: Output, ctx: Context) -> int:
         verify_before_restore=not args.no_verify,
         backup_before_restore=args.safety_backup,
         continue_on_errors=args.continue_on_errors,
+        chain=args.chain,
     )
     preamble = read_preamble(args.backup)
     ctx.key_kind = key_description(preamble)["key"]
@@ -787,10 +792,12 @@ def cmd_inspect(args: argparse.Namespace, out: Output, ctx: Context) -> int:
     ]
     if meta is not None:
         chain = (
-            f"{meta.mode} backup, parent {meta.parent_backup_id}"
+            f"{meta.mode} backup, parent {meta.parent_backup_id} (digest {meta.parent_digest})"
             if meta.parent_backup_id
             else f"{meta.mode} backup (first in its chain, no parent)"
         )
+        if meta.deleted_trees:
+            chain += f"; trees deleted since the parent: {', '.join(meta.deleted_trees)}"
         opts = ", ".join(f"{k}={v}" for k, v in sorted(meta.options.items())) or "-"
         rows += [
             ("backup id", meta.backup_id),
@@ -841,23 +848,24 @@ def cmd_list(args: argparse.Namespace, out: Output, ctx: Context) -> int:
         if not found:
             out.text(f"no backup in {args.directory} can be read with this key", always=True)
         else:
-            table = [("CREATED (UTC)", "BACKUP ID", "MODE", "TREES", "ITEMS", "SIZE", "FILE")]
+            table = [("CREATED (UTC)", "BACKUP ID", "MODE", "PARENT", "TREES", "ITEMS", "SIZE", "FILE")]
             for m in found:
                 table.append(
                     (
                         m.created_at.strftime("%Y-%m-%d %H:%M:%S"),
                         m.backup_id[:8],
                         m.mode,
+                        (m.parent_backup_id or "-")[:8],
                         str(len(m.trees)),
                         _count(m.total_items),
                         _size(m.file_size),
                         os.path.basename(m.path or ""),
                     )
                 )
-            w = [max(len(r[i]) for r in table) for i in range(7)]
+            w = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
             for r in table:
                 out.text(
-                    "  ".join(c.rjust(w[i]) if i in (3, 4, 5) else c.ljust(w[i]) for i, c in enumerate(r)).rstrip(),
+                    "  ".join(c.rjust(w[i]) if i in (4, 5, 6) else c.ljust(w[i]) for i, c in enumerate(r)).rstrip(),
                     always=True,
                 )
         for s in skipped:
@@ -1167,6 +1175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-metadata", action="store_true", help="leave out metadata trees ('metadata', '_*')")
     p.add_argument("--compression", type=_int, default=0, metavar="N", help="compression level (0; 1-22 later)")
     p.add_argument("--no-verify", action="store_true", help="do not read the file back before putting it in place")
+    p.add_argument(
+        "--parent",
+        metavar="BACKUP",
+        help="write an incremental backup: only what changed since this backup (its parents are found beside it)",
+    )
     p.set_defaults(run=cmd_create)
 
     p = command("restore", "restore a backup into a database (one transaction: all or nothing)", [keyed, dbopt])
@@ -1180,6 +1193,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--safety-backup", action="store_true", help="first back up what the restore will change")
     p.add_argument(
         "--continue-on-errors", action="store_true", help="collect record-level store errors instead of aborting"
+    )
+    p.add_argument(
+        "--chain",
+        metavar="BACKUP",
+        action="append",
+        help="for an incremental backup: a parent, oldest (the full backup) first; repeat for each "
+        "(default: found by id in the backup's directory)",
     )
     p.set_defaults(run=cmd_restore)
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from typing import IO, Any
 
 from . import core as _core_select
 from .atomic import TEMP_SUFFIX, AtomicFile
+from .chain import chain_trees, resolve_chain
+from .chain import tree_names as chain_tree_names
 from .errors import (
     ArgumentTypeError,
     BackupError,
@@ -20,12 +23,13 @@ from .errors import (
     BackupIOError,
     DatabaseError,
     EncryptionKeyError,
+    IntegrityError,
     InvalidArgumentError,
     StoreError,
 )
 from .keys import MasterKeyPair, derive_backup_key
 from .metadata import BackupMetadata, BackupResult, BackupStats, RestoreStats, SourceInfo
-from .options import BackupMode, BackupOptions, RestoreOptions, check_threads
+from .options import BackupMode, BackupOptions, RestoreOptions, check_path, check_threads
 from .passphrase import KDF_ARGON2ID, KDF_MASTER_KEY, Passphrase
 from .progress import Meter, MeteredFile, ProgressCallback
 from .stores import DbOperations, ReadSnapshot, WriteTransaction, is_metadata_tree
@@ -153,16 +157,18 @@ class EncryptedBackupManager:
         options = _check_options(options, BackupOptions, "options")
         self._threads = options.threads
         meter = Meter(progress)
-        if options.mode is not BackupMode.FULL:
-            raise InvalidArgumentError(
-                "mode=BackupMode.INCREMENTAL: incremental backups are not available in this release of datafold; "
-                "use BackupMode.FULL"
-            )
-        path = _path(path, "path")
+        path = check_path(path, "path")
         started = time.perf_counter()
+        chain = None
+        if options.mode is BackupMode.INCREMENTAL:
+            assert options.parent is not None  # BackupOptions checks it
+            chain = self._chain(self.read_metadata(str(options.parent)))
         # One read snapshot for the whole backup: every tree as of the same moment.
         with self._db.snapshot() as snap:
-            metadata = self._create_from(snap, path, options, meter)
+            if chain is None:
+                metadata = self._create_from(snap, path, options, meter)
+            else:
+                metadata = self._create_incremental(snap, path, options, chain, meter)
         stats = BackupStats(
             items_backed_up=metadata.total_items,
             trees_backed_up=len(metadata.trees),
@@ -174,12 +180,7 @@ class EncryptedBackupManager:
     def _create_from(self, snap: ReadSnapshot, path: str, options: BackupOptions, meter: Meter) -> BackupMetadata:
         trees = self._select_trees(options, snap.tree_names())
         prefix = options.key_prefix or b""
-        option_doc = {
-            "tree_filter": sorted(options.tree_filter) if options.tree_filter is not None else None,
-            "key_prefix_filter": prefix.hex() if options.key_prefix_filter is not None else None,
-            "include_metadata": options.include_metadata,
-            "compression_level": options.compression_level,
-        }
+        option_doc = {**_filter_doc(options), "compression_level": options.compression_level}
 
         def fill(writer: Any) -> None:
             counted = meter.active and options.key_prefix_filter is None
@@ -193,17 +194,76 @@ class EncryptedBackupManager:
             path, trees, option_doc, fill, options.segment_size, options.verify_during_creation, meter
         )
 
-    def _select_trees(self, options: BackupOptions, names: list[str]) -> list[str]:
+    def _select_trees(self, options: BackupOptions, names: list[str], *, strict: bool = True) -> list[str]:
+        """The trees a backup with these options holds; `strict`: a filtered tree that does not
+        exist is an error (an incremental records it as deleted instead)."""
         if options.tree_filter is not None:
             missing = sorted(set(options.tree_filter) - set(names))
-            if missing:
+            if missing and strict:
                 raise InvalidArgumentError(
                     f"tree_filter names trees that are not in the database: {', '.join(missing)}"
                 )
             names = [n for n in names if n in options.tree_filter]
         if not options.include_metadata:
             names = [n for n in names if not is_metadata_tree(n)]
-        return names
+        return sorted(names)
+
+    def _create_incremental(
+        self, snap: ReadSnapshot, path: str, options: BackupOptions, chain: list[BackupMetadata], meter: Meter
+    ) -> BackupMetadata:
+        """Writes what changed since the chain's newest backup: per tree, the records that turn the
+        state the chain describes into the database's (ChainMerge.diff), in one pass over each."""
+        options = _chain_filters(options, chain)
+        parent = chain[-1]
+        trees = self._select_trees(options, snap.tree_names(), strict=False)
+        deleted = sorted(set(parent.trees) - set(trees))
+        prefix = options.key_prefix or b""
+        option_doc = {**_filter_doc(options), "compression_level": options.compression_level}
+
+        def fill(writer: Any) -> None:
+            counted = meter.active and options.key_prefix_filter is None
+            meter.begin("backup", sum(map(snap.count, trees)) if counted else None)
+            with self._chain_readers(chain) as readers:
+                for name, merge in chain_trees(self._core, chain, readers, trees):
+                    writer.begin_tree(name)
+                    merge.diff(meter.count(snap.items(name, prefix)), writer)
+                    merge.finish_diff(writer)
+                    writer.end_tree()
+
+        return self._write_backup(
+            path,
+            trees,
+            option_doc,
+            fill,
+            options.segment_size,
+            options.verify_during_creation,
+            meter,
+            parent=parent,
+            deleted_trees=deleted,
+        )
+
+    def _chain(self, newest: BackupMetadata, explicit: tuple[str, ...] | None = None) -> list[BackupMetadata]:
+        """The chain ending with `newest`, oldest first, every link checked (chain.resolve_chain)."""
+        return resolve_chain(newest, self.read_metadata, self._backup_index, explicit)
+
+    def _backup_index(self, directory: str) -> dict[str, BackupMetadata]:
+        """backup id -> metadata of the backups in `directory` readable with this key."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {m.backup_id: m for m in self.list_backups(directory)}
+
+    @contextmanager
+    def _chain_readers(self, chain: list[BackupMetadata], meter: Meter | None = None) -> Iterator[list[Any]]:
+        """An unlocked reader for each member of `chain`, open together."""
+        with ExitStack() as stack:
+            readers = []
+            for member in chain:
+                assert member.path is not None
+                f = stack.enter_context(_open_backup(member.path))
+                reader = self._core.BackupReader(meter.reading(f) if meter else f, threads=self._threads)
+                self._unlock(reader)
+                readers.append(reader)
+            yield readers
 
     def _write_backup(
         self,
@@ -214,11 +274,16 @@ class EncryptedBackupManager:
         segment_size: int,
         verify: bool,
         meter: Meter | None = None,
+        *,
+        parent: BackupMetadata | None = None,
+        deleted_trees: list[str] | None = None,
     ) -> BackupMetadata:
         meter = meter or Meter(None)
         header = BackupMetadata.header_json(
-            mode=BackupMode.FULL.value,
-            parent_backup_id=None,
+            mode=(BackupMode.FULL if parent is None else BackupMode.INCREMENTAL).value,
+            parent_backup_id=None if parent is None else parent.backup_id,
+            parent_digest=None if parent is None else parent.checksum,
+            deleted_trees=deleted_trees,
             source=SourceInfo(self._db.backend, self._db.path),
             options=option_doc,
             trees=trees,
@@ -280,7 +345,7 @@ class EncryptedBackupManager:
         """Decrypts and checks the whole file (every segment, record, count and digest); writes nothing.
         `progress(ProgressEvent)` hears of the pass (phase "verify"); `threads` open segments in
         parallel (0: all cores)."""
-        path = _path(path, "path")
+        path = check_path(path, "path")
         self._threads = check_threads(threads)
         meter = Meter(progress)
         with _open_backup(path) as f:
@@ -290,7 +355,7 @@ class EncryptedBackupManager:
 
     def read_metadata(self, path: str | os.PathLike[str]) -> BackupMetadata:
         """Metadata from the preamble and the segments holding the header and trailer only."""
-        path = _path(path, "path")
+        path = check_path(path, "path")
         with _open_backup(path) as f:
             reader = self._core.BackupReader(f, threads=self._threads)
             header = self._unlock(reader)
@@ -301,7 +366,7 @@ class EncryptedBackupManager:
     def list_backups(self, directory: str | os.PathLike[str]) -> list[BackupMetadata]:
         """Metadata of every backup in `directory` readable with this key, oldest first. Other files
         (foreign, corrupt, made with another key) are skipped with a warning."""
-        directory = _path(directory, "directory")
+        directory = check_path(directory, "directory")
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except FileNotFoundError as e:
@@ -336,7 +401,7 @@ class EncryptedBackupManager:
         options = _check_options(options, RestoreOptions, "options")
         self._threads = options.threads
         meter = Meter(progress)
-        path = _path(path, "path")
+        path = check_path(path, "path")
         started = time.perf_counter()
         stats = RestoreStats()
         prefix = options.key_prefix
@@ -344,47 +409,72 @@ class EncryptedBackupManager:
         def wanted(name: str) -> bool:
             return options.tree_filter is None or name in options.tree_filter
 
-        # Check the key and read the tree list before anything else happens.
+        # Check the key, read the tree list and check the chain's links before anything happens.
         with _open_backup(path) as f:
             reader = self._core.BackupReader(f, threads=self._threads)
             header = self._unlock(reader)
             summary = reader.read_summary()
-        in_backup = _header_trees(header)
+            newest = BackupMetadata.from_parts(header, summary, reader.preamble, path=path)
+        explicit = tuple(map(str, options.chain)) if options.chain is not None else None
+        chain = self._chain(newest, explicit) if newest.is_incremental or options.chain else [newest]
+        in_backup = _header_trees(header) if len(chain) == 1 else chain_tree_names(chain)
         if options.tree_filter is not None:
             missing = sorted(set(options.tree_filter) - set(in_backup))
             if missing:
                 raise InvalidArgumentError(f"tree_filter names trees that are not in the backup: {', '.join(missing)}")
         targets = [t for t in in_backup if wanted(t)]
 
+        def scan(visit: Callable[[str, Any], None], phase: str | None = None) -> Trailer | None:
+            """One authenticated pass over the backup (or every member of its chain), calling
+            visit(tree, source) with a source of read_items(); the trailer of a single file."""
+            if len(chain) == 1:
+                with _open_backup(path) as f:
+                    return self._scan(meter.reading(f, phase), visit)[2]
+            if phase is not None:
+                meter.begin(phase)
+            with self._chain_readers(chain, meter) as readers:
+                for name, merge in chain_trees(self._core, chain, readers, in_backup):
+                    visit(name, merge)
+            meter.end()
+            return None
+
         if options.backup_before_restore:
             # Also a full authenticated pass, so verify_before_restore needs no second one.
-            stats.safety_backup_path = self._safety_backup(path, targets, prefix, options, meter)
+            stats.safety_backup_path = self._safety_backup(path, targets, prefix, options, scan, meter)
         elif options.verify_before_restore:
-            self.verify_backup(path, progress=progress)
+            for member in chain:
+                assert member.path is not None
+                self.verify_backup(member.path, progress=progress, threads=options.threads)
+            self._threads = options.threads
 
-        self._db.reserve(summary[1] + 64 * summary[0])
+        self._db.reserve(sum((m.total_bytes + 64 * m.total_items) for m in chain))
         outcome: dict[str, _TreeOutcome] = {}
-        with _open_backup(path) as f:
-            meter.begin(
-                "restore",
-                sum(t[1] for t in summary[2] if wanted(t[0])) if prefix is None else None,
-                lambda: stats.items_restored + stats.items_skipped + len(stats.errors),
-                f,
-            )
-            reader = self._core.BackupReader(meter.reading(f), threads=self._threads)
-            self._unlock(reader)
-            with self._db.write_transaction() as txn:
-                while (name := reader.next_tree()) is not None:
-                    if not wanted(name):
-                        continue  # next_tree() reads and checks the skipped tree
-                    outcome[name] = self._restore_tree(txn, reader, name, prefix, options, stats)
+        meter.begin(
+            "restore",
+            sum(t.item_count for name, t in newest.trees.items() if wanted(name))
+            if prefix is None and len(chain) == 1
+            else None,
+            lambda: stats.items_restored + stats.items_skipped + len(stats.errors),
+        )
+        if meter.active:
+            meter.total_bytes = sum(m.file_size or 0 for m in chain) or None
+        with self._db.write_transaction() as txn:
+
+            def restore(name: str, source: Any) -> None:
+                # A chain's tree deleted since (and not in the database): nothing to delete there.
+                gone = name not in newest.trees and name not in txn.tree_names()
+                if wanted(name) and not gone:  # a reader skips (and checks) the trees not visited
+                    outcome[name] = self._restore_tree(txn, source, name, prefix, options, stats)
                     stats.trees_restored += 1
-                trailer = reader.trailer  # the whole stream checked out: now the transaction commits
+
+            # The whole backup (chain) checked out when scan() returns: now the transaction commits.
+            trailer = scan(restore)
         meter.end()
 
         if options.verify_after_restore:
-            meter.begin("check", sum(t[1] for t in trailer[2] if t[0] in outcome) if prefix is None else None)
-            self._verify_restored(path, trailer, outcome, prefix, meter)
+            checked = sum(t[1] for t in trailer[2] if t[0] in outcome) if trailer and prefix is None else None
+            meter.begin("check", checked)
+            self._verify_restored(path, trailer, outcome, prefix, scan, meter)
             meter.end()
             stats.verified = True
         stats.duration_s = time.perf_counter() - started
@@ -432,7 +522,13 @@ class EncryptedBackupManager:
         return result
 
     def _safety_backup(
-        self, path: str, targets: list[str], prefix: bytes | None, options: RestoreOptions, meter: Meter | None = None
+        self,
+        path: str,
+        targets: list[str],
+        prefix: bytes | None,
+        options: RestoreOptions,
+        scan: Callable[..., Any],
+        meter: Meter,
     ) -> str:
         """Backs up the current state of what restoring `path` would touch: the present values
         (PUT) and, as DELETE records, the backup's keys that the database does not hold yet — so
@@ -451,17 +547,15 @@ class EncryptedBackupManager:
         scan_prefix = prefix or b""
 
         def fill(writer: Any) -> None:
-            with _open_backup(path) as f:
+            def visit(name: str, reader: Any) -> None:
+                if name not in targets:
+                    return
+                writer.begin_tree(name)
+                writer.add_items(self._db.items(name, scan_prefix))
+                writer.add_deletes(self._absent_keys(name, reader, scan_prefix))
+                writer.end_tree()
 
-                def visit(name: str, reader: Any) -> None:
-                    if name not in targets:
-                        return
-                    writer.begin_tree(name)
-                    writer.add_items(self._db.items(name, scan_prefix))
-                    writer.add_deletes(self._absent_keys(name, reader, scan_prefix))
-                    writer.end_tree()
-
-                self._scan((meter or Meter(None)).reading(f, "safety"), visit)
+            scan(visit, "safety")
 
         option_doc = {"purpose": f"safety backup taken before restoring {base}", "key_prefix_filter": scan_prefix.hex()}
         self._write_backup(safety, targets, option_doc, fill, self._core.DEFAULT_SEGMENT_SIZE, True, meter)
@@ -476,19 +570,25 @@ class EncryptedBackupManager:
     def _verify_restored(
         self,
         path: str,
-        trailer: Trailer,
+        trailer: Trailer | None,
         outcome: dict[str, _TreeOutcome],
         prefix: bytes | None,
-        meter: Meter | None = None,
+        scan: Callable[..., Any],
+        meter: Meter,
     ) -> None:
-        """Reads back what the restore wrote. A tree restored whole into an empty tree is compared
-        by digest; any other tree item by item against a second pass over the backup."""
-        expected = {name: (items, nbytes, digest) for name, items, nbytes, digest in trailer[2]}
-        backup_key = self._file_key(path)
-        item_checked = []
+        """Reads back what the restore wrote. A tree of a single backup file restored whole into an
+        empty tree is compared by digest; any other tree item by item against a second pass over
+        the backup (for a chain: over its merged state)."""
+        item_checked = list(outcome)
+        if trailer is not None:
+            item_checked = []
+            expected = {name: (items, nbytes, digest) for name, items, nbytes, digest in trailer[2]}
+            backup_key = self._file_key(path)
         for name, result in outcome.items():
+            if trailer is None:
+                break
             if result.was_empty and prefix is None and not result.unchecked and not result.had_deletes:
-                got = self._core.digest_items(backup_key, (meter or Meter(None)).count(self._db.items(name)))
+                got = self._core.digest_items(backup_key, meter.count(self._db.items(name)))
                 if tuple(got) != expected[name]:
                     raise DatabaseError(
                         f"tree {name!r} does not match the backup after the restore "
@@ -514,8 +614,7 @@ class EncryptedBackupManager:
                             "wrote; check the storage and restore again"
                         )
 
-        with _open_backup(path) as f:
-            self._scan((meter or Meter(None)).reading(f, "check"), visit)
+        scan(visit)
 
 
 class _TreeOutcome:
@@ -529,8 +628,6 @@ class _TreeOutcome:
 
 
 def _header_trees(header: bytes) -> list[str]:
-    from .errors import IntegrityError
-
     try:
         trees = json.loads(header.decode("utf-8"))["trees"]
         if not all(isinstance(t, str) for t in trees):
@@ -548,11 +645,37 @@ def _check_options(options: Any, cls: type, name: str) -> Any:
     return options
 
 
-def _path(value: Any, name: str) -> str:
-    if isinstance(value, (str, os.PathLike)):
-        p = os.fspath(value)
-        if isinstance(p, str) and p:
-            if "\x00" in p:
-                raise InvalidArgumentError(f"{name} must not contain a NUL character: {p!r}")
-            return p
-    raise ArgumentTypeError(f"{name} must be a non-empty str or os.PathLike, not {value!r}")
+
+def _filter_doc(options: BackupOptions) -> dict[str, Any]:
+    """What a backup holds, as its metadata records it (the `options` of docs/FORMAT.md §5)."""
+    prefix = options.key_prefix
+    return {
+        "tree_filter": sorted(options.tree_filter) if options.tree_filter is not None else None,
+        "key_prefix_filter": prefix.hex() if prefix is not None else None,
+        "include_metadata": options.include_metadata,
+    }
+
+
+def _chain_filters(options: BackupOptions, chain: list[BackupMetadata]) -> BackupOptions:
+    """`options` with the filters of the chain's full backup; InvalidArgumentError if `options`
+    asks for other ones (an incremental must cover what its chain covers)."""
+    base = chain[0].options
+    try:
+        prefix_hex = base.get("key_prefix_filter")
+        inherited: dict[str, Any] = {
+            "tree_filter": base.get("tree_filter"),
+            "key_prefix_filter": bytes.fromhex(prefix_hex) if prefix_hex is not None else None,
+            "include_metadata": bool(base.get("include_metadata", True)),
+        }
+    except (TypeError, ValueError, AttributeError) as e:
+        raise IntegrityError(f"the filters recorded in backup {chain[0].backup_id} are malformed: {e}") from e
+    given = _filter_doc(options)
+    wanted = {**inherited, "key_prefix_filter": prefix_hex}
+    defaults = _filter_doc(BackupOptions())
+    for name, value in given.items():
+        if value != defaults[name] and value != wanted[name]:
+            raise InvalidArgumentError(
+                f"{name}: an incremental backup uses the filters of its chain's full backup "
+                f"({chain[0].backup_id}: {name}={wanted[name]!r}); leave {name} at its default or give the same value"
+            )
+    return dataclasses.replace(options, **inherited)

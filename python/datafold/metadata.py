@@ -67,6 +67,14 @@ class BackupMetadata:
     options: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
     file_size: int | None = None
+    # An incremental backup: its parent's stream digest (the parent's `checksum`), and the trees
+    # that were in the parent but no longer exist (whole-tree deletes).
+    parent_digest: str | None = None
+    deleted_trees: tuple[str, ...] = ()
+
+    @property
+    def is_incremental(self) -> bool:
+        return self.parent_backup_id is not None
 
     @staticmethod
     def header_json(
@@ -78,9 +86,11 @@ class BackupMetadata:
         trees: list[str],
         created_at: datetime | None = None,
         backup_id: str | None = None,
+        parent_digest: str | None = None,
+        deleted_trees: list[str] | None = None,
     ) -> bytes:
         """The HEADER record's payload (docs/FORMAT.md §5)."""
-        doc = {
+        doc: dict[str, Any] = {
             "backup_id": backup_id or str(uuid.uuid4()),
             "created_at": (created_at or datetime.now(timezone.utc)).isoformat(),
             "mode": mode,
@@ -90,6 +100,9 @@ class BackupMetadata:
             "compression": None,
             "trees": trees,
         }
+        if parent_backup_id is not None:
+            doc["parent_digest"] = parent_digest
+            doc["deleted_trees"] = deleted_trees or []
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -129,6 +142,8 @@ class BackupMetadata:
                 options=dict(doc.get("options") or {}),
                 path=path,
                 file_size=file_size,
+                parent_digest=doc.get("parent_digest"),
+                deleted_trees=tuple(str(t) for t in doc.get("deleted_trees") or ()),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             # The header is authenticated, so a malformed one was written that way.

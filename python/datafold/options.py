@@ -4,14 +4,18 @@ InvalidArgumentError (a ValueError) or ArgumentTypeError (a TypeError) naming th
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Collection
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .core import core
 from .errors import ArgumentTypeError, InvalidArgumentError
 
-__all__ = ["BackupMode", "BackupOptions", "RestoreOptions", "MAX_COMPRESSION_LEVEL", "check_threads"]
+if TYPE_CHECKING:
+    from .metadata import BackupMetadata
+
+__all__ = ["BackupMode", "BackupOptions", "RestoreOptions", "MAX_COMPRESSION_LEVEL", "check_threads", "check_path"]
 
 MAX_COMPRESSION_LEVEL = 22
 
@@ -50,6 +54,32 @@ def _prefix(value: Any, name: str) -> bytes | None:
     raise ArgumentTypeError(f"{name} must be str, bytes or None, not {type(value).__name__}")
 
 
+def check_path(value: Any, name: str) -> str:
+    """A non-empty str or os.PathLike path (as str) without NUL characters."""
+    if isinstance(value, (str, os.PathLike)):
+        p = os.fspath(value)
+        if isinstance(p, str) and p:
+            if "\x00" in p:
+                raise InvalidArgumentError(f"{name} must not contain a NUL character: {p!r}")
+            return p
+    raise ArgumentTypeError(f"{name} must be a non-empty str or os.PathLike, not {value!r}")
+
+
+def _parent(value: Any) -> str | None:
+    """BackupOptions.parent: a path, or BackupMetadata of a backup file (its path)."""
+    from .metadata import BackupMetadata
+
+    if value is None:
+        return None
+    if isinstance(value, BackupMetadata):
+        if value.path is None:
+            raise InvalidArgumentError(
+                "parent is BackupMetadata without a file path; pass the parent backup's path instead"
+            )
+        value = value.path
+    return check_path(value, "parent")
+
+
 def check_threads(value: Any, name: str = "threads") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ArgumentTypeError(f"{name} must be an int (0 = all cores), not {type(value).__name__}")
@@ -84,7 +114,12 @@ class _PrefixMixin:
 class BackupOptions(_PrefixMixin):
     """What `create_backup` backs up and how.
 
-    mode: BackupMode.FULL (INCREMENTAL is refused until incremental backups land).
+    mode: BackupMode.FULL, or BackupMode.INCREMENTAL: only what changed since `parent`.
+    parent: for INCREMENTAL, the parent backup (a path, or the BackupMetadata that create_backup,
+        read_metadata or list_backups returned). Its own parents are found beside it. An
+        incremental backs up what its chain's full backup did: the filters (tree_filter,
+        key_prefix_filter, include_metadata) are the chain's; leave them at their defaults or
+        repeat the same values (other values are an InvalidArgumentError).
     tree_filter: None for every tree, else a collection of tree names.
     key_prefix_filter: only keys starting with this prefix (str is UTF-8 encoded).
     include_metadata: False leaves out metadata trees ("metadata" and names starting with "_"),
@@ -103,6 +138,7 @@ class BackupOptions(_PrefixMixin):
     verify_during_creation: bool = True
     segment_size: int = field(default=core.DEFAULT_SEGMENT_SIZE)
     threads: int = 0
+    parent: str | os.PathLike[str] | BackupMetadata | None = None
 
     def __post_init__(self) -> None:
         check_threads(self.threads)
@@ -112,6 +148,13 @@ class BackupOptions(_PrefixMixin):
             raise InvalidArgumentError(
                 f"mode must be one of {[m.value for m in BackupMode]}, got {self.mode!r}"
             ) from None
+        object.__setattr__(self, "parent", _parent(self.parent))
+        if self.mode is BackupMode.INCREMENTAL and self.parent is None:
+            raise InvalidArgumentError(
+                "mode=BackupMode.INCREMENTAL needs parent= (the path or metadata of the backup it builds on)"
+            )
+        if self.mode is BackupMode.FULL and self.parent is not None:
+            raise InvalidArgumentError("parent is only for mode=BackupMode.INCREMENTAL; a full backup has no parent")
         object.__setattr__(self, "tree_filter", _tree_filter(self.tree_filter, "tree_filter"))
         object.__setattr__(self, "key_prefix_filter", _prefix(self.key_prefix_filter, "key_prefix_filter"))
         _check_bools(self)
@@ -150,6 +193,8 @@ class RestoreOptions(_PrefixMixin):
     verify_after_restore: read back what was written and check it against the backup (per-tree
         digests where a whole tree went into an empty tree, item by item otherwise).
     threads: threads that open segments, 0 = all cores (the Rust core; the pure core uses one).
+    chain: for an incremental backup, the paths of its parents, oldest (the full backup) first.
+        None: they are looked up by backup id among the backups in the same directory.
     """
 
     overwrite_existing: bool = False
@@ -161,16 +206,21 @@ class RestoreOptions(_PrefixMixin):
     verify_after_restore: bool = True
     safety_backup_path: str | None = None
     threads: int = 0
+    chain: Collection[str | os.PathLike[str]] | None = None
 
     def __post_init__(self) -> None:
         check_threads(self.threads)
+        if self.chain is not None:
+            if isinstance(self.chain, (str, bytes, os.PathLike)) or not isinstance(self.chain, Collection):
+                raise ArgumentTypeError(
+                    f"chain must be a list of backup paths, oldest first (or None), not {type(self.chain).__name__}"
+                )
+            object.__setattr__(self, "chain", tuple(check_path(p, "chain") for p in self.chain))
         object.__setattr__(self, "tree_filter", _tree_filter(self.tree_filter, "tree_filter"))
         object.__setattr__(self, "key_prefix_filter", _prefix(self.key_prefix_filter, "key_prefix_filter"))
         _check_bools(self)
         p = self.safety_backup_path
         if p is not None and not isinstance(p, str):
-            import os
-
             if not isinstance(p, os.PathLike):
                 raise ArgumentTypeError(f"safety_backup_path must be a path or None, not {type(p).__name__}")
             object.__setattr__(self, "safety_backup_path", os.fspath(p))

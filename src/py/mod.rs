@@ -1,5 +1,6 @@
 //! The PyO3 binding: thin adapters from Python objects to the plain Rust modules.
 
+mod chain;
 mod errors;
 mod reader;
 mod writer;
@@ -65,6 +66,17 @@ pub(crate) fn pair<'py>(
                 "items must be (key, value) pairs of bytes-like objects",
             )
         })
+}
+
+/// A `read_items` batch limit (`max_items`, `max_bytes`): at least 1.
+pub(crate) fn batch_limit(value: i64, name: &str) -> PyResult<usize> {
+    if value < 1 {
+        return Err(crate::error::Error::invalid(format!(
+            "{name} must be at least 1, got {value}"
+        ))
+        .into());
+    }
+    Ok(value as usize)
 }
 
 /// The `threads` argument: 0 means all cores.
@@ -223,5 +235,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reader::PyPreamble>()?;
     m.add_class::<writer::PyBackupWriter>()?;
     m.add_class::<reader::PyBackupReader>()?;
+    m.add_class::<chain::PyChainMerge>()?;
     Ok(())
 }

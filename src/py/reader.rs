@@ -7,6 +7,7 @@ use pyo3::types::{PyBytes, PyList};
 use super::errors::{BackupError, FormatError, InvalidArgumentError};
 use super::writer::trailer_tuple;
 use super::{secret_arg, PyResultExt};
+use crate::chain::Record;
 use crate::format::{Preamble, Trailer};
 use crate::reader::{
     check_key, parse_tail_trailer, trailer_record_length, truncated, BackupDecoder, Item, Layout,
@@ -165,6 +166,28 @@ impl PyBackupReader {
         Ok(())
     }
 
+    /// The current tree's next record as owned bytes (for merging a backup chain), None at its end.
+    pub(crate) fn next_record(&mut self, py: Python<'_>) -> PyResult<Option<Record>> {
+        self.guarded(py, |s, py| loop {
+            match s.decoder()?.next_item()? {
+                Step::NeedMore => s.feed(py)?,
+                Step::Done(None) => return Ok(None),
+                Step::Done(Some(Item::Put(k, v))) => {
+                    return Ok(Some(Record {
+                        key: k.to_vec(),
+                        value: Some(v.to_vec()),
+                    }))
+                }
+                Step::Done(Some(Item::Delete(k))) => {
+                    return Ok(Some(Record {
+                        key: k.to_vec(),
+                        value: None,
+                    }))
+                }
+            }
+        })
+    }
+
     /// Drives a decoder step until it has what it needs.
     fn drive<T>(
         &mut self,
@@ -245,14 +268,10 @@ impl PyBackupReader {
         max_bytes: i64,
     ) -> PyResult<Bound<'py, PyList>> {
         self.guarded(py, |s, py| {
-            for (name, value) in [("max_items", max_items), ("max_bytes", max_bytes)] {
-                if value < 1 {
-                    return Err(InvalidArgumentError::new_err(format!(
-                        "{name} must be at least 1, got {value}"
-                    )));
-                }
-            }
-            let (max_items, max_bytes) = (max_items as usize, max_bytes as usize);
+            let (max_items, max_bytes) = (
+                super::batch_limit(max_items, "max_items")?,
+                super::batch_limit(max_bytes, "max_bytes")?,
+            );
             let mut bytes = 0usize;
             let list = PyList::empty(py);
             while list.len() < max_items && bytes < max_bytes {

@@ -121,6 +121,30 @@ impl PyBackupWriter {
         Ok(())
     }
 
+    /// One PUT (value Some) or DELETE record of the open tree, sealing and writing when enough
+    /// is pending. Large values are sealed piece by piece.
+    fn record(&mut self, py: Python<'_>, key: &[u8], value: Option<&[u8]>) -> PyResult<()> {
+        match value {
+            Some(v) if v.len() > self.flush_at => return self.put_large(py, key, v),
+            Some(v) => self.enc.put(key, v)?,
+            None => self.enc.delete(key)?,
+        }
+        if self.enc.pending() >= self.flush_at {
+            self.seal_and_write(py)?;
+        }
+        Ok(())
+    }
+
+    /// `record` for other parts of the binding (chain diffs); poisons the writer on error.
+    pub(crate) fn add_record(
+        &mut self,
+        py: Python<'_>,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> PyResult<()> {
+        self.guarded(py, |s, py| s.record(py, key, value))
+    }
+
     fn seal_and_write(&mut self, py: Python<'_>) -> PyResult<()> {
         let enc = &mut self.enc;
         py.detach(|| enc.seal_ready())?;
@@ -199,24 +223,12 @@ impl PyBackupWriter {
     }
 
     fn add_items(&mut self, py: Python<'_>, items: &Bound<'_, PyAny>) -> PyResult<u64> {
-        let flush_at = self.flush_at;
         self.guarded(py, |s, py| {
             let mut n = 0u64;
             for item in items.try_iter()? {
                 let (k, v) = pair(&item?)?;
-                with_bytes(&k, |k| {
-                    with_bytes(&v, |v| {
-                        if v.len() > flush_at {
-                            s.put_large(py, k, v)
-                        } else {
-                            Ok(s.enc.put(k, v)?)
-                        }
-                    })
-                })???;
+                with_bytes(&k, |k| with_bytes(&v, |v| s.record(py, k, Some(v))))???;
                 n += 1;
-                if s.enc.pending() >= flush_at {
-                    s.seal_and_write(py)?;
-                }
             }
             Ok(n)
         })
@@ -226,11 +238,8 @@ impl PyBackupWriter {
         self.guarded(py, |s, py| {
             let mut n = 0u64;
             for key in keys.try_iter()? {
-                with_bytes(&key?, |k| s.enc.delete(k))??;
+                with_bytes(&key?, |k| s.record(py, k, None))??;
                 n += 1;
-                if s.enc.pending() >= s.flush_at {
-                    s.seal_and_write(py)?;
-                }
             }
             Ok(n)
         })

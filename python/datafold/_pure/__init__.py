@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from .. import keys as _keys
 from .backup import BackupReader, BackupWriter, _check_key, digest_items
+from .chain import ChainMerge
 from .format import (
     DEFAULT_SEGMENT_SIZE,
     FORMAT_VERSION,
@@ -44,6 +45,7 @@ __all__ = [
     "parse_preamble",
     "BackupWriter",
     "BackupReader",
+    "ChainMerge",
 ]
 
 CORE_NAME = "pure"

@@ -444,6 +444,16 @@ def digest_items(backup_key: Buffer, items: Iterable[tuple[Buffer, Buffer | None
 DEFAULT_BATCH_ITEMS = 4096
 DEFAULT_BATCH_BYTES = 16 << 20
 
+
+def check_batch_limits(max_items: object, max_bytes: object) -> None:
+    """read_items() limits: ints of at least 1."""
+    for name, value in (("max_items", max_items), ("max_bytes", max_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ArgumentTypeError(f"{name} must be an int, not {type(value).__name__}")
+        if value < 1:
+            raise InvalidArgumentError(f"{name} must be at least 1, got {value}")
+
+
 _R_LOCKED, _R_READY, _R_IN_TREE, _R_TREE_END, _R_DONE, _R_SUMMARY, _R_POISONED = range(7)
 _R_STATE_NAMES = {
     _R_LOCKED: "locked (call unlock() first)",
@@ -733,11 +743,7 @@ class BackupReader:
     ) -> list[tuple[bytes, bytes | None]]:
         self._enter((_R_IN_TREE, _R_TREE_END), "read_items")
         try:
-            for name, value in (("max_items", max_items), ("max_bytes", max_bytes)):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ArgumentTypeError(f"{name} must be an int, not {type(value).__name__}")
-                if value < 1:
-                    raise InvalidArgumentError(f"{name} must be at least 1, got {value}")
+            check_batch_limits(max_items, max_bytes)
             if self._state == _R_TREE_END:
                 return []
             return self._read_items(max_items, max_bytes)

@@ -1,0 +1,131 @@
+"""Backup chains: a full backup and the incremental backups built on it, oldest first.
+
+An incremental backup's HEADER names its parent (`parent_backup_id`) and the parent's stream digest
+(`parent_digest`), so every link of a chain is checked before anything is written: a parent that
+is missing, altered, replaced, from another database or given out of order is an IntegrityError.
+The state a chain describes is merged tree by tree by the cores' `ChainMerge` (docs/FORMAT.md §5).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from .errors import IntegrityError, InvalidArgumentError
+from .metadata import BackupMetadata
+
+__all__ = ["resolve_chain", "check_link", "chain_trees", "MAX_CHAIN_LENGTH"]
+
+# A guard against a cycle of crafted files; real chains are far shorter.
+MAX_CHAIN_LENGTH = 10_000
+
+
+def check_link(child: BackupMetadata, parent: BackupMetadata) -> None:
+    """IntegrityError unless `parent` is the backup `child` was made from."""
+    if parent.backup_id != child.parent_backup_id:
+        raise IntegrityError(
+            f"{parent.path} is backup {parent.backup_id}, not the parent of backup {child.backup_id} "
+            f"(which is {child.parent_backup_id}): the chain is out of order or mixes backups of another "
+            "database; nothing was written"
+        )
+    if parent.checksum != child.parent_digest:
+        raise IntegrityError(
+            f"parent backup {parent.backup_id} ({parent.path}) is not the one backup {child.backup_id} was "
+            "made from (its digest differs: it was altered or replaced); nothing was written"
+        )
+
+
+def resolve_chain(
+    newest: BackupMetadata,
+    read_metadata: Callable[[str], BackupMetadata],
+    index: Callable[[str], dict[str, BackupMetadata]],
+    explicit: Sequence[str] | None = None,
+) -> list[BackupMetadata]:
+    """The chain ending with `newest`, oldest (its full backup) first, every link checked.
+
+    `explicit`: the parents' paths, oldest first. Otherwise the parents are looked up by backup id
+    in `index(directory)` of the directory holding `newest`.
+    """
+    members = [newest]
+    if explicit is not None:
+        given = [read_metadata(p) for p in explicit]
+        while members[-1].is_incremental and given:
+            parent = given.pop()
+            check_link(members[-1], parent)
+            members.append(parent)
+        if given:
+            raise InvalidArgumentError(
+                f"chain lists {', '.join(str(m.path) for m in given)}, which "
+                f"{'is' if len(given) == 1 else 'are'} not in the chain of backup {newest.backup_id}"
+            )
+    found: dict[str, BackupMetadata] | None = None
+    while members[-1].is_incremental:
+        child = members[-1]
+        if explicit is not None:
+            raise IntegrityError(
+                f"backup {child.backup_id} is an incremental of backup {child.parent_backup_id}, which chain= "
+                "does not list: give every parent, oldest (the full backup) first; nothing was written"
+            )
+        directory = os.path.dirname(os.path.abspath(newest.path or "."))
+        if found is None:
+            found = index(directory)
+        found_parent = found.get(str(child.parent_backup_id))
+        if found_parent is None:
+            raise IntegrityError(
+                f"backup {child.backup_id} is an incremental of backup {child.parent_backup_id}, which is not "
+                f"in {directory}: keep a chain's backups in one directory or pass RestoreOptions(chain=[...]); "
+                "nothing was written"
+            )
+        check_link(child, found_parent)
+        members.append(found_parent)
+        if len(members) > MAX_CHAIN_LENGTH:
+            raise IntegrityError(f"the chain of backup {newest.backup_id} is longer than {MAX_CHAIN_LENGTH} backups")
+    members.reverse()
+    return members
+
+
+def _sorted_trees(meta: BackupMetadata) -> list[str]:
+    names = list(meta.trees)
+    if names != sorted(set(names)):
+        raise IntegrityError(
+            f"backup {meta.backup_id} does not list its trees in name order, so it cannot be part of a chain; "
+            "make a new full backup"
+        )
+    return names
+
+
+def chain_trees(
+    core: Any, chain: Sequence[BackupMetadata], readers: Sequence[Any], names: Sequence[str]
+) -> Iterator[tuple[str, Any]]:
+    """(name, ChainMerge) for each of `names` (in name order), each merge over the members that hold
+    the tree; `readers` are the members' unlocked readers. A consumer need not drain a merge. At the
+    end every reader has read and checked its whole file."""
+    held = [set(_sorted_trees(m)) for m in chain]
+    for name in sorted(names):
+        holders = [i for i, trees in enumerate(held) if name in trees]
+        for i in holders:
+            while (got := readers[i].next_tree()) != name:
+                if got is None or got > name:
+                    raise IntegrityError(
+                        f"backup {chain[i].backup_id} lists tree {name!r} in its header but does not hold it"
+                    )
+        # The tree's latest whole-tree delete: what the members before it held no longer exists.
+        deleted_at = max((j for j, m in enumerate(chain) if name in m.deleted_trees), default=-1)
+        merge = core.ChainMerge([readers[i] for i in holders], stale=sum(i < deleted_at for i in holders))
+        yield name, merge
+        while merge.read_items():
+            pass
+    for i, reader in enumerate(readers):  # the rest of each file: skipped trees are read and checked
+        while (extra := reader.next_tree()) is not None:
+            if extra not in held[i]:
+                raise IntegrityError(f"backup {chain[i].backup_id} holds a tree its header does not list: {extra!r}")
+
+
+def tree_names(chain: Sequence[BackupMetadata]) -> list[str]:
+    """Every tree a chain touches: those it holds and those it deleted, in name order."""
+    names: set[str] = set()
+    for m in chain:
+        names.update(m.trees)
+        names.update(m.deleted_trees)
+    return sorted(names)

@@ -1,0 +1,152 @@
+//! `ChainMerge`: one tree across the readers of a backup chain (crate::chain), merged for a
+//! restore or diffed against a database's items straight into a `BackupWriter`.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+
+use super::errors::{BackupError, InvalidArgumentError};
+use super::reader::PyBackupReader;
+use super::writer::PyBackupWriter;
+use super::{pair, with_bytes};
+use crate::chain::{ChainMerge, Record, RecordSource};
+
+struct ReaderSource<'py> {
+    reader: PyRefMut<'py, PyBackupReader>,
+}
+
+impl RecordSource<PyErr> for ReaderSource<'_> {
+    fn next_record(&mut self) -> PyResult<Option<Record>> {
+        let py = self.reader.py();
+        self.reader.next_record(py)
+    }
+}
+
+#[pyclass(module = "datafold._core", name = "ChainMerge", unsendable)]
+pub struct PyChainMerge {
+    readers: Vec<Py<PyBackupReader>>,
+    merge: ChainMerge,
+    poisoned: bool,
+}
+
+impl PyChainMerge {
+    /// Runs `f` with every member's reader borrowed; poisons the merge on any error.
+    fn with_sources<'py, T>(
+        &mut self,
+        py: Python<'py>,
+        f: impl FnOnce(&mut ChainMerge, &mut [ReaderSource<'py>]) -> PyResult<T>,
+    ) -> PyResult<T> {
+        if self.poisoned {
+            return Err(BackupError::new_err(
+                "this chain merge failed earlier and cannot be used any more; start a new one",
+            ));
+        }
+        let r = (|| {
+            let mut sources = self
+                .readers
+                .iter()
+                .map(|r| {
+                    Ok(ReaderSource {
+                        reader: r.bind(py).try_borrow_mut().map_err(|_| {
+                            InvalidArgumentError::new_err(
+                                "a reader of the chain is in use elsewhere (or given twice)",
+                            )
+                        })?,
+                    })
+                })
+                .collect::<PyResult<Vec<_>>>()?;
+            f(&mut self.merge, &mut sources)
+        })();
+        self.poisoned |= r.is_err();
+        r
+    }
+}
+
+fn emit_into<'a>(
+    py: Python<'a>,
+    writer: &'a mut PyBackupWriter,
+    written: &'a mut u64,
+) -> impl FnMut(&[u8], Option<&[u8]>) -> PyResult<()> + 'a {
+    move |k, v| {
+        *written += 1;
+        writer.add_record(py, k, v)
+    }
+}
+
+#[pymethods]
+impl PyChainMerge {
+    #[new]
+    #[pyo3(signature = (readers, *, stale=0))]
+    fn new(readers: Vec<Py<PyBackupReader>>, stale: usize) -> PyResult<Self> {
+        if stale > readers.len() {
+            return Err(InvalidArgumentError::new_err(format!(
+                "stale must be between 0 and the number of readers ({}), got {stale}",
+                readers.len()
+            )));
+        }
+        Ok(PyChainMerge {
+            merge: ChainMerge::new(readers.len(), stale),
+            readers,
+            poisoned: false,
+        })
+    }
+
+    #[pyo3(signature = (max_items=4096, max_bytes=16 << 20))]
+    fn read_items<'py>(
+        &mut self,
+        py: Python<'py>,
+        max_items: i64,
+        max_bytes: i64,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let (max_items, max_bytes) = (
+            super::batch_limit(max_items, "max_items")?,
+            super::batch_limit(max_bytes, "max_bytes")?,
+        );
+        self.with_sources(py, |merge, sources| {
+            let list = PyList::empty(py);
+            let mut bytes = 0usize;
+            while list.len() < max_items && bytes < max_bytes {
+                let Some(r) = merge.next(sources)? else { break };
+                bytes += r.key.len() + r.value.as_ref().map_or(0, Vec::len);
+                let value = r.value.map(|v| PyBytes::new(py, &v));
+                list.append((PyBytes::new(py, &r.key), value))?;
+            }
+            Ok(list)
+        })
+    }
+
+    fn diff(
+        &mut self,
+        py: Python<'_>,
+        items: &Bound<'_, PyAny>,
+        mut writer: PyRefMut<'_, PyBackupWriter>,
+    ) -> PyResult<u64> {
+        let mut written = 0u64;
+        self.with_sources(py, |merge, sources| {
+            let mut emit = emit_into(py, &mut writer, &mut written);
+            for item in items.try_iter()? {
+                let (k, v) = pair(&item?)?;
+                with_bytes(&k, |k| {
+                    with_bytes(&v, |v| merge.diff_item(sources, k, v, &mut emit))
+                })???;
+            }
+            Ok(())
+        })?;
+        Ok(written)
+    }
+
+    fn finish_diff(
+        &mut self,
+        py: Python<'_>,
+        mut writer: PyRefMut<'_, PyBackupWriter>,
+    ) -> PyResult<u64> {
+        let mut written = 0u64;
+        self.with_sources(py, |merge, sources| {
+            merge.finish_diff(sources, &mut emit_into(py, &mut writer, &mut written))
+        })?;
+        Ok(written)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<ChainMerge members={}>", self.readers.len())
+    }
+}
