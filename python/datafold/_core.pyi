@@ -162,3 +162,9 @@ class ChainMerge:
         that the database lacks (up to the last key given). Returns the records written."""
     def finish_diff(self, writer: BackupWriter) -> int:
         """After the database's last item: DELETE records for the keys the chain still holds."""
+
+# --- store helper -----------------------------------------------------------------------------
+def take_batch(pairs: Iterable[tuple[Buffer, Buffer]], max_items: int, max_bytes: int) -> tuple[list, bool]:
+    """The next batch of a store's (key, value) iterator: at most max_items pairs, ending once
+    their keys and values reach max_bytes; and whether the iterator may hold more. (The stores'
+    snapshot batches; the Rust core runs no bytecode per record.)"""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -187,7 +188,7 @@ class EncryptedBackupManager:
             meter.begin("backup", sum(map(snap.count, trees)) if counted else None)
             for name in trees:
                 writer.begin_tree(name)
-                writer.add_items(meter.count(snap.items(name, prefix)))
+                writer.add_items(itertools.chain.from_iterable(meter.count_batches(snap.batches(name, prefix))))
                 writer.end_tree()
 
         return self._write_backup(
@@ -226,7 +227,8 @@ class EncryptedBackupManager:
             with self._chain_readers(chain) as readers:
                 for name, merge in chain_trees(self._core, chain, readers, trees):
                     writer.begin_tree(name)
-                    merge.diff(meter.count(snap.items(name, prefix)), writer)
+                    for batch in meter.count_batches(snap.batches(name, prefix)):
+                        merge.diff(batch, writer)
                     merge.finish_diff(writer)
                     writer.end_tree()
 

@@ -117,6 +117,12 @@ class Meter:
                 self.tick()
         self.items += n
 
+    def count_batches(self, batches: Iterable[list[T]]) -> Iterator[list[T]]:
+        """Passes lists of items through, counting their items."""
+        for batch in batches:
+            yield batch
+            self.add_items(len(batch))
+
     def add_items(self, n: int) -> None:
         if self._callback is not None:
             self.items += n

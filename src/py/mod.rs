@@ -7,7 +7,7 @@ mod writer;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyTuple};
 use zeroize::Zeroizing;
 
 use crate::digest::ItemDigester;
@@ -196,6 +196,34 @@ fn digest_items<'py>(
     Ok((tally.items, tally.bytes, PyBytes::new(py, &digest)))
 }
 
+/// The next batch of a store's (key, value) iterator: at most `max_items` pairs, ending once
+/// their keys and values reach `max_bytes`; and whether the iterator may hold more. In Rust so a
+/// snapshot costs no Python bytecode per record.
+#[pyfunction]
+fn take_batch<'py>(
+    py: Python<'py>,
+    pairs: &Bound<'py, PyAny>,
+    max_items: i64,
+    max_bytes: i64,
+) -> PyResult<(Bound<'py, PyList>, bool)> {
+    let (max_items, max_bytes) = (
+        batch_limit(max_items, "max_items")?,
+        batch_limit(max_bytes, "max_bytes")?,
+    );
+    let batch = PyList::empty(py);
+    let mut bytes = 0usize;
+    for pair in pairs.try_iter()? {
+        let pair = pair?;
+        let (k, v) = self::pair(&pair)?;
+        bytes += k.len()? + v.len()?;
+        batch.append(pair)?;
+        if batch.len() >= max_items || bytes >= max_bytes {
+            return Ok((batch, true));
+        }
+    }
+    Ok((batch, false))
+}
+
 #[pyfunction]
 #[pyo3(signature = (segment_size, key_id, kdf_id=0, kdf_params=None))]
 fn encode_preamble<'py>(
@@ -232,6 +260,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(digest_items, m)?)?;
     m.add_function(wrap_pyfunction!(encode_preamble, m)?)?;
     m.add_function(wrap_pyfunction!(parse_preamble, m)?)?;
+    m.add_function(wrap_pyfunction!(take_batch, m)?)?;
     m.add_class::<reader::PyPreamble>()?;
     m.add_class::<writer::PyBackupWriter>()?;
     m.add_class::<reader::PyBackupReader>()?;

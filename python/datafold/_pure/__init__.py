@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import keys as _keys
-from .backup import BackupReader, BackupWriter, _check_key, digest_items
+from .backup import BackupReader, BackupWriter, _check_key, digest_items, take_batch
 from .chain import ChainMerge
 from .format import (
     DEFAULT_SEGMENT_SIZE,
@@ -46,6 +46,7 @@ __all__ = [
     "BackupWriter",
     "BackupReader",
     "ChainMerge",
+    "take_batch",
 ]
 
 CORE_NAME = "pure"

@@ -7,7 +7,7 @@ Both objects are explicit state machines that poison themselves on the first err
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import blake3
@@ -452,6 +452,21 @@ def check_batch_limits(max_items: object, max_bytes: object) -> None:
             raise ArgumentTypeError(f"{name} must be an int, not {type(value).__name__}")
         if value < 1:
             raise InvalidArgumentError(f"{name} must be at least 1, got {value}")
+
+
+def take_batch(pairs: Iterator[Any], max_items: int, max_bytes: int) -> tuple[list[Any], bool]:
+    """The next batch of a store's (key, value) iterator: at most max_items pairs, ending once
+    their keys and values reach max_bytes; and whether the iterator may hold more."""
+    check_batch_limits(max_items, max_bytes)
+    batch = []
+    size = 0
+    for pair in pairs:
+        key, value = _pair(pair)
+        batch.append(pair)
+        size += len(key) + len(value)
+        if len(batch) >= max_items or size >= max_bytes:
+            return batch, True
+    return batch, False
 
 
 _R_LOCKED, _R_READY, _R_IN_TREE, _R_TREE_END, _R_DONE, _R_SUMMARY, _R_POISONED = range(7)

@@ -27,6 +27,7 @@ directory share one lmdb.Environment (reference counted).
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -650,17 +651,15 @@ def _list_trees(txn: lmdb.Transaction[bytes]) -> list[str]:
 
 
 def _scan(txn: lmdb.Transaction[bytes], db: Any, prefix: bytes, max_key_size: int) -> Iterator[tuple[bytes, bytes]]:
-    """Stream the records of db whose key starts with prefix, in key order, as bytes copies."""
+    """Stream the records of db whose key starts with prefix, in key order, as bytes copies
+    (py-lmdb's own iterator: no bytecode per record without a prefix)."""
     if len(prefix) > max_key_size:
-        return  # no stored key is that long
+        return iter(())  # no stored key is that long
     cursor = txn.cursor(db=db)
-    found = cursor.set_range(prefix) if prefix else cursor.first()
-    while found:
-        key, value = cursor.item()
-        if not key.startswith(prefix):
-            return
-        yield key, value
-        found = cursor.next()
+    if not (cursor.set_range(prefix) if prefix else cursor.first()):
+        return iter(())
+    pairs: Iterator[tuple[bytes, bytes]] = cursor.iternext()
+    return itertools.takewhile(lambda pair: pair[0].startswith(prefix), pairs) if prefix else pairs
 
 
 class _LmdbWriteTransaction(WriteTransaction):
@@ -856,6 +855,15 @@ class _LmdbSnapshot(ReadSnapshot):
         return self._iter_items(tree, prefix)
 
     def _iter_items(self, tree: str, prefix: bytes) -> Items:
+        for batch in self.batches(tree, prefix):
+            for pair in batch:
+                if self._handle.done:  # the records are copies, but the promise is no reads after the block
+                    raise StoreError("the snapshot is over (its with block has exited)")
+                yield pair
+
+    def batches(self, tree: str, prefix: Buffer = b"") -> Iterator[list[tuple[bytes, bytes]]]:
+        tree = check_tree(tree)
+        prefix = as_bytes(prefix, "prefix")
         scan: Iterator[tuple[bytes, bytes]] | None = None
         while True:
             with self._lock, _errors("items"):
@@ -867,9 +875,7 @@ class _LmdbSnapshot(ReadSnapshot):
                     scan = _scan(txn, db, prefix, self._shared.max_key_size)
                 # Copies of a batch of records per lock round trip (per record it costs 5x).
                 batch, more = take_batch(scan)
-            for pair in batch:
-                if self._handle.done:  # the records are copies, but the promise is no reads after the block
-                    raise StoreError("the snapshot is over (its with block has exited)")
-                yield pair
+            if batch:
+                yield batch
             if not more:
                 return

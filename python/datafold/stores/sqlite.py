@@ -565,6 +565,15 @@ class _SqliteSnapshot(ReadSnapshot):
         return self._iter_items(tree, prefix)
 
     def _iter_items(self, tree: str, prefix: bytes) -> Items:
+        for batch in self.batches(tree, prefix):
+            for pair in batch:
+                if not self._active:  # the rows are copies, but the promise is no reads after the block
+                    raise StoreError("the snapshot is over (its with block has exited)")
+                yield pair
+
+    def batches(self, tree: str, prefix: Buffer = b"") -> Iterator[list[tuple[bytes, bytes]]]:
+        tree = check_tree(tree)
+        prefix = as_bytes(prefix, "prefix")
         cursor: sqlite3.Cursor | None = None
         try:
             while True:
@@ -576,10 +585,8 @@ class _SqliteSnapshot(ReadSnapshot):
                         _select_items(cursor, tree, prefix)
                     # A batch of rows per lock round trip (per row it costs several times more).
                     rows, more = take_batch((bytes(k), bytes(v)) for k, v in iter(cursor.fetchone, None))
-                for pair in rows:
-                    if not self._active:  # the rows are copies, but the promise is no reads after the block
-                        raise StoreError("the snapshot is over (its with block has exited)")
-                    yield pair
+                if rows:
+                    yield rows
                 if not more:
                     return
         finally:
