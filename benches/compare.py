@@ -226,7 +226,6 @@ def fresh(path: Path) -> Path:
 class Bench:
     """What every contender of one dataset gets."""
 
-    dataset: datasets.Dataset
     items: dict[str, list[datasets.Item]]
     source: Path  # the LMDB environment directory
     tmp: Path
@@ -467,7 +466,7 @@ def bench_dataset(name: str, scale: float, tmp: Path, repeat: int, pure_budget: 
     source = tmp / f"{name}-lmdb"
     log(f"{name}: filling the source LMDB database ({nbytes / 1e6:,.1f} MB)")
     dataset.fill_lmdb(source, items)
-    bench = Bench(dataset, items, source, tmp, repeat, pure_budget, records)
+    bench = Bench(items, source, tmp, repeat, pure_budget, records)
     result = Result(name, records, nbytes, bench.data_file.stat().st_size)
     result.rows.append(datafold_row(bench, "rust", RUST, True))
     result.rows.append(datafold_row(bench, "rust", RUST_FAST, False))
@@ -582,16 +581,21 @@ TABLE_NOTES = """\
 # ---------------------------------------------------------------------------------- peak RSS
 
 
-def _status(pid: int | str) -> dict[str, int]:
-    """The kB fields of /proc/<pid>/status (VmRSS, VmHWM, RssAnon, RssFile, ...), in bytes."""
+def _kb_fields(path: str) -> dict[str, int]:
+    """The "Name: N kB" fields of a /proc file (status, meminfo), in bytes."""
     fields = {}
-    with open(f"/proc/{pid}/status") as f:
+    with open(path) as f:
         for line in f:
             name, _, value = line.partition(":")
             parts = value.split()
             if len(parts) == 2 and parts[1] == "kB":
                 fields[name] = int(parts[0]) * 1024
     return fields
+
+
+def _status(pid: int | str) -> dict[str, int]:
+    """/proc/<pid>/status: VmRSS, VmHWM, RssAnon, RssFile, ... in bytes."""
+    return _kb_fields(f"/proc/{pid}/status")
 
 
 def memory_child(op: str, db_path: str, backup: str) -> None:
@@ -631,6 +635,22 @@ def measure_memory(op: str, db_path: Path, backup: Path) -> dict[str, float]:
     return report
 
 
+def memory_guard(growth: dict[tuple[int, str], float], sizes_mib: list[int], size: int, op: str) -> str:
+    """A skip note when the growth of `op` at a smaller size, scaled linearly to `size`, would take
+    more than 3/4 of MemAvailable (an OOM kill would hit whatever else runs here); else ""."""
+    smaller = [s for s in sizes_mib if s < size and (s, op) in growth]
+    if not smaller:
+        return ""
+    expected = growth[smaller[-1], op] * size / smaller[-1]
+    available = _kb_fields("/proc/meminfo").get("MemAvailable", 0)
+    if expected <= 0.75 * available:
+        return ""
+    return (
+        f"skipped: grew {growth[smaller[-1], op] / MIB:,.0f} MiB at {smaller[-1]:,} MiB, so ~{expected / 2**30:,.1f} "
+        f"GiB expected here; MemAvailable is {available / 2**30:,.1f} GiB"
+    )
+
+
 def bench_memory(sizes_mib: list[int], tmp: Path) -> tuple[str, list[Bar]]:
     lines = [
         "### Memory: peak anonymous RSS growth, Rust core, defaults (one process per operation)",
@@ -643,6 +663,7 @@ def bench_memory(sizes_mib: list[int], tmp: Path) -> tuple[str, list[Bar]]:
     ]
     growth: dict[tuple[int, str], float] = {}
     skipped: dict[int, str] = {}
+    skipped_op: dict[tuple[int, str], str] = {}
     for size in sizes_mib:
         need = int(size * MIB * 3.2) + 2 * 1024 * MIB  # source + backup + restored copy, and slack
         free = shutil.disk_usage(tmp).free
@@ -656,6 +677,11 @@ def bench_memory(sizes_mib: list[int], tmp: Path) -> tuple[str, list[Bar]]:
         log(f"memory: filling a {size} MiB database")
         dataset.fill_lmdb(source)
         for op, db in (("backup", source), ("restore", target)):
+            if note := memory_guard(growth, sizes_mib, size, op):
+                skipped_op[size, op] = note
+                lines.append(f"| {size:,} MiB | {op} | {note} | | | | | |")
+                log(f"memory: {op} of {size} MiB {note}")
+                continue
             log(f"memory: {op} of {size} MiB")
             try:
                 r = measure_memory(op, db, backup)
@@ -684,7 +710,7 @@ def bench_memory(sizes_mib: list[int], tmp: Path) -> tuple[str, list[Bar]]:
                 verdict = "PASS" if g <= MEMORY_BAR_MIB else "MISS"
                 bars.append(Bar(label, verdict, f"grew {g:,.0f} MiB"))
             else:
-                bars.append(Bar(label, "SKIP", skipped.get(size, "the run failed")))
+                bars.append(Bar(label, "SKIP", skipped_op.get((size, op)) or skipped.get(size, "the run failed")))
     lines += ["", "Bars (issue 5):", ""] + [f"- **{b.verdict}** {_cell(b.label)}: {b.detail}" for b in bars]
     return "\n".join(lines) + "\n", bars
 

@@ -5,7 +5,8 @@ Run (pyproject's addopts disable benchmarks, and testpaths only names tests/):
     python -m pytest benches -p no:cacheprovider --benchmark-enable
     DATAFOLD_BENCH_SCALE=0.01 python -m pytest benches -p no:cacheprovider --benchmark-enable -q   # quick
 
-The data are benches/datasets.py's "small" and "large" datasets at DATAFOLD_BENCH_SCALE (default 0.1).
+The data are benches/datasets.py's "small" and "large" datasets at DATAFOLD_BENCH_SCALE
+(default 0.25: 500k records, 64 MiB).
 
 Every benchmark goes through `measure()`, which records the payload bytes and record count in
 `benchmark.extra_info`; the terminal summary then prints a Markdown table with MB/s (1 MB = 1e6 B)
@@ -45,7 +46,7 @@ def backup_key() -> bytes:
 
 # Fraction of the full datasets (benches/datasets.py: "small" = 2M text records in 4 trees, "large" =
 # 256 x 1 MiB random values). The default keeps the whole suite, both cores, to a few minutes.
-SCALE = float(os.environ.get("DATAFOLD_BENCH_SCALE", "0.1"))
+SCALE = float(os.environ.get("DATAFOLD_BENCH_SCALE", "0.25"))
 
 
 @pytest.fixture(scope="session")
