@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Side-by-side comparison of datafold with other ways to back up the same LMDB database.
 
-    python benches/compare.py                          # full datasets, median of 3, writes docs/
-    python benches/compare.py --scale 0.02 --repeat 1 --no-write     # a smoke run (~1 min)
+    python benches/compare.py                          # full datasets, median of 3, ~20 min, writes docs/
+    python benches/compare.py --scale 0.02 --repeat 1 --no-write     # a smoke run (~30 s)
     python benches/compare.py --only memory --memory-mib 512         # the memory benchmark alone
 
 Data: benches/datasets.py's "small" (2M text records of ~17 + 100 bytes in 4 trees) and "large"
@@ -123,7 +123,9 @@ class Bar:
 
 
 def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:
-    """(wall seconds, result) of fn(*args, **kwargs)."""
+    """(wall seconds, result) of fn(*args, **kwargs). Untimed before it: os.sync(), so no writeback
+    left by the previous step (a fill, a cleanup) lands in this step's fsyncs, and a collection."""
+    os.sync()
     gc.collect()
     start = time.perf_counter()
     result = fn(*args, **kwargs)
@@ -855,7 +857,7 @@ def main() -> None:
                 result = bench_dataset(name, args.scale, tmp, args.repeat, args.pure_budget, not args.no_pure)
                 results.append(result)
                 bars += result.bars
-                sections[name] = render_dataset(result, args.repeat, args.scale) + "\n" + TABLE_NOTES
+                sections[name] = render_dataset(result, args.repeat, args.scale)
         if "memory" in parts:
             sections["memory"], memory_bars = bench_memory([base_mib, 4 * base_mib], tmp)
             bars += memory_bars
@@ -871,6 +873,7 @@ def main() -> None:
         chart_note = "chart not redrawn: it needs small and large in one run"
     took = time.perf_counter() - started
     sections["env"] += f"- Last run: `{' '.join(['python benches/compare.py', *sys.argv[1:]])}`, {took:.0f} s.\n"
+    sections["env"] += "\nHow to read the tables:\n\n" + TABLE_NOTES
 
     out = [sections[k] for k in ("env", "small", "large", "memory", "chart") if k in sections]
     print("\n".join(out))
