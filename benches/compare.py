@@ -747,7 +747,7 @@ def draw_chart(results: list[Result], path: Path) -> str:
             ax.invert_yaxis()
             ax.set_title(f"{result.name}: {op}")
             ax.set_xscale("log")
-            ax.set_xlabel("MB/s of keys + values, log scale (higher is better)")
+            ax.set_xlabel("MB/s of keys + values (log; higher is better)", fontsize=8)
             ax.tick_params(axis="y", labelsize=8)
             for y, speed in enumerate(speeds):
                 ax.text(speed, y, f" {speed:,.0f}", va="center", fontsize=7)
