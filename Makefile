@@ -22,9 +22,13 @@ lint: dev
 	$(VENV)/bin/ruff check python tests benches examples
 	$(VENV)/bin/mypy python/datafold
 
+# Full size: the suites (DATAFOLD_BENCH_SCALE, default 0.25) take about a minute, compare.py
+# (scale 1, median of 3, memory at 2 and 8 GiB) about 20 minutes; it rewrites docs/BENCHMARKS.md's
+# marked regions and docs/benchmarks.png. BENCH_ARGS="--scale 0.02 --repeat 1 --no-write" for a smoke run.
 bench: dev
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m pytest benches --benchmark-enable -p no:cacheprovider
-	$(PY) benches/compare.py
+	$(PY) benches/compare.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .ci-venv target dist

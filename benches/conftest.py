@@ -3,6 +3,10 @@
 Run (pyproject's addopts disable benchmarks, and testpaths only names tests/):
 
     python -m pytest benches -p no:cacheprovider --benchmark-enable
+    DATAFOLD_BENCH_SCALE=0.01 python -m pytest benches -p no:cacheprovider --benchmark-enable -q   # quick
+
+The data are benches/datasets.py's "small" and "large" datasets at DATAFOLD_BENCH_SCALE
+(default 0.25: 500k records, 64 MiB).
 
 Every benchmark goes through `measure()`, which records the payload bytes and record count in
 `benchmark.extra_info`; the terminal summary then prints a Markdown table with MB/s (1 MB = 1e6 B)
@@ -16,13 +20,12 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+import datasets
 import pytest
 from datafold.core import load_core
 from datafold.keys import derive_backup_key
 
 CORES = ("rust", "pure")
-MIB = 1 << 20
-KEY_SIZE = 16
 
 # (group, test name, benchmark fixture) for the terminal summary, in run order.
 _MEASURED: list[tuple[str, str, Any]] = []
@@ -41,31 +44,33 @@ def backup_key() -> bytes:
 
 # --- data -------------------------------------------------------------------------------------
 
-PAYLOAD_SIZE = 64 * MIB
-BIG_COUNT, BIG_VALUE = 1000, 64 * 1024  # (a) 1000 values of 64 KiB (62.5 MiB)
-SMALL_COUNT, SMALL_VALUE = 500_000, 100  # (b) 500k records of 16 + 100 bytes (55 MiB)
-
-
-def make_items(count: int, value_size: int) -> list[tuple[bytes, bytes]]:
-    """`count` records with 16-byte big-endian counter keys (so already in key order) and random
-    values; the values are slices of one random buffer, which is much faster than urandom per value."""
-    pool = os.urandom(count * value_size)
-    return [(i.to_bytes(KEY_SIZE, "big"), pool[i * value_size : (i + 1) * value_size]) for i in range(count)]
+# Fraction of the full datasets (benches/datasets.py: "small" = 2M text records in 4 trees, "large" =
+# 256 x 1 MiB random values). The default keeps the whole suite, both cores, to a few minutes.
+SCALE = float(os.environ.get("DATAFOLD_BENCH_SCALE", "0.25"))
 
 
 @pytest.fixture(scope="session")
-def payload() -> bytes:
-    return os.urandom(PAYLOAD_SIZE)
+def bench_scale() -> float:
+    return SCALE
 
 
 @pytest.fixture(scope="session")
-def big_items() -> list[tuple[bytes, bytes]]:
-    return make_items(BIG_COUNT, BIG_VALUE)
+def dataset_items() -> Callable[[str], dict[str, list[datasets.Item]]]:
+    """`dataset_items(name)`: the records of dataset "small" or "large" at SCALE, per tree, made once."""
+    made: dict[str, dict[str, list[datasets.Item]]] = {}
+
+    def get(name: str) -> dict[str, list[datasets.Item]]:
+        if name not in made:
+            made[name] = datasets.DATASETS[name](SCALE).materialize()
+        return made[name]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def small_items() -> list[tuple[bytes, bytes]]:
-    return make_items(SMALL_COUNT, SMALL_VALUE)
+def payload(dataset_items: Callable[[str], dict[str, list[datasets.Item]]]) -> bytes:
+    """The values of the "large" dataset at SCALE, joined: random bytes for the one-shot AEAD."""
+    return b"".join(value for items in dataset_items("large").values() for _, value in items)
 
 
 # --- measuring ----------------------------------------------------------------------------------
