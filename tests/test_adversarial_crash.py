@@ -94,16 +94,19 @@ def at_item(n):
         if hasattr(m, name)
     ]
     for owner in owners:
-        original = owner.items
+        # create_backup reads a snapshot's batches (older versions: items)
+        name = "batches" if hasattr(owner, "batches") else "items"
+        original = getattr(owner, name)
 
-        def items(self, tree, prefix=b"", _original=original):
+        def records(self, tree, prefix=b"", _original=original, _batched=name == "batches"):
             for item in _original(self, tree, prefix):
-                seen[0] += 1
-                if seen[0] == n:
-                    hang()
-                yield item
+                for record in item if _batched else [item]:
+                    seen[0] += 1
+                    if seen[0] == n:
+                        hang()
+                    yield [record] if _batched else record
 
-        owner.items = items
+        setattr(owner, name, records)
 
 
 def at_put(n):

@@ -37,25 +37,26 @@ from datafold.stores.sqlite import _SqliteSnapshot
 db_path, backend, destination, marker, ready_after = sys.argv[1:]
 ready_after = int(ready_after)
 snapshot_class = {"lmdb": _LmdbSnapshot, "sqlite": _SqliteSnapshot}[backend]
-original = snapshot_class.items
+original = snapshot_class.batches
 seen = 0
 
 
-def slow_items(self, tree, prefix=b""):
-    # create_backup reads through a snapshot: read normally until ready_after records are in
-    # the backup, then signal and crawl.
+def slow_batches(self, tree, prefix=b""):
+    # create_backup reads through a snapshot's batches: read normally until ready_after records
+    # are in the backup, then signal and crawl, one record per batch.
     global seen
-    for item in original(self, tree, prefix):
-        seen += 1
-        if seen == ready_after:
-            with open(marker, "w") as f:
-                f.write(str(os.getpid()))
-        if seen >= ready_after:
-            time.sleep(0.05)
-        yield item
+    for batch in original(self, tree, prefix):
+        for item in batch:
+            seen += 1
+            if seen == ready_after:
+                with open(marker, "w") as f:
+                    f.write(str(os.getpid()))
+            if seen >= ready_after:
+                time.sleep(0.05)
+            yield [item]
 
 
-snapshot_class.items = slow_items
+snapshot_class.batches = slow_batches
 with DbOperations.open(db_path, backend) as db:
     EncryptedBackupManager(db, MasterKeyPair.from_private_bytes(bytes(range(32)))).create_backup(destination)
 open(marker + ".finished", "w").close()

@@ -6,6 +6,7 @@ creation and the master key. Every test runs on both cores and both backends unl
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -426,15 +427,23 @@ SNAPSHOT_CLASSES = (_LmdbSnapshot, _SqliteSnapshot)
 
 
 def patch_snapshot_items(monkeypatch: pytest.MonkeyPatch, wrap: Any) -> None:
-    """Replaces items() of every backend's read snapshot (what create_backup reads through) by
-    wrap(original, self, tree, prefix)."""
+    """Replaces the records of every backend's read snapshot, items() and batches() (what
+    create_backup reads through), by wrap(original_items, self, tree, prefix)."""
     for cls in SNAPSHOT_CLASSES:
-        original = cls.items
+        original_batches = cls.batches
+
+        def original(self: Any, tree: str, prefix: bytes = b"", _batches: Any = original_batches) -> Any:
+            return itertools.chain.from_iterable(_batches(self, tree, prefix))
 
         def items(self: Any, tree: str, prefix: bytes = b"", _original: Any = original) -> Any:
             return wrap(_original, self, tree, prefix)
 
+        def batches(self: Any, tree: str, prefix: bytes = b"", _original: Any = original) -> Any:
+            for item in wrap(_original, self, tree, prefix):
+                yield [item]
+
         monkeypatch.setattr(cls, "items", items)
+        monkeypatch.setattr(cls, "batches", batches)
 
 
 def fail_items_after(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
