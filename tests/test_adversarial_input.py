@@ -720,7 +720,12 @@ def _writer_bytes(core: ModuleType) -> bytes:
 
 
 PURE_KEY_ID = "BUG: the pure core's derive_key_id accepts a key of any length (the Rust core requires 32 bytes)"
-FIXED.update({NO_READ_WRITE, PURE_KEY_ID})
+RUST_SURROGATE_TREE = (
+    "BUG: the Rust core raises UnicodeEncodeError (not InvalidArgumentError naming the tree) for a "
+    "tree name with a lone surrogate (src/py/writer.rs begin_tree takes &str via PyO3); the pure core "
+    "raises InvalidArgumentError"
+)
+FIXED.update({NO_READ_WRITE, PURE_KEY_ID, CORE_OVERFLOW, RUST_SURROGATE_TREE})
 
 
 def _core_reason(bug_cores: tuple[str, ...], label: str) -> str:
@@ -751,18 +756,79 @@ def test_cores_reject_bad_input(core_id: str, label: str, call: Callable[[Module
         assert label.endswith("(may pass)"), f"{label} was accepted"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the Rust core raises UnicodeEncodeError (not InvalidArgumentError naming the tree) for a "
-    "tree name with a lone surrogate (src/py/writer.rs begin_tree takes &str via PyO3); the pure core "
-    "raises InvalidArgumentError",
-)
+@xfail(RUST_SURROGATE_TREE)
 def test_rust_begin_tree_with_a_surrogate_is_an_invalid_argument() -> None:
     from datafold import _core as rust
     from datafold.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError, match="tree"):
         _writer(rust).begin_tree("\udcff")
+
+
+# Ints the Rust core once read as u16/u32/u64/i64/usize: both cores must now raise the same class
+# with the same message (naming the argument and the value), or both accept the value.
+INT_CASES: list[tuple[str, Callable[[ModuleType], object]]] = [
+    ("writer segment_size=-1", lambda c: _writer(c, segment_size=-1)),
+    ("writer segment_size=2**64", lambda c: _writer(c, segment_size=2**64)),
+    ("writer segment_size=-(2**200)", lambda c: _writer(c, segment_size=-(2**200))),
+    ("writer segment_size=True", lambda c: _writer(c, segment_size=True)),
+    ("writer segment_size=4096.0", lambda c: _writer(c, segment_size=4096.0)),
+    ("writer threads=-(2**64)", lambda c: _writer(c, threads=-(2**64))),
+    ("writer threads=2**100", lambda c: _writer(c, threads=2**100).finish()),
+    ("writer threads=None", lambda c: _writer(c, threads=None)),
+    ("writer kdf_id=-1", lambda c: _writer(c, kdf_id=-1)),
+    ("writer kdf_id=2**16", lambda c: _writer(c, kdf_id=2**16)),
+    ("writer kdf_id=2**300", lambda c: _writer(c, kdf_id=2**300)),
+    ("reader threads=-1", lambda c: c.BackupReader(io.BytesIO(_writer_bytes(c)), threads=-1)),
+    ("reader threads=2**64", lambda c: c.BackupReader(io.BytesIO(_writer_bytes(c)), threads=2**64).preamble.kdf_id),
+    ("read_items(2**63)", lambda c: _reader_in_tree(c).read_items(2**63)),
+    ("read_items(-(2**64))", lambda c: _reader_in_tree(c).read_items(-(2**64))),
+    ("read_items(1, 2**64)", lambda c: _reader_in_tree(c).read_items(1, 2**64)),
+    ("read_items(1, -(2**64))", lambda c: _reader_in_tree(c).read_items(1, -(2**64))),
+    ("read_items('1')", lambda c: _reader_in_tree(c).read_items("1")),
+    ("encrypt_stream segment_size=-1", lambda c: c.encrypt_stream(BACKUP_KEY, b"x", b"", -1)),
+    ("encrypt_stream segment_size=2**64", lambda c: c.encrypt_stream(BACKUP_KEY, b"x", b"", 2**64)),
+    ("encrypt_stream segment_size=56", lambda c: c.encrypt_stream(BACKUP_KEY, b"x", b"", 56)),
+    ("decrypt_stream segment_size=2**64", lambda c: c.decrypt_stream(BACKUP_KEY, b"x" * 99, b"", 2**64)),
+    ("decrypt_stream segment_size=2**32", lambda c: c.decrypt_stream(BACKUP_KEY, b"x" * 99, b"", 2**32)),
+    (
+        "encrypt_stream derived_key_size=-1",
+        lambda c: c.encrypt_stream(BACKUP_KEY, b"x", b"", 4096, derived_key_size=-1),
+    ),
+    (
+        "encrypt_stream derived_key_size=17",
+        lambda c: c.encrypt_stream(BACKUP_KEY, b"x", b"", 4096, derived_key_size=17),
+    ),
+    (
+        "encrypt_stream derived_key_size=2**64, segment_size=2**64",
+        lambda c: c.encrypt_stream(BACKUP_KEY, b"x", b"", 2**64, derived_key_size=2**64),
+    ),
+    ("encrypt_stream threads=-1", lambda c: c.encrypt_stream(BACKUP_KEY, b"x", b"", 4096, threads=-1)),
+    (
+        "decrypt_stream threads=2**70",
+        lambda c: c.decrypt_stream(BACKUP_KEY, c.encrypt_stream(BACKUP_KEY, b"x", b"", 4096), b"", 4096, threads=2**70),
+    ),
+    ("encode_preamble segment_size=-1", lambda c: c.encode_preamble(-1, bytes(16))),
+    ("encode_preamble segment_size=2**64", lambda c: c.encode_preamble(2**64, bytes(16))),
+    ("encode_preamble kdf_id=2**16", lambda c: c.encode_preamble(4096, bytes(16), 2**16)),
+    ("encode_preamble kdf_id=-1", lambda c: c.encode_preamble(4096, bytes(16), -1)),
+    ("encode_preamble kdf_id=1.0", lambda c: c.encode_preamble(4096, bytes(16), 1.0)),
+]
+
+
+def _outcome(core: ModuleType, call: Callable[[ModuleType], object]) -> tuple[str, str]:
+    try:
+        call(core)
+    except Exception as exc:  # noqa: BLE001 - compared below
+        return type(exc).__name__, str(exc)
+    return "accepted", ""
+
+
+@pytest.mark.parametrize("label, call", [pytest.param(i, c, id=i) for i, c in INT_CASES])
+def test_cores_agree_on_int_arguments(label: str, call: Callable[[ModuleType], object]) -> None:
+    pure, rust = _outcome(load_core("pure"), call), _outcome(load_core("rust"), call)
+    assert rust == pure, label
+    assert pure[0] in ("accepted", "InvalidArgumentError", "ArgumentTypeError"), pure
 
 
 def test_pure_begin_tree_with_a_surrogate_is_an_invalid_argument() -> None:

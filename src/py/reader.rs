@@ -6,7 +6,8 @@ use pyo3::types::{PyBytes, PyList};
 
 use super::errors::{BackupError, FormatError, InvalidArgumentError};
 use super::writer::trailer_tuple;
-use super::{secret_arg, PyResultExt};
+use super::{secret_arg, IntArg, PyResultExt};
+use crate::error::Error;
 use crate::format::{Preamble, Trailer};
 use crate::reader::{
     check_key, parse_tail_trailer, trailer_record_length, truncated, BackupDecoder, Item, Layout,
@@ -183,9 +184,9 @@ impl PyBackupReader {
 #[pymethods]
 impl PyBackupReader {
     #[new]
-    #[pyo3(signature = (source, *, threads=0))]
-    fn new(py: Python<'_>, source: Bound<'_, PyAny>, threads: i64) -> PyResult<Self> {
-        let threads = super::threads_arg(threads)?;
+    #[pyo3(signature = (source, *, threads=IntArg::Default(0)))]
+    fn new(py: Python<'_>, source: Bound<'_, PyAny>, threads: IntArg<'_>) -> PyResult<Self> {
+        let threads = super::threads_arg(&threads)?;
         super::errors::require_method(&source, "read", "source")?;
         let mut head = read_up_to(&source, 16)?;
         let len = Preamble::declared_length(&head)?;
@@ -237,22 +238,23 @@ impl PyBackupReader {
 
     /// At most `max_items` records, and no more once `max_bytes` of keys and values are in the
     /// batch (so a batch of large values stays small).
-    #[pyo3(signature = (max_items=4096, max_bytes=16 << 20))]
+    #[pyo3(signature = (max_items=IntArg::Default(4096), max_bytes=IntArg::Default(16 << 20)))]
     fn read_items<'py>(
         &mut self,
         py: Python<'py>,
-        max_items: i64,
-        max_bytes: i64,
+        max_items: IntArg<'py>,
+        max_bytes: IntArg<'py>,
     ) -> PyResult<Bound<'py, PyList>> {
         self.guarded(py, |s, py| {
-            for (name, value) in [("max_items", max_items), ("max_bytes", max_bytes)] {
-                if value < 1 {
-                    return Err(InvalidArgumentError::new_err(format!(
-                        "{name} must be at least 1, got {value}"
-                    )));
-                }
-            }
-            let (max_items, max_bytes) = (max_items as usize, max_bytes as usize);
+            let limit = |name: &str, value: &IntArg<'_>| {
+                value.at_least(name, 1, |v| {
+                    Error::invalid(format!("{name} must be at least 1, got {v}"))
+                })
+            };
+            let (max_items, max_bytes) = (
+                limit("max_items", &max_items)?,
+                limit("max_bytes", &max_bytes)?,
+            );
             let mut bytes = 0usize;
             let list = PyList::empty(py);
             while list.len() < max_items && bytes < max_bytes {
