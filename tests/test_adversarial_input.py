@@ -7,7 +7,8 @@ leave the database and the backup directory as they were.
 Also: keys, values and tree names at the stores' limits (LMDB: keys 1..511 bytes, tree names
 <= 511 bytes), and the Rust / pure cores' own entry points (BackupWriter, BackupReader, ...).
 
-Cases that fail today are marked xfail(strict=True) with the bug they show (docs/SECURITY.md).
+Bugs this suite found are marked xfail(REASON) (strict); a fixed one has its REASON in FIXED, so its
+cases must pass (docs/SECURITY.md, "Findings").
 """
 
 # The fixtures imported from helpers are pytest fixtures: test arguments "redefine" them.
@@ -81,9 +82,29 @@ BYTES_PATHLIKE = (
     "bytes) and the restore then fails late with TypeError: Can't mix strings and bytes"
 )
 
+LMDB_FAILED_GROWTH = (
+    "BUG: a failed LMDB map growth (mdb_env_set_mapsize ENOMEM, stores/lmdb.py _SharedEnv.resize "
+    "env.set_mapsize) leaves the environment unusable: every later call raises StoreError 'Attempt to "
+    "operate on closed/deleted/dropped object' until the database is closed and reopened"
+)
+LMDB_NON_UTF8_PATH = (
+    "BUG: DbOperations.open of an LMDB path that is not valid UTF-8 (a surrogate-escaped file name, "
+    "legal on Linux) raises UnicodeEncodeError: stores/lmdb.py passes the str to lmdb.open, which "
+    "encodes it as UTF-8; pass os.fsencode(path)"
+)
+
 
 # Bugs of the list above that are fixed: their cases now pass and stay as regression tests.
-FIXED = {NUL_PATH, SURROGATE_TEXT, CORE_NOT_STR, BYTES_PATHLIKE}
+FIXED = {
+    NUL_PATH,
+    SURROGATE_TEXT,
+    CORE_NOT_STR,
+    BYTES_PATHLIKE,
+    LMDB_OVERFLOW,
+    NONFINITE_TIMEOUT,
+    LMDB_FAILED_GROWTH,
+    LMDB_NON_UTF8_PATH,
+}
 
 
 def xfail(reason: str) -> Any:
@@ -464,19 +485,27 @@ def test_stores_reject_bad_input(
         assert snapshot(db) == {"t": [(b"k", b"v")]}  # still usable, unchanged
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a failed LMDB map growth (mdb_env_set_mapsize ENOMEM, stores/lmdb.py _SharedEnv.resize "
-    "env.set_mapsize) leaves the environment unusable: every later call raises StoreError 'Attempt to "
-    "operate on closed/deleted/dropped object' until the database is closed and reopened",
+@xfail(LMDB_FAILED_GROWTH)
+@pytest.mark.parametrize(
+    "nbytes",
+    [
+        1 << 62,  # more than any x86-64 address space: mdb_env_set_mapsize fails (mmap ENOMEM)
+        1 << 50,  # a map of ~3 PiB: likewise
+    ],
 )
-def test_lmdb_failed_growth_keeps_the_database_usable(tmp_path: Path) -> None:
-    with DbOperations.open(tmp_path / "db", "lmdb") as db:
+def test_lmdb_failed_growth_keeps_the_database_usable(tmp_path: Path, nbytes: int) -> None:
+    with DbOperations.open(tmp_path / "db", "lmdb") as db, DbOperations.open(tmp_path / "db", "lmdb") as other:
         db.put("t", b"k", b"v")
-        with pytest.raises(StoreError):
-            db.reserve(1 << 62)  # more than any x86-64 address space
+        size = db._store.map_size()  # type: ignore[attr-defined]
+        with pytest.raises(StoreError, match="reserve"):
+            db.reserve(nbytes)
+        assert db._store.map_size() == size  # type: ignore[attr-defined]
         assert db.get("t", b"k") == b"v"
         db.put("t", b"k2", b"v2")
+        assert snapshot(other) == {"t": [(b"k", b"v"), (b"k2", b"v2")]}  # the same environment
+        db.reserve(1 << 20)  # growing still works
+        db.put_many("t", [(b"n%d" % i, bytes(1000)) for i in range(20000)])
+        assert db.count("t") == 20002
 
 
 # --- non-UTF-8 and long file names --------------------------------------------------------------------
@@ -487,11 +516,7 @@ def test_lmdb_failed_growth_keeps_the_database_usable(tmp_path: Path) -> None:
     [
         pytest.param(
             "lmdb",
-            marks=xfail(
-                "BUG: DbOperations.open of an LMDB path that is not valid UTF-8 (a surrogate-escaped file name, "
-                "legal on Linux) raises UnicodeEncodeError: stores/lmdb.py passes the str to lmdb.open, which "
-                "encodes it as UTF-8; pass os.fsencode(path)"
-            ),
+            marks=xfail(LMDB_NON_UTF8_PATH),
         ),
         "sqlite",
         "backup file",
