@@ -44,10 +44,20 @@ pub fn check_segment_size(segment_size: u64) -> Result<u32> {
     if (MIN_SEGMENT_SIZE as u64..=MAX_SEGMENT_SIZE as u64).contains(&segment_size) {
         Ok(segment_size as u32)
     } else {
-        Err(Error::invalid(format!(
-            "segment_size must be between {MIN_SEGMENT_SIZE} and {MAX_SEGMENT_SIZE} bytes, got {segment_size}"
-        )))
+        Err(segment_size_error(segment_size))
     }
+}
+
+/// The error for a segment size out of range; `got` may be any integer (also one beyond u64).
+pub fn segment_size_error(got: impl std::fmt::Display) -> Error {
+    Error::invalid(format!(
+        "segment_size must be between {MIN_SEGMENT_SIZE} and {MAX_SEGMENT_SIZE} bytes, got {got}"
+    ))
+}
+
+/// The error for a KDF id this format does not know; `got` may be any integer.
+pub fn unknown_kdf_id(got: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("unknown kdf_id {got}"))
 }
 
 fn check_kdf_id(kdf_id: u16) -> bool {
@@ -66,7 +76,7 @@ impl Preamble {
             .try_into()
             .map_err(|_| Error::invalid(format!("key_id must be {KEY_ID_LENGTH} bytes")))?;
         if !check_kdf_id(kdf_id) {
-            return Err(Error::invalid(format!("unknown kdf_id {kdf_id}")));
+            return Err(unknown_kdf_id(kdf_id));
         }
         let total = PREAMBLE_FIXED_LENGTH + kdf_params.len();
         if total > MAX_PREAMBLE_LENGTH {

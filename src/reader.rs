@@ -483,10 +483,12 @@ pub fn trailer_record_length(tail: &[u8]) -> Option<usize> {
     Some(u32_le(&tail[tail.len() - 4..]) as usize + 5)
 }
 
-/// Parses the TRAILER record at the end of `tail` (which must hold all of it).
+/// Parses the TRAILER record at the end of `tail`. A tail shorter than the record it declares
+/// (a stream too short to hold it, or a forged length) is an integrity error, never a panic.
 pub fn parse_tail_trailer(tail: &[u8]) -> Result<Trailer> {
     let n = trailer_record_length(tail).ok_or_else(truncated)?;
-    let rec = &tail[tail.len() - n..];
+    let start = tail.len().checked_sub(n).ok_or_else(truncated)?;
+    let rec = &tail[start..];
     if rec[0] != REC_TRAILER || u32_le(&rec[1..5]) as usize != n - 5 {
         return Err(Error::integrity("backup does not end with a valid trailer"));
     }
@@ -581,4 +583,33 @@ pub fn read_all(file: &[u8], key: &[u8]) -> Result<(Vec<u8>, Vec<Tree>, Trailer)
         .cloned()
         .expect("next_tree returned None: trailer is set");
     Ok((meta, trees, trailer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_tail_trailer_refuses_a_tail_shorter_than_its_record() {
+        // Under 4 bytes: no length to read.
+        for tail in [&b""[..], b"\x00", b"\x01\x02\x03"] {
+            assert!(matches!(parse_tail_trailer(tail), Err(Error::Integrity(_))));
+        }
+        // A declared record (length + 5) longer than the whole tail, up to the largest length.
+        for declared in [0u32, 1, 100, u32::MAX - 5, u32::MAX] {
+            let tail = declared.to_le_bytes();
+            assert!(matches!(
+                parse_tail_trailer(&tail),
+                Err(Error::Integrity(_))
+            ));
+            let mut longer = vec![REC_TRAILER; 7];
+            longer.extend_from_slice(&declared.to_le_bytes());
+            if declared as usize + 5 > longer.len() {
+                assert!(matches!(
+                    parse_tail_trailer(&longer),
+                    Err(Error::Integrity(_))
+                ));
+            }
+        }
+    }
 }

@@ -11,6 +11,31 @@ use crate::keys::{hkdf, HkdfHash};
 
 pub const NONCE_PREFIX_LENGTH: usize = 7;
 
+/// The derived key size (AES-128 or AES-256).
+pub fn check_key_size(key_size: usize) -> Result<usize> {
+    match key_size {
+        16 | 32 => Ok(key_size),
+        _ => Err(key_size_error(key_size)),
+    }
+}
+
+/// The error for a derived key size other than 16 or 32; `got` may be any integer.
+pub fn key_size_error(got: impl std::fmt::Display) -> Error {
+    Error::invalid(format!(
+        "derived_key_size must be 16 (AES-128) or 32 (AES-256), got {got}"
+    ))
+}
+
+/// The error for a ciphertext segment size out of range for a (valid) `key_size`; `got` may be
+/// any integer.
+pub fn segment_size_error(key_size: usize, got: impl std::fmt::Display) -> Error {
+    Error::invalid(format!(
+        "segment_size must leave room for at least one plaintext byte in the first segment \
+         (more than {} bytes) and fit in 32 bits, got {got}",
+        1 + key_size + NONCE_PREFIX_LENGTH + TAG_LENGTH
+    ))
+}
+
 /// The fixed parameters of one stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamParams {
@@ -21,18 +46,10 @@ pub struct StreamParams {
 
 impl StreamParams {
     pub fn new(hash: HkdfHash, key_size: usize, segment_size: u64) -> Result<Self> {
-        if key_size != 16 && key_size != 32 {
-            return Err(Error::invalid(format!(
-                "derived_key_size must be 16 or 32, got {key_size}"
-            )));
-        }
+        let key_size = check_key_size(key_size)?;
         let header = 1 + key_size + NONCE_PREFIX_LENGTH;
         if segment_size <= (header + TAG_LENGTH) as u64 || segment_size > u32::MAX as u64 {
-            return Err(Error::invalid(format!(
-                "segment_size must be between {} and {} for this key size, got {segment_size}",
-                header + TAG_LENGTH + 1,
-                u32::MAX
-            )));
+            return Err(segment_size_error(key_size, segment_size));
         }
         Ok(StreamParams {
             hash,

@@ -7,7 +7,8 @@ leave the database and the backup directory as they were.
 Also: keys, values and tree names at the stores' limits (LMDB: keys 1..511 bytes, tree names
 <= 511 bytes), and the Rust / pure cores' own entry points (BackupWriter, BackupReader, ...).
 
-Cases that fail today are marked xfail(strict=True) with the bug they show (docs/SECURITY.md).
+Bugs this suite found are marked xfail(REASON) (strict); a fixed one has its REASON in FIXED, so its
+cases must pass (docs/SECURITY.md, "Findings").
 """
 
 # The fixtures imported from helpers are pytest fixtures: test arguments "redefine" them.
@@ -81,9 +82,29 @@ BYTES_PATHLIKE = (
     "bytes) and the restore then fails late with TypeError: Can't mix strings and bytes"
 )
 
+LMDB_FAILED_GROWTH = (
+    "BUG: a failed LMDB map growth (mdb_env_set_mapsize ENOMEM, stores/lmdb.py _SharedEnv.resize "
+    "env.set_mapsize) leaves the environment unusable: every later call raises StoreError 'Attempt to "
+    "operate on closed/deleted/dropped object' until the database is closed and reopened"
+)
+LMDB_NON_UTF8_PATH = (
+    "BUG: DbOperations.open of an LMDB path that is not valid UTF-8 (a surrogate-escaped file name, "
+    "legal on Linux) raises UnicodeEncodeError: stores/lmdb.py passes the str to lmdb.open, which "
+    "encodes it as UTF-8; pass os.fsencode(path)"
+)
+
 
 # Bugs of the list above that are fixed: their cases now pass and stay as regression tests.
-FIXED = {NUL_PATH, SURROGATE_TEXT, CORE_NOT_STR, BYTES_PATHLIKE}
+FIXED = {
+    NUL_PATH,
+    SURROGATE_TEXT,
+    CORE_NOT_STR,
+    BYTES_PATHLIKE,
+    LMDB_OVERFLOW,
+    NONFINITE_TIMEOUT,
+    LMDB_FAILED_GROWTH,
+    LMDB_NON_UTF8_PATH,
+}
 
 
 def xfail(reason: str) -> Any:
@@ -464,19 +485,27 @@ def test_stores_reject_bad_input(
         assert snapshot(db) == {"t": [(b"k", b"v")]}  # still usable, unchanged
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a failed LMDB map growth (mdb_env_set_mapsize ENOMEM, stores/lmdb.py _SharedEnv.resize "
-    "env.set_mapsize) leaves the environment unusable: every later call raises StoreError 'Attempt to "
-    "operate on closed/deleted/dropped object' until the database is closed and reopened",
+@xfail(LMDB_FAILED_GROWTH)
+@pytest.mark.parametrize(
+    "nbytes",
+    [
+        1 << 62,  # more than any x86-64 address space: mdb_env_set_mapsize fails (mmap ENOMEM)
+        1 << 50,  # a map of ~3 PiB: likewise
+    ],
 )
-def test_lmdb_failed_growth_keeps_the_database_usable(tmp_path: Path) -> None:
-    with DbOperations.open(tmp_path / "db", "lmdb") as db:
+def test_lmdb_failed_growth_keeps_the_database_usable(tmp_path: Path, nbytes: int) -> None:
+    with DbOperations.open(tmp_path / "db", "lmdb") as db, DbOperations.open(tmp_path / "db", "lmdb") as other:
         db.put("t", b"k", b"v")
-        with pytest.raises(StoreError):
-            db.reserve(1 << 62)  # more than any x86-64 address space
+        size = db._store.map_size()  # type: ignore[attr-defined]
+        with pytest.raises(StoreError, match="reserve"):
+            db.reserve(nbytes)
+        assert db._store.map_size() == size  # type: ignore[attr-defined]
         assert db.get("t", b"k") == b"v"
         db.put("t", b"k2", b"v2")
+        assert snapshot(other) == {"t": [(b"k", b"v"), (b"k2", b"v2")]}  # the same environment
+        db.reserve(1 << 20)  # growing still works
+        db.put_many("t", [(b"n%d" % i, bytes(1000)) for i in range(20000)])
+        assert db.count("t") == 20002
 
 
 # --- non-UTF-8 and long file names --------------------------------------------------------------------
@@ -487,11 +516,7 @@ def test_lmdb_failed_growth_keeps_the_database_usable(tmp_path: Path) -> None:
     [
         pytest.param(
             "lmdb",
-            marks=xfail(
-                "BUG: DbOperations.open of an LMDB path that is not valid UTF-8 (a surrogate-escaped file name, "
-                "legal on Linux) raises UnicodeEncodeError: stores/lmdb.py passes the str to lmdb.open, which "
-                "encodes it as UTF-8; pass os.fsencode(path)"
-            ),
+            marks=xfail(LMDB_NON_UTF8_PATH),
         ),
         "sqlite",
         "backup file",
@@ -720,7 +745,12 @@ def _writer_bytes(core: ModuleType) -> bytes:
 
 
 PURE_KEY_ID = "BUG: the pure core's derive_key_id accepts a key of any length (the Rust core requires 32 bytes)"
-FIXED.update({NO_READ_WRITE, PURE_KEY_ID})
+RUST_SURROGATE_TREE = (
+    "BUG: the Rust core raises UnicodeEncodeError (not InvalidArgumentError naming the tree) for a "
+    "tree name with a lone surrogate (src/py/writer.rs begin_tree takes &str via PyO3); the pure core "
+    "raises InvalidArgumentError"
+)
+FIXED.update({NO_READ_WRITE, PURE_KEY_ID, CORE_OVERFLOW, RUST_SURROGATE_TREE})
 
 
 def _core_reason(bug_cores: tuple[str, ...], label: str) -> str:
@@ -751,18 +781,79 @@ def test_cores_reject_bad_input(core_id: str, label: str, call: Callable[[Module
         assert label.endswith("(may pass)"), f"{label} was accepted"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the Rust core raises UnicodeEncodeError (not InvalidArgumentError naming the tree) for a "
-    "tree name with a lone surrogate (src/py/writer.rs begin_tree takes &str via PyO3); the pure core "
-    "raises InvalidArgumentError",
-)
+@xfail(RUST_SURROGATE_TREE)
 def test_rust_begin_tree_with_a_surrogate_is_an_invalid_argument() -> None:
     from datafold import _core as rust
     from datafold.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError, match="tree"):
         _writer(rust).begin_tree("\udcff")
+
+
+# Ints the Rust core once read as u16/u32/u64/i64/usize: both cores must now raise the same class
+# with the same message (naming the argument and the value), or both accept the value.
+INT_CASES: list[tuple[str, Callable[[ModuleType], object]]] = [
+    ("writer segment_size=-1", lambda c: _writer(c, segment_size=-1)),
+    ("writer segment_size=2**64", lambda c: _writer(c, segment_size=2**64)),
+    ("writer segment_size=-(2**200)", lambda c: _writer(c, segment_size=-(2**200))),
+    ("writer segment_size=True", lambda c: _writer(c, segment_size=True)),
+    ("writer segment_size=4096.0", lambda c: _writer(c, segment_size=4096.0)),
+    ("writer threads=-(2**64)", lambda c: _writer(c, threads=-(2**64))),
+    ("writer threads=2**100", lambda c: _writer(c, threads=2**100).finish()),
+    ("writer threads=None", lambda c: _writer(c, threads=None)),
+    ("writer kdf_id=-1", lambda c: _writer(c, kdf_id=-1)),
+    ("writer kdf_id=2**16", lambda c: _writer(c, kdf_id=2**16)),
+    ("writer kdf_id=2**300", lambda c: _writer(c, kdf_id=2**300)),
+    ("reader threads=-1", lambda c: c.BackupReader(io.BytesIO(_writer_bytes(c)), threads=-1)),
+    ("reader threads=2**64", lambda c: c.BackupReader(io.BytesIO(_writer_bytes(c)), threads=2**64).preamble.kdf_id),
+    ("read_items(2**63)", lambda c: _reader_in_tree(c).read_items(2**63)),
+    ("read_items(-(2**64))", lambda c: _reader_in_tree(c).read_items(-(2**64))),
+    ("read_items(1, 2**64)", lambda c: _reader_in_tree(c).read_items(1, 2**64)),
+    ("read_items(1, -(2**64))", lambda c: _reader_in_tree(c).read_items(1, -(2**64))),
+    ("read_items('1')", lambda c: _reader_in_tree(c).read_items("1")),
+    ("encrypt_stream segment_size=-1", lambda c: c.encrypt_stream(BACKUP_KEY, b"x", b"", -1)),
+    ("encrypt_stream segment_size=2**64", lambda c: c.encrypt_stream(BACKUP_KEY, b"x", b"", 2**64)),
+    ("encrypt_stream segment_size=56", lambda c: c.encrypt_stream(BACKUP_KEY, b"x", b"", 56)),
+    ("decrypt_stream segment_size=2**64", lambda c: c.decrypt_stream(BACKUP_KEY, b"x" * 99, b"", 2**64)),
+    ("decrypt_stream segment_size=2**32", lambda c: c.decrypt_stream(BACKUP_KEY, b"x" * 99, b"", 2**32)),
+    (
+        "encrypt_stream derived_key_size=-1",
+        lambda c: c.encrypt_stream(BACKUP_KEY, b"x", b"", 4096, derived_key_size=-1),
+    ),
+    (
+        "encrypt_stream derived_key_size=17",
+        lambda c: c.encrypt_stream(BACKUP_KEY, b"x", b"", 4096, derived_key_size=17),
+    ),
+    (
+        "encrypt_stream derived_key_size=2**64, segment_size=2**64",
+        lambda c: c.encrypt_stream(BACKUP_KEY, b"x", b"", 2**64, derived_key_size=2**64),
+    ),
+    ("encrypt_stream threads=-1", lambda c: c.encrypt_stream(BACKUP_KEY, b"x", b"", 4096, threads=-1)),
+    (
+        "decrypt_stream threads=2**70",
+        lambda c: c.decrypt_stream(BACKUP_KEY, c.encrypt_stream(BACKUP_KEY, b"x", b"", 4096), b"", 4096, threads=2**70),
+    ),
+    ("encode_preamble segment_size=-1", lambda c: c.encode_preamble(-1, bytes(16))),
+    ("encode_preamble segment_size=2**64", lambda c: c.encode_preamble(2**64, bytes(16))),
+    ("encode_preamble kdf_id=2**16", lambda c: c.encode_preamble(4096, bytes(16), 2**16)),
+    ("encode_preamble kdf_id=-1", lambda c: c.encode_preamble(4096, bytes(16), -1)),
+    ("encode_preamble kdf_id=1.0", lambda c: c.encode_preamble(4096, bytes(16), 1.0)),
+]
+
+
+def _outcome(core: ModuleType, call: Callable[[ModuleType], object]) -> tuple[str, str]:
+    try:
+        call(core)
+    except Exception as exc:  # noqa: BLE001 - compared below
+        return type(exc).__name__, str(exc)
+    return "accepted", ""
+
+
+@pytest.mark.parametrize("label, call", [pytest.param(i, c, id=i) for i, c in INT_CASES])
+def test_cores_agree_on_int_arguments(label: str, call: Callable[[ModuleType], object]) -> None:
+    pure, rust = _outcome(load_core("pure"), call), _outcome(load_core("rust"), call)
+    assert rust == pure, label
+    assert pure[0] in ("accepted", "InvalidArgumentError", "ArgumentTypeError"), pure
 
 
 def test_pure_begin_tree_with_a_surrogate_is_an_invalid_argument() -> None:

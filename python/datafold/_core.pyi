@@ -29,10 +29,11 @@ class _Source(Protocol):
 # salt defaults to random bytes of derived_key_size, nonce_prefix to 7 random bytes.
 # segment_size is the ciphertext segment size; it must leave at least one plaintext byte in the
 # first segment (segment_size > header length + 16). Failures to authenticate raise IntegrityError;
-# bad parameters raise ValueError.
+# bad parameters raise ValueError (InvalidArgumentError naming the argument, whatever the size of
+# an int) and non-int arguments TypeError (ArgumentTypeError); both cores word them alike.
 # threads (here and on BackupWriter/BackupReader): segments are sealed/opened on up to this many
-# threads, 0 = all cores. The Rust core releases the GIL for that work; the pure core accepts and
-# validates the argument but always works on the calling thread.
+# threads (at most 1024), 0 = all cores. The Rust core releases the GIL for that work; the pure
+# core accepts and validates the argument but always works on the calling thread.
 def encrypt_stream(
     key: Buffer,
     plaintext: Buffer,

@@ -7,8 +7,9 @@ use pyo3::types::{PyBytes, PyList};
 use super::errors::{BackupError, InvalidArgumentError};
 use super::reader::PyBackupReader;
 use super::writer::PyBackupWriter;
-use super::{pair, with_bytes};
+use super::{batch_limit, pair, with_bytes, IntArg};
 use crate::chain::{ChainMerge, Record, RecordSource};
+use crate::error::Error;
 
 struct ReaderSource<'py> {
     reader: PyRefMut<'py, PyBackupReader>,
@@ -75,13 +76,17 @@ fn emit_into<'a>(
 #[pymethods]
 impl PyChainMerge {
     #[new]
-    #[pyo3(signature = (readers, *, stale=0))]
-    fn new(readers: Vec<Py<PyBackupReader>>, stale: usize) -> PyResult<Self> {
-        if stale > readers.len() {
-            return Err(InvalidArgumentError::new_err(format!(
-                "stale must be between 0 and the number of readers ({}), got {stale}",
-                readers.len()
-            )));
+    #[pyo3(signature = (readers, *, stale=IntArg::Default(0)))]
+    fn new(readers: Vec<Py<PyBackupReader>>, stale: IntArg<'_>) -> PyResult<Self> {
+        let members = readers.len();
+        let out_of_range = move |v: String| {
+            Error::invalid(format!(
+                "stale must be between 0 and the number of readers ({members}), got {v}"
+            ))
+        };
+        let stale: usize = stale.get("stale", out_of_range)?;
+        if stale > members {
+            return Err(out_of_range(stale.to_string()).into());
         }
         Ok(PyChainMerge {
             merge: ChainMerge::new(readers.len(), stale),
@@ -90,16 +95,16 @@ impl PyChainMerge {
         })
     }
 
-    #[pyo3(signature = (max_items=4096, max_bytes=16 << 20))]
+    #[pyo3(signature = (max_items=IntArg::Default(4096), max_bytes=IntArg::Default(16 << 20)))]
     fn read_items<'py>(
         &mut self,
         py: Python<'py>,
-        max_items: i64,
-        max_bytes: i64,
+        max_items: IntArg<'py>,
+        max_bytes: IntArg<'py>,
     ) -> PyResult<Bound<'py, PyList>> {
         let (max_items, max_bytes) = (
-            super::batch_limit(max_items, "max_items")?,
-            super::batch_limit(max_bytes, "max_bytes")?,
+            batch_limit(&max_items, "max_items")?,
+            batch_limit(&max_bytes, "max_bytes")?,
         );
         self.with_sources(py, |merge, sources| {
             let list = PyList::empty(py);

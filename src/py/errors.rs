@@ -40,13 +40,9 @@ pub fn require_method(obj: &Bound<'_, PyAny>, method: &str, what: &str) -> PyRes
     if ok {
         Ok(())
     } else {
-        let kind = obj
-            .get_type()
-            .name()
-            .map(|n| n.to_string())
-            .unwrap_or_default();
         Err(ArgumentTypeError::new_err(format!(
-            "{what} must be a binary file-like object with {method}(), not {kind}"
+            "{what} must be a binary file-like object with {method}(), not {}",
+            super::type_name(obj)
         )))
     }
 }

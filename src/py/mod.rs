@@ -7,15 +7,111 @@ mod writer;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyInt, PyList, PyString, PyTuple};
 use zeroize::Zeroizing;
 
 use crate::digest::ItemDigester;
+use crate::error::Error;
 use crate::format;
 use crate::keys::{derive_digest_key, derive_key_id as derive_key_id_rs, HkdfHash, SecretKey};
 use crate::stream::{self, StreamParams};
 
 pub use errors::PyResultExt;
+
+/// The name of `obj`'s type, for messages.
+pub(crate) fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_default()
+}
+
+/// An int argument, taken as the Python object so that no value, however large, raises
+/// OverflowError while the arguments are parsed. `get` and `at_least` check it as the pure core
+/// does: ArgumentTypeError for anything but an int (a bool too), and for a value out of range
+/// the InvalidArgumentError the domain check gives, naming the argument and the value.
+pub(crate) enum IntArg<'py> {
+    Given(Bound<'py, PyAny>),
+    /// The signature's default.
+    Default(i64),
+}
+
+impl<'py> FromPyObject<'py> for IntArg<'py> {
+    fn extract_bound(obj: &Bound<'py, PyAny>) -> PyResult<Self> {
+        Ok(IntArg::Given(obj.clone()))
+    }
+}
+
+impl IntArg<'_> {
+    /// The value, saturated to the i128 range (far beyond the bounds of every argument).
+    fn wide(&self, name: &str) -> PyResult<i128> {
+        let obj = match self {
+            IntArg::Default(v) => return Ok(i128::from(*v)),
+            IntArg::Given(obj) => obj,
+        };
+        if obj.is_instance_of::<PyBool>() || !obj.is_instance_of::<PyInt>() {
+            return Err(errors::ArgumentTypeError::new_err(format!(
+                "{name} must be an int, not {}",
+                type_name(obj)
+            )));
+        }
+        match obj.extract::<i128>() {
+            Ok(v) => Ok(v),
+            Err(_) if obj.lt(0)? => Ok(i128::MIN),
+            Err(_) => Ok(i128::MAX),
+        }
+    }
+
+    /// The exact value in decimal, for messages.
+    fn text(&self) -> PyResult<String> {
+        match self {
+            IntArg::Default(v) => Ok(v.to_string()),
+            IntArg::Given(obj) => Ok(obj.str()?.to_string()),
+        }
+    }
+
+    /// The value as a `T`; an int outside T's range gets `out_of_range(value)`, the error the
+    /// domain check gives for the values of T it refuses.
+    pub(crate) fn get<T: TryFrom<i128>>(
+        &self,
+        name: &str,
+        out_of_range: impl FnOnce(String) -> Error,
+    ) -> PyResult<T> {
+        match T::try_from(self.wide(name)?) {
+            Ok(v) => Ok(v),
+            Err(_) => Err(out_of_range(self.text()?).into()),
+        }
+    }
+
+    /// A count or a limit of at least `min` (`too_small(value)` otherwise); a value beyond
+    /// usize is as good as no limit and saturates.
+    pub(crate) fn at_least(
+        &self,
+        name: &str,
+        min: usize,
+        too_small: impl FnOnce(String) -> Error,
+    ) -> PyResult<usize> {
+        let v = self.wide(name)?;
+        if v < min as i128 {
+            return Err(too_small(self.text()?).into());
+        }
+        Ok(usize::try_from(v).unwrap_or(usize::MAX))
+    }
+}
+
+/// A str argument as UTF-8: ArgumentTypeError for a non-str and InvalidArgumentError for a str
+/// that is not valid Unicode (lone surrogates), both naming `what`, worded as the pure core does.
+pub(crate) fn str_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
+    let s = obj.downcast::<PyString>().map_err(|_| {
+        errors::ArgumentTypeError::new_err(format!("{what} must be a str, not {}", type_name(obj)))
+    })?;
+    match s.to_str() {
+        Ok(s) => Ok(s.to_owned()),
+        Err(_) => Err(errors::InvalidArgumentError::new_err(format!(
+            "{what} is not valid Unicode (it holds surrogates)"
+        ))),
+    }
+}
 
 /// Calls `f` with the bytes of a bytes-like object: zero-copy for bytes and contiguous buffers.
 pub(crate) fn with_bytes<R>(obj: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyResult<R> {
@@ -25,10 +121,7 @@ pub(crate) fn with_bytes<R>(obj: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) 
     let buf = PyBuffer::<u8>::get(obj).map_err(|_| {
         pyo3::exceptions::PyTypeError::new_err(format!(
             "expected a bytes-like object, got {}",
-            obj.get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default()
+            type_name(obj)
         ))
     })?;
     if buf.is_c_contiguous() {
@@ -68,58 +161,63 @@ pub(crate) fn pair<'py>(
         })
 }
 
-/// A `read_items` batch limit (`max_items`, `max_bytes`): at least 1.
-pub(crate) fn batch_limit(value: i64, name: &str) -> PyResult<usize> {
-    if value < 1 {
-        return Err(crate::error::Error::invalid(format!(
-            "{name} must be at least 1, got {value}"
-        ))
-        .into());
-    }
-    Ok(value as usize)
+/// A batch limit (`max_items`, `max_bytes` of read_items and take_batch): at least 1.
+pub(crate) fn batch_limit(value: &IntArg<'_>, name: &str) -> PyResult<usize> {
+    value.at_least(name, 1, |v| {
+        Error::invalid(format!("{name} must be at least 1, got {v}"))
+    })
 }
 
+/// More threads than this are never used: a larger `threads` means the same.
+const MAX_THREADS: usize = 1024;
+
 /// The `threads` argument: 0 means all cores.
-pub(crate) fn threads_arg(threads: i64) -> PyResult<usize> {
-    match threads {
-        0 => Ok(crate::parallel::default_threads()),
-        n if n > 0 => Ok(n as usize),
-        n => Err(crate::error::Error::invalid(format!(
-            "threads must be 0 (all cores) or more, got {n}"
-        ))
-        .into()),
-    }
+pub(crate) fn threads_arg(threads: &IntArg<'_>) -> PyResult<usize> {
+    let n = threads.at_least("threads", 0, |v| {
+        Error::invalid(format!("threads must be 0 (all cores) or more, got {v}"))
+    })?;
+    Ok(match n {
+        0 => crate::parallel::default_threads(),
+        n => n.min(MAX_THREADS),
+    })
+}
+
+/// The `segment_size` of a backup (BackupWriter, encode_preamble).
+pub(crate) fn segment_size_arg(segment_size: &IntArg<'_>) -> PyResult<u32> {
+    let n = segment_size.get("segment_size", format::segment_size_error)?;
+    Ok(format::check_segment_size(n)?)
 }
 
 fn stream_params(
     hkdf_hash: &str,
-    derived_key_size: usize,
-    segment_size: u64,
+    derived_key_size: &IntArg<'_>,
+    segment_size: &IntArg<'_>,
 ) -> PyResult<StreamParams> {
-    Ok(StreamParams::new(
-        HkdfHash::parse(hkdf_hash)?,
-        derived_key_size,
-        segment_size,
-    )?)
+    let hash = HkdfHash::parse(hkdf_hash)?;
+    let key_size =
+        stream::check_key_size(derived_key_size.get("derived_key_size", stream::key_size_error)?)?;
+    let segment_size =
+        segment_size.get("segment_size", |v| stream::segment_size_error(key_size, v))?;
+    Ok(StreamParams::new(hash, key_size, segment_size)?)
 }
 
 #[pyfunction]
-#[pyo3(signature = (key, plaintext, aad, segment_size, salt=None, nonce_prefix=None, *, hkdf_hash="sha256", derived_key_size=32, threads=0))]
+#[pyo3(signature = (key, plaintext, aad, segment_size, salt=None, nonce_prefix=None, *, hkdf_hash="sha256", derived_key_size=IntArg::Default(32), threads=IntArg::Default(0)))]
 #[allow(clippy::too_many_arguments)]
 fn encrypt_stream<'py>(
     py: Python<'py>,
     key: &Bound<'py, PyAny>,
     plaintext: &Bound<'py, PyAny>,
     aad: &Bound<'py, PyAny>,
-    segment_size: u64,
+    segment_size: IntArg<'py>,
     salt: Option<&Bound<'py, PyAny>>,
     nonce_prefix: Option<&Bound<'py, PyAny>>,
     hkdf_hash: &str,
-    derived_key_size: usize,
-    threads: i64,
+    derived_key_size: IntArg<'py>,
+    threads: IntArg<'py>,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let params = stream_params(hkdf_hash, derived_key_size, segment_size)?;
-    let threads = threads_arg(threads)?;
+    let threads = threads_arg(&threads)?;
+    let params = stream_params(hkdf_hash, &derived_key_size, &segment_size)?;
     let key = secret_arg(key)?;
     let (aad, salt, prefix) = (
         with_bytes(aad, <[u8]>::to_vec)?,
@@ -138,19 +236,19 @@ fn encrypt_stream<'py>(
 
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (key, ciphertext, aad, segment_size, *, hkdf_hash="sha256", derived_key_size=32, threads=0))]
+#[pyo3(signature = (key, ciphertext, aad, segment_size, *, hkdf_hash="sha256", derived_key_size=IntArg::Default(32), threads=IntArg::Default(0)))]
 fn decrypt_stream<'py>(
     py: Python<'py>,
     key: &Bound<'py, PyAny>,
     ciphertext: &Bound<'py, PyAny>,
     aad: &Bound<'py, PyAny>,
-    segment_size: u64,
+    segment_size: IntArg<'py>,
     hkdf_hash: &str,
-    derived_key_size: usize,
-    threads: i64,
+    derived_key_size: IntArg<'py>,
+    threads: IntArg<'py>,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let params = stream_params(hkdf_hash, derived_key_size, segment_size)?;
-    let threads = threads_arg(threads)?;
+    let threads = threads_arg(&threads)?;
+    let params = stream_params(hkdf_hash, &derived_key_size, &segment_size)?;
     let key = secret_arg(key)?;
     let aad = with_bytes(aad, <[u8]>::to_vec)?;
     with_bytes(ciphertext, |ct| {
@@ -203,12 +301,12 @@ fn digest_items<'py>(
 fn take_batch<'py>(
     py: Python<'py>,
     pairs: &Bound<'py, PyAny>,
-    max_items: i64,
-    max_bytes: i64,
+    max_items: IntArg<'py>,
+    max_bytes: IntArg<'py>,
 ) -> PyResult<(Bound<'py, PyList>, bool)> {
     let (max_items, max_bytes) = (
-        batch_limit(max_items, "max_items")?,
-        batch_limit(max_bytes, "max_bytes")?,
+        batch_limit(&max_items, "max_items")?,
+        batch_limit(&max_bytes, "max_bytes")?,
     );
     let batch = PyList::empty(py);
     let mut bytes = 0usize;
@@ -225,16 +323,17 @@ fn take_batch<'py>(
 }
 
 #[pyfunction]
-#[pyo3(signature = (segment_size, key_id, kdf_id=0, kdf_params=None))]
+#[pyo3(signature = (segment_size, key_id, kdf_id=IntArg::Default(0), kdf_params=None))]
 fn encode_preamble<'py>(
     py: Python<'py>,
-    segment_size: u64,
+    segment_size: IntArg<'py>,
     key_id: &Bound<'py, PyAny>,
-    kdf_id: u16,
+    kdf_id: IntArg<'py>,
     kdf_params: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let segment_size = format::check_segment_size(segment_size)?;
+    let segment_size = segment_size_arg(&segment_size)?;
     let key_id = with_bytes(key_id, <[u8]>::to_vec)?;
+    let kdf_id = kdf_id.get("kdf_id", format::unknown_kdf_id)?;
     let kdf_params = opt_arg(kdf_params)?.unwrap_or_default();
     let p = format::Preamble::encode(segment_size, &key_id, kdf_id, &kdf_params)?;
     Ok(PyBytes::new(py, &p.raw))

@@ -6,7 +6,7 @@ use pyo3::types::{PyBytes, PyList};
 
 use super::errors::{BackupError, FormatError, InvalidArgumentError};
 use super::writer::trailer_tuple;
-use super::{secret_arg, PyResultExt};
+use super::{batch_limit, secret_arg, IntArg, PyResultExt};
 use crate::chain::Record;
 use crate::format::{Preamble, Trailer};
 use crate::reader::{
@@ -206,9 +206,9 @@ impl PyBackupReader {
 #[pymethods]
 impl PyBackupReader {
     #[new]
-    #[pyo3(signature = (source, *, threads=0))]
-    fn new(py: Python<'_>, source: Bound<'_, PyAny>, threads: i64) -> PyResult<Self> {
-        let threads = super::threads_arg(threads)?;
+    #[pyo3(signature = (source, *, threads=IntArg::Default(0)))]
+    fn new(py: Python<'_>, source: Bound<'_, PyAny>, threads: IntArg<'_>) -> PyResult<Self> {
+        let threads = super::threads_arg(&threads)?;
         super::errors::require_method(&source, "read", "source")?;
         let mut head = read_up_to(&source, 16)?;
         let len = Preamble::declared_length(&head)?;
@@ -260,17 +260,17 @@ impl PyBackupReader {
 
     /// At most `max_items` records, and no more once `max_bytes` of keys and values are in the
     /// batch (so a batch of large values stays small).
-    #[pyo3(signature = (max_items=4096, max_bytes=16 << 20))]
+    #[pyo3(signature = (max_items=IntArg::Default(4096), max_bytes=IntArg::Default(16 << 20)))]
     fn read_items<'py>(
         &mut self,
         py: Python<'py>,
-        max_items: i64,
-        max_bytes: i64,
+        max_items: IntArg<'py>,
+        max_bytes: IntArg<'py>,
     ) -> PyResult<Bound<'py, PyList>> {
         self.guarded(py, |s, py| {
             let (max_items, max_bytes) = (
-                super::batch_limit(max_items, "max_items")?,
-                super::batch_limit(max_bytes, "max_bytes")?,
+                batch_limit(&max_items, "max_items")?,
+                batch_limit(&max_bytes, "max_bytes")?,
             );
             let mut bytes = 0usize;
             let list = PyList::empty(py);

@@ -4,7 +4,7 @@
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use super::{opt_arg, pair, secret_arg, with_bytes, PyResultExt};
+use super::{opt_arg, pair, secret_arg, str_arg, with_bytes, IntArg, PyResultExt};
 use crate::format::{Trailer, TreeSummary, DEFAULT_SEGMENT_SIZE};
 use crate::writer::{BackupEncoder, EncoderOptions};
 
@@ -168,27 +168,28 @@ impl PyBackupWriter {
 #[pymethods]
 impl PyBackupWriter {
     #[new]
-    #[pyo3(signature = (sink, backup_key, header, *, segment_size=DEFAULT_SEGMENT_SIZE as u64, kdf_id=0, kdf_params=None, salt=None, nonce_prefix=None, threads=0))]
+    #[pyo3(signature = (sink, backup_key, header, *, segment_size=IntArg::Default(DEFAULT_SEGMENT_SIZE.into()), kdf_id=IntArg::Default(0), kdf_params=None, salt=None, nonce_prefix=None, threads=IntArg::Default(0)))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         sink: Bound<'_, PyAny>,
         backup_key: &Bound<'_, PyAny>,
         header: &Bound<'_, PyAny>,
-        segment_size: u64,
-        kdf_id: u16,
+        segment_size: IntArg<'_>,
+        kdf_id: IntArg<'_>,
         kdf_params: Option<&Bound<'_, PyAny>>,
         salt: Option<&Bound<'_, PyAny>>,
         nonce_prefix: Option<&Bound<'_, PyAny>>,
-        threads: i64,
+        threads: IntArg<'_>,
     ) -> PyResult<Self> {
+        let threads = super::threads_arg(&threads)?;
         super::errors::require_method(&sink, "write", "sink")?;
-        let segment_size = crate::format::check_segment_size(segment_size)?;
+        let segment_size = super::segment_size_arg(&segment_size)?;
+        let kdf_id = kdf_id.get("kdf_id", crate::format::unknown_kdf_id)?;
         let key = secret_arg(backup_key)?;
         let (salt, prefix, kdf_params) =
             (opt_arg(salt)?, opt_arg(nonce_prefix)?, opt_arg(kdf_params)?);
         let kdf_params = kdf_params.unwrap_or_default();
-        let threads = super::threads_arg(threads)?;
         let opts = EncoderOptions {
             segment_size,
             kdf_id,
@@ -218,8 +219,11 @@ impl PyBackupWriter {
         PyBytes::new(py, &self.enc.preamble().raw)
     }
 
-    fn begin_tree(&mut self, name: &str) -> PyResult<()> {
-        Ok(self.enc.begin_tree(name)?)
+    fn begin_tree(&mut self, py: Python<'_>, name: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.guarded(py, |s, _| {
+            let name = str_arg(name, "tree name")?;
+            Ok(s.enc.begin_tree(&name)?)
+        })
     }
 
     fn add_items(&mut self, py: Python<'_>, items: &Bound<'_, PyAny>) -> PyResult<u64> {

@@ -11,7 +11,8 @@ Growing the map needs every transaction of this process on the environment to be
 open items() iterators and snapshots: a grow waits (up to resize_timeout seconds) for other threads
 and fails at once with StoreError if the calling thread itself holds one (it would otherwise wait
 for itself). So while a snapshot() is open, a put() in the same thread that needs a bigger map
-raises StoreError; call reserve() before taking the snapshot.
+raises StoreError; call reserve() before taking the snapshot. A grow the system refuses (the map
+cannot be mapped: ENOMEM) raises StoreError and leaves the map at its old size, the store usable.
 
 snapshot() holds one read transaction for its whole life. LMDB forbids a transaction to open a
 database handle (dbi) while another transaction that opened one is still running, so the snapshot
@@ -69,6 +70,10 @@ _OVERHEAD_FACTOR = 3
 _RECORD_OVERHEAD = 16
 _SLACK = 8 * MiB  # branch pages, freelist, copy-on-write of touched pages
 _GRANULE = MiB  # map sizes are rounded up to this (a multiple of any OS page size)
+# LMDB takes the map size as a size_t (whole granules below 2^64); py-lmdb takes max_dbs and
+# max_readers as C ints. Larger values are refused before they reach lmdb (no OverflowError).
+_MAX_MAP_SIZE = (1 << 64) - _GRANULE
+_MAX_C_INT = (1 << 31) - 1
 _MAX_GROW_ATTEMPTS = 40  # doubling each time: far beyond any address space
 _MAX_SNAPSHOT_ATTEMPTS = 20  # retries while new trees keep appearing as a snapshot starts
 
@@ -84,13 +89,32 @@ def _round_up(n: int, granule: int) -> int:
     return -(-n // granule) * granule
 
 
-def _int_option(options: dict[str, Any], name: str, default: int, minimum: int) -> int:
+def _int_option(options: dict[str, Any], name: str, default: int, minimum: int, maximum: int) -> int:
     value = options.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ArgumentTypeError(f"lmdb option {name} must be an int, not {type(value).__name__}")
-    if value < minimum:
-        raise InvalidArgumentError(f"lmdb option {name} must be >= {minimum}, got {value}")
+    if not minimum <= value <= maximum:
+        raise InvalidArgumentError(f"lmdb option {name} must be between {minimum} and {maximum}, got {value}")
     return value
+
+
+def _open_env(path: str, map_size: int, max_dbs: int, max_readers: int) -> lmdb.Environment:
+    try:
+        # sync/metasync stay on (the defaults): a commit is durable when it returns.
+        return lmdb.open(
+            os.fsencode(path),  # bytes: a file name need not be valid UTF-8
+            map_size=map_size,
+            max_dbs=max_dbs,
+            max_readers=max_readers,
+            subdir=True,
+            create=False,  # the directory was made by LmdbStore.open
+            # No writemap: with it a full disk during a write is a SIGBUS that kills
+            # the process, and an aborted transaction leaves bytes in free pages.
+        )
+    except (lmdb.Error, OSError) as e:
+        raise StoreError(
+            f"cannot open LMDB database {path!r}: {e}; check that it is an LMDB environment directory you may write to"
+        ) from e
 
 
 def _translate(e: lmdb.Error, action: str) -> StoreError:
@@ -139,9 +163,12 @@ class _SharedEnv:
     while holding back new transactions.
     """
 
-    def __init__(self, env: lmdb.Environment, key: str, resize_timeout: float) -> None:
+    def __init__(
+        self, env: lmdb.Environment, key: str, resize_timeout: float, path: str, limits: tuple[int, int]
+    ) -> None:
         self.env = env
         self.key = key
+        self.path, self.limits = path, limits  # (max_dbs, max_readers): to reopen it (_reopen)
         self.refs = 1
         self.resize_timeout = resize_timeout
         self.page_size: int = env.stat()["psize"]
@@ -307,26 +334,52 @@ class _SharedEnv:
                             f"snapshots open for {self.resize_timeout} s"
                         )
                     self.cond.wait(remaining)
-                if new_size == 0 or new_size > self.env.info()["map_size"]:
-                    self.env.set_mapsize(new_size)
+                old_size = self.env.info()["map_size"]
+                if new_size == 0 or new_size > old_size:
+                    try:
+                        self.env.set_mapsize(new_size)
+                    except lmdb.Error as e:
+                        self._reopen(old_size, what, e)
             finally:
                 self.growth_pending -= 1
                 self.cond.notify_all()
+
+    def _reopen(self, map_size: int, what: str, error: lmdb.Error) -> None:
+        """After a failed set_mapsize (mmap refused: ENOMEM...) LMDB has unmapped the file and py-lmdb
+        refuses every call: close the environment and open it again at the old size, then raise
+        StoreError. Runs under the condition with no transaction of this process open, so nothing
+        holds the old environment or a handle (dbi) opened in it."""
+        try:
+            self.env.close()
+        except lmdb.Error:
+            pass  # closed already: only the reopen matters
+        with self.dbi_lock:
+            self.published.clear()  # handles of the closed environment
+        try:
+            self.env = _open_env(self.path, map_size, *self.limits)
+        except StoreError as reopen:
+            raise StoreError(
+                f"cannot {what}: {error}; reopening the database after that failed too ({reopen}); close and reopen it"
+            ) from error
+        raise StoreError(f"cannot {what}: {error}; the map stays at {map_size} bytes") from error
 
     def usage(self) -> tuple[int, int]:
         """(map size, bytes used by the last committed transaction)."""
         info = self.env.info()
         return info["map_size"], (info["last_pgno"] + 1) * self.page_size
 
-    def grow(self, nbytes: int, records: int, double: bool) -> None:
+    def grow(self, nbytes: int, records: int, double: bool, action: str) -> None:
         """Grow the map so nbytes more of keys+values in `records` records fit; with double=True
         at least double it (repeated retries then need only a few steps)."""
         current, used = self.usage()
         target = used + _OVERHEAD_FACTOR * (nbytes + _RECORD_OVERHEAD * records) + _SLACK
         if double:
             target = max(target, 2 * current)
+        what = f"grow the database map to {target} bytes for {action}"
+        if target > _MAX_MAP_SIZE:
+            raise StoreError(f"cannot {what}: LMDB maps at most {_MAX_MAP_SIZE} bytes")
         if target > current:
-            self.resize(_round_up(target, _GRANULE), f"grow the database map to {target} bytes")
+            self.resize(_round_up(target, _GRANULE), what)
 
 
 _registry: dict[str, _SharedEnv] = {}
@@ -348,14 +401,18 @@ class LmdbStore(Store):
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
             raise InvalidArgumentError(f"unknown lmdb option(s) {', '.join(unknown)}; accepted: {', '.join(_OPTIONS)}")
-        map_size = _int_option(options, "map_size", DEFAULT_MAP_SIZE, 4096)
-        max_dbs = _int_option(options, "max_dbs", DEFAULT_MAX_DBS, 1)
-        max_readers = _int_option(options, "max_readers", DEFAULT_MAX_READERS, 1)
+        map_size = _int_option(options, "map_size", DEFAULT_MAP_SIZE, 4096, _MAX_MAP_SIZE)
+        max_dbs = _int_option(options, "max_dbs", DEFAULT_MAX_DBS, 1, _MAX_C_INT)
+        max_readers = _int_option(options, "max_readers", DEFAULT_MAX_READERS, 1, _MAX_C_INT)
         resize_timeout = options.get("resize_timeout", DEFAULT_RESIZE_TIMEOUT)
         if not isinstance(resize_timeout, (int, float)) or isinstance(resize_timeout, bool):
             raise ArgumentTypeError(f"lmdb option resize_timeout must be a number, not {type(resize_timeout).__name__}")
-        if resize_timeout < 0:
-            raise InvalidArgumentError(f"lmdb option resize_timeout must be >= 0, got {resize_timeout}")
+        # Not NaN or infinite, and short enough for Condition.wait (threading.TIMEOUT_MAX).
+        if not 0 <= resize_timeout <= threading.TIMEOUT_MAX:
+            raise InvalidArgumentError(
+                f"lmdb option resize_timeout must be a number of seconds between 0 and "
+                f"{threading.TIMEOUT_MAX:.0f}, got {resize_timeout}"
+            )
 
         path = os.fspath(path)
         if os.path.exists(path) and not os.path.isdir(path):
@@ -380,24 +437,8 @@ class LmdbStore(Store):
             if shared is not None:
                 shared.refs += 1
             else:
-                try:
-                    # sync/metasync stay on (the defaults): a commit is durable when it returns.
-                    env = lmdb.open(
-                        path,
-                        map_size=_round_up(map_size, 4096),
-                        max_dbs=max_dbs,
-                        max_readers=max_readers,
-                        subdir=True,
-                        create=False,  # the directory was made above
-                        # No writemap: with it a full disk during a write is a SIGBUS that kills
-                        # the process, and an aborted transaction leaves bytes in free pages.
-                    )
-                except (lmdb.Error, OSError) as e:
-                    raise StoreError(
-                        f"cannot open LMDB database {path!r}: {e}; check that it is an LMDB environment "
-                        "directory you may write to"
-                    ) from e
-                shared = _SharedEnv(env, key, float(resize_timeout))
+                env = _open_env(path, _round_up(map_size, 4096), max_dbs, max_readers)
+                shared = _SharedEnv(env, key, float(resize_timeout), path, (max_dbs, max_readers))
                 _registry[key] = shared
         return cls(path, shared)
 
@@ -446,7 +487,7 @@ class LmdbStore(Store):
                     result = op(handle.txn)
                 except lmdb.MapFullError:
                     self._shared.end(handle, commit=False)
-                    self._shared.grow(*written(), double=True)
+                    self._shared.grow(*written(), double=True, action=action)
                     continue
                 except BaseException:
                     self._shared.end(handle, commit=False)
@@ -454,7 +495,7 @@ class LmdbStore(Store):
                 try:
                     self._shared.end(handle, commit=True)
                 except lmdb.MapFullError:  # the commit itself may need pages (freelist)
-                    self._shared.grow(*written(), double=True)
+                    self._shared.grow(*written(), double=True, action=action)
                     continue
                 return result
         raise StoreError(f"LMDB {action} failed: database map is full and growing it did not help")
@@ -603,7 +644,7 @@ class LmdbStore(Store):
         check_nbytes(records, "records")
         self._check_open()
         with _errors("reserve"):
-            self._shared.grow(nbytes, records, double=False)
+            self._shared.grow(nbytes, records, double=False, action="reserve")
 
     def map_size(self) -> int:
         """The current map size in bytes (for diagnostics and tests)."""
