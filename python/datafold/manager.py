@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import operator
 import os
 import time
 import warnings
@@ -500,7 +501,7 @@ class EncryptedBackupManager:
         while batch := reader.read_items(READ_BATCH):
             if prefix is not None:
                 batch = [item for item in batch if item[0].startswith(prefix)]
-            if batched and all(value is not None for _, value in batch):
+            if batched and None not in map(operator.itemgetter(1), batch):
                 written, skipped = txn.put_many(name, batch, overwrite)
                 stats.items_restored += written
                 stats.items_skipped += skipped
@@ -590,7 +591,9 @@ class EncryptedBackupManager:
             if trailer is None:
                 break
             if result.was_empty and prefix is None and not result.unchecked and not result.had_deletes:
-                got = self._core.digest_items(backup_key, meter.count(self._db.items(name)))
+                with self._db.snapshot() as snap:
+                    records = itertools.chain.from_iterable(meter.count_batches(snap.batches(name)))
+                    got = self._core.digest_items(backup_key, records)
                 if tuple(got) != expected[name]:
                     raise DatabaseError(
                         f"tree {name!r} does not match the backup after the restore "

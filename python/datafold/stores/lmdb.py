@@ -29,6 +29,7 @@ directory share one lmdb.Environment (reference counted).
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import threading
 import time
@@ -703,6 +704,20 @@ def _scan(txn: lmdb.Transaction[bytes], db: Any, prefix: bytes, max_key_size: in
     return itertools.takewhile(lambda pair: pair[0].startswith(prefix), pairs) if prefix else pairs
 
 
+def _plain_pairs(items: object, max_key: int) -> bool:
+    """True for a list of at most PUT_BATCH 2-tuples of bytes whose keys LMDB can store, checked
+    in C loops (map/set), with no bytecode per record."""
+    if type(items) is not list or not items or len(items) > PUT_BATCH:
+        return False
+    if set(map(type, items)) != {tuple} or set(map(len, items)) != {2}:
+        return False
+    keys, values = map(operator.itemgetter(0), items), map(operator.itemgetter(1), items)
+    if set(map(type, keys)) != {bytes} or set(map(type, values)) != {bytes}:
+        return False
+    lengths = list(map(len, map(operator.itemgetter(0), items)))
+    return 0 < min(lengths) and max(lengths) <= max_key
+
+
 class _LmdbWriteTransaction(WriteTransaction):
     def __init__(self, store: LmdbStore, handle: _Handle) -> None:
         self._store = store
@@ -798,6 +813,12 @@ class _LmdbWriteTransaction(WriteTransaction):
                 skipped += consumed - added
                 batch.clear()
 
+            if _plain_pairs(items, max_key):
+                # Already a list of (bytes, bytes) with storable keys (what a restore hands over):
+                # straight to LMDB's C loop.
+                batch = items  # type: ignore[assignment]
+                flush()
+                return written, skipped
             for pair in items:
                 key, value = check_item(pair)
                 if not 0 < len(key) <= max_key:
