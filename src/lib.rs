@@ -2,6 +2,7 @@
 //! Python; `py` (feature `python`) adapts them for `datafold._core`. This file is only the registry.
 
 pub mod aead;
+pub mod compress;
 pub mod digest;
 pub mod error;
 pub mod format;

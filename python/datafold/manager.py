@@ -190,7 +190,14 @@ class EncryptedBackupManager:
                 writer.end_tree()
 
         return self._write_backup(
-            path, trees, option_doc, fill, options.segment_size, options.verify_during_creation, meter
+            path,
+            trees,
+            option_doc,
+            fill,
+            options.segment_size,
+            options.verify_during_creation,
+            meter,
+            compression_level=options.compression_level,
         )
 
     def _select_trees(self, options: BackupOptions, names: list[str]) -> list[str]:
@@ -214,6 +221,8 @@ class EncryptedBackupManager:
         segment_size: int,
         verify: bool,
         meter: Meter | None = None,
+        *,
+        compression_level: int = 0,
     ) -> BackupMetadata:
         meter = meter or Meter(None)
         header = BackupMetadata.header_json(
@@ -222,6 +231,7 @@ class EncryptedBackupManager:
             source=SourceInfo(self._db.backend, self._db.path),
             options=option_doc,
             trees=trees,
+            compression_level=compression_level,
         )
         key, kdf_id, kdf_params = self._write_key()
         with AtomicFile(path) as out:
@@ -234,6 +244,7 @@ class EncryptedBackupManager:
                     kdf_id=kdf_id,
                     kdf_params=kdf_params,
                     threads=self._threads,
+                    compression_level=compression_level,
                 )
                 fill(writer)
                 trailer = writer.finish()

@@ -78,8 +78,10 @@ class BackupMetadata:
         trees: list[str],
         created_at: datetime | None = None,
         backup_id: str | None = None,
+        compression_level: int = 0,
     ) -> bytes:
         """The HEADER record's payload (docs/FORMAT.md §5)."""
+        compression = {"algorithm": "zstd", "level": compression_level} if compression_level else None
         doc = {
             "backup_id": backup_id or str(uuid.uuid4()),
             "created_at": (created_at or datetime.now(timezone.utc)).isoformat(),
@@ -87,7 +89,7 @@ class BackupMetadata:
             "parent_backup_id": parent_backup_id,
             "source": {"backend": source.backend, "path": source.path},
             "options": options,
-            "compression": None,
+            "compression": compression,
             "trees": trees,
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
@@ -121,7 +123,7 @@ class BackupMetadata:
                 encryption=EncryptionInfo(
                     ENCRYPTION_ALGORITHM, ENCRYPTION_CONTEXT, preamble.segment_size, preamble.key_id.hex(), kdf=kdf
                 ),
-                compression=doc.get("compression"),
+                compression=_compression_name(doc.get("compression")),
                 trees={name: TreeInfo(items, nbytes, d.hex()) for name, items, nbytes, d in trees},
                 total_items=total_items,
                 total_bytes=total_bytes,
@@ -159,3 +161,16 @@ class RestoreStats:
     safety_backup_path: str | None = None
     duration_s: float = 0.0
     verified: bool = False
+
+
+def _compression_name(doc: Any) -> str | None:
+    """The HEADER's "compression" as BackupMetadata shows it: "zstd-3" for
+    {"algorithm": "zstd", "level": 3}, None for null (docs/FORMAT.md §5)."""
+    if doc is None:
+        return None
+    if isinstance(doc, dict) and isinstance(doc.get("algorithm"), str):
+        level = doc.get("level")
+        return doc["algorithm"] if level is None else f"{doc['algorithm']}-{level}"
+    if isinstance(doc, str):
+        return doc
+    raise ValueError(f"unknown compression description {doc!r}")

@@ -67,6 +67,23 @@ pub(crate) fn pair<'py>(
         })
 }
 
+/// The `compression_level` argument: an int (not a bool) in 0..=22, checked like the pure core does.
+pub(crate) fn level_arg(obj: &Bound<'_, PyAny>) -> PyResult<i32> {
+    if obj.is_instance_of::<pyo3::types::PyBool>() || !obj.is_instance_of::<pyo3::types::PyInt>() {
+        let kind = obj
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        return Err(errors::ArgumentTypeError::new_err(format!(
+            "compression_level must be an int, not {kind}"
+        )));
+    }
+    // An int beyond i64 is out of range like any other.
+    let level = obj.extract::<i64>().unwrap_or(i64::MAX);
+    Ok(crate::compress::check_level(level)?)
+}
+
 /// The `threads` argument: 0 means all cores.
 pub(crate) fn threads_arg(threads: i64) -> PyResult<usize> {
     match threads {

@@ -144,7 +144,7 @@ impl PyBackupWriter {
 #[pymethods]
 impl PyBackupWriter {
     #[new]
-    #[pyo3(signature = (sink, backup_key, header, *, segment_size=DEFAULT_SEGMENT_SIZE as u64, kdf_id=0, kdf_params=None, salt=None, nonce_prefix=None, threads=0))]
+    #[pyo3(signature = (sink, backup_key, header, *, segment_size=DEFAULT_SEGMENT_SIZE as u64, kdf_id=0, kdf_params=None, salt=None, nonce_prefix=None, threads=0, compression_level=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -157,6 +157,7 @@ impl PyBackupWriter {
         salt: Option<&Bound<'_, PyAny>>,
         nonce_prefix: Option<&Bound<'_, PyAny>>,
         threads: i64,
+        compression_level: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         super::errors::require_method(&sink, "write", "sink")?;
         let segment_size = crate::format::check_segment_size(segment_size)?;
@@ -165,6 +166,10 @@ impl PyBackupWriter {
             (opt_arg(salt)?, opt_arg(nonce_prefix)?, opt_arg(kdf_params)?);
         let kdf_params = kdf_params.unwrap_or_default();
         let threads = super::threads_arg(threads)?;
+        let compression_level = match compression_level {
+            Some(level) => super::level_arg(level)?,
+            None => 0,
+        };
         let opts = EncoderOptions {
             segment_size,
             kdf_id,
@@ -172,6 +177,7 @@ impl PyBackupWriter {
             salt: salt.as_deref(),
             nonce_prefix: prefix.as_deref(),
             threads,
+            compression_level,
         };
         let enc = with_bytes(header, |h| BackupEncoder::new(&key, h, &opts))??;
         let mut w = PyBackupWriter {
@@ -240,7 +246,9 @@ impl PyBackupWriter {
         &mut self,
         py: Python<'py>,
     ) -> PyResult<(String, u64, u64, Bound<'py, PyBytes>)> {
-        let summary = self.enc.end_tree()?;
+        // Compresses the tree's last blocks: without the GIL.
+        let enc = &mut self.enc;
+        let summary = py.detach(|| enc.end_tree())?;
         Ok(tree_tuple(py, &summary))
     }
 
