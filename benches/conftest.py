@@ -12,6 +12,7 @@ and records/s computed from the median round.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -51,6 +52,32 @@ def make_items(count: int, value_size: int) -> list[tuple[bytes, bytes]]:
     values; the values are slices of one random buffer, which is much faster than urandom per value."""
     pool = os.urandom(count * value_size)
     return [(i.to_bytes(KEY_SIZE, "big"), pool[i * value_size : (i + 1) * value_size]) for i in range(count)]
+
+
+TEXT_COUNT = 200_000  # (c) 200k text-like records of 17 + 100 bytes (22 MiB), for compression
+_WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+    "quebec romeo sierra tango order paid shipped pending berlin paris london tokyo madrid rome oslo"
+).split()
+
+
+def make_text_items(count: int, seed: int = 7) -> list[tuple[bytes, bytes]]:
+    """Like the "small" dataset: 17-byte keys in order, 100-byte JSON-ish text values
+    (the same generator as tests/helpers.py text_items)."""
+    rnd = random.Random(seed)
+    items = []
+    for i in range(count):
+        name = f"{rnd.choice(_WORDS).title()} {rnd.choice(_WORDS).title()}"
+        city, status, n = rnd.choice(_WORDS), rnd.choice(_WORDS), rnd.randrange(100_000)
+        note = " ".join(rnd.choice(_WORDS) for _ in range(4))
+        value = f'{{"name":"{name}","city":"{city}","status":"{status}","n":{n},"note":"{note}"}}'
+        items.append((f"user:{i:012d}".encode(), value.encode()[:100].ljust(100)))
+    return items
+
+
+@pytest.fixture(scope="session")
+def text_items() -> list[tuple[bytes, bytes]]:
+    return make_text_items(TEXT_COUNT)
 
 
 @pytest.fixture(scope="session")

@@ -49,8 +49,8 @@ def test_decrypt_stream(measure: Any, core: ModuleType, backup_key: bytes, paylo
 # --- BackupWriter / BackupReader ------------------------------------------------------------------
 
 
-def _write(core: ModuleType, sink: Any, key: bytes, items: list[tuple[bytes, bytes]]) -> Any:
-    writer = core.BackupWriter(sink, key, HEADER)
+def _write(core: ModuleType, sink: Any, key: bytes, items: list[tuple[bytes, bytes]], level: int = 0) -> Any:
+    writer = core.BackupWriter(sink, key, HEADER, compression_level=level)
     writer.begin_tree("data")
     writer.add_items(items)
     writer.end_tree()
@@ -99,3 +99,37 @@ def test_backup_reader(
         _read, args=(core, data, backup_key), group=f"BackupReader {workload}", nbytes=_size(items), records=len(items)
     )
     assert count == len(items)
+
+
+# --- compression (200k text-like records; the file size goes into extra_info) ------------------
+
+
+@pytest.mark.parametrize("level", [0, 1, 3, 9])
+def test_compressed_writer(
+    measure: Any, benchmark: Any, core: ModuleType, backup_key: bytes, null_sink: type, text_items: Any, level: int
+) -> None:
+    sink = null_sink()
+    _write(core, sink, backup_key, text_items, level)
+    benchmark.extra_info["file_bytes"] = sink.size
+    measure(
+        lambda: _write(core, null_sink(), backup_key, text_items, level),
+        group=f"BackupWriter text-records level {level}",
+        nbytes=_size(text_items),
+        records=len(text_items),
+        rounds=3,
+    )
+
+
+@pytest.mark.parametrize("level", [0, 1, 3, 9])
+def test_compressed_reader(measure: Any, core: ModuleType, backup_key: bytes, text_items: Any, level: int) -> None:
+    sink = io.BytesIO()
+    _write(core, sink, backup_key, text_items, level)
+    count = measure(
+        _read,
+        args=(core, sink.getvalue(), backup_key),
+        group=f"BackupReader text-records level {level}",
+        nbytes=_size(text_items),
+        records=len(text_items),
+        rounds=3,
+    )
+    assert count == len(text_items)

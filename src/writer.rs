@@ -341,6 +341,19 @@ impl BackupEncoder {
         })
     }
 
+    /// Whether a PUT of `record_len` framed bytes would first compress the blocks waiting before
+    /// it (it goes out as a plain record): the binding then calls `compress_blocks` without the GIL.
+    pub fn flushes_blocks_before(&self, record_len: usize) -> bool {
+        self.state == State::InTree
+            && !self.blocks.is_blocked(record_len)
+            && !(self.blocks.open.is_empty() && self.blocks.full.is_empty())
+    }
+
+    /// Closes the open block and compresses every waiting one into the plaintext.
+    pub fn compress_blocks(&mut self) -> Result<()> {
+        self.guarded(|s| s.flush_blocks())
+    }
+
     /// Unsealed plaintext bytes; the binding seals once this exceeds a few segments.
     pub fn pending(&self) -> usize {
         self.plain.len() + self.blocks.queued

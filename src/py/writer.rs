@@ -212,6 +212,10 @@ impl PyBackupWriter {
                 let (k, v) = pair(&item?)?;
                 with_bytes(&k, |k| {
                     with_bytes(&v, |v| {
+                        if s.enc.flushes_blocks_before(9 + k.len() + v.len()) {
+                            let enc = &mut s.enc;
+                            py.detach(|| enc.compress_blocks())?;
+                        }
                         if v.len() > flush_at {
                             s.put_large(py, k, v)
                         } else {
