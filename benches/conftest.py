@@ -12,8 +12,9 @@ and records/s computed from the median round.
 from __future__ import annotations
 
 import os
-import random
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -55,24 +56,15 @@ def make_items(count: int, value_size: int) -> list[tuple[bytes, bytes]]:
 
 
 TEXT_COUNT = 200_000  # (c) 200k text-like records of 17 + 100 bytes (22 MiB), for compression
-_WORDS = (
-    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
-    "quebec romeo sierra tango order paid shipped pending berlin paris london tokyo madrid rome oslo"
-).split()
 
 
 def make_text_items(count: int, seed: int = 7) -> list[tuple[bytes, bytes]]:
-    """Like the "small" dataset: 17-byte keys in order, 100-byte JSON-ish text values
-    (the same generator as tests/helpers.py text_items)."""
-    rnd = random.Random(seed)
-    items = []
-    for i in range(count):
-        name = f"{rnd.choice(_WORDS).title()} {rnd.choice(_WORDS).title()}"
-        city, status, n = rnd.choice(_WORDS), rnd.choice(_WORDS), rnd.randrange(100_000)
-        note = " ".join(rnd.choice(_WORDS) for _ in range(4))
-        value = f'{{"name":"{name}","city":"{city}","status":"{status}","n":{n},"note":"{note}"}}'
-        items.append((f"user:{i:012d}".encode(), value.encode()[:100].ljust(100)))
-    return items
+    """Like the "small" dataset: 17-byte keys in order, 100-byte JSON-ish text values; the
+    generator of the tests (tests/helpers.py text_items), so both measure the same data."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import text_items
+
+    return text_items(count, seed)
 
 
 @pytest.fixture(scope="session")
