@@ -22,8 +22,18 @@ pub const REC_PUT: u8 = 0x03;
 pub const REC_DELETE: u8 = 0x04;
 pub const REC_TREE_END: u8 = 0x05;
 pub const REC_TRAILER: u8 = 0x06;
-/// Reserved for per-block compression (FORMAT.md §7); never written by this release.
+/// A run of PUT / DELETE records of the current tree, stored raw or compressed (FORMAT.md §3, §7).
 pub const REC_BLOCK: u8 = 0x07;
+
+/// BLOCK codecs.
+pub const CODEC_RAW: u8 = 0;
+pub const CODEC_ZSTD: u8 = 1;
+/// A BLOCK record's fixed part: type, codec, u32 raw_len, u32 data_len.
+pub const BLOCK_HEADER_LENGTH: usize = 1 + 1 + 4 + 4;
+/// Readers refuse a BLOCK whose raw_len or data_len is larger than this (16 MiB).
+pub const MAX_BLOCK_RAW_LENGTH: usize = 16 << 20;
+/// `compression_level` is 0 (off) or a zstd level 1..=22.
+pub const MAX_COMPRESSION_LEVEL: i32 = 22;
 
 /// Length of a TREE_END record including its type byte.
 pub const TREE_END_LENGTH: usize = 1 + 8 + 8 + DIGEST_LENGTH;
@@ -211,6 +221,18 @@ pub fn frame_put_header(buf: &mut Vec<u8>, key: &[u8], value_len: usize) -> Resu
     buf.extend_from_slice(&v.to_le_bytes());
     buf.extend_from_slice(key);
     Ok(())
+}
+
+/// The length of the PUT or DELETE record at the start of `rec` (whose type byte the caller has
+/// checked), or None if `rec` does not hold all of it.
+#[inline]
+pub fn record_extent(rec: &[u8]) -> Option<usize> {
+    let n = if rec.first() == Some(&REC_PUT) {
+        9 + u32_le(rec.get(1..9)?) as usize + u32_le(rec.get(5..9)?) as usize
+    } else {
+        5 + u32_le(rec.get(1..5)?) as usize
+    };
+    (rec.len() >= n).then_some(n)
 }
 
 /// Appends a DELETE record.

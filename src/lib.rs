@@ -3,6 +3,7 @@
 
 pub mod aead;
 pub mod chain;
+pub mod compress;
 pub mod digest;
 pub mod error;
 pub mod format;

@@ -5,11 +5,13 @@
 use std::collections::HashSet;
 
 use crate::aead::TAG_LENGTH;
+use crate::compress::{parse_block_header, BlockDecoder};
 use crate::digest::{Digests, Tally};
 use crate::error::{Error, Result};
 use crate::format::{
-    u32_le, u64_le, Preamble, Trailer, TreeSummary, DIGEST_LENGTH, MAX_TREE_NAME_LENGTH, REC_BLOCK,
-    REC_DELETE, REC_HEADER, REC_PUT, REC_TRAILER, REC_TREE_BEGIN, REC_TREE_END, TREE_END_LENGTH,
+    record_extent, u32_le, u64_le, Preamble, Trailer, TreeSummary, BLOCK_HEADER_LENGTH,
+    DIGEST_LENGTH, MAX_TREE_NAME_LENGTH, REC_BLOCK, REC_DELETE, REC_HEADER, REC_PUT, REC_TRAILER,
+    REC_TREE_BEGIN, REC_TREE_END, TREE_END_LENGTH,
 };
 use crate::keys::{derive_digest_key, derive_key_id, SecretKey};
 use crate::stream::{SegmentCipher, StreamParams};
@@ -66,6 +68,17 @@ pub struct BackupDecoder {
     trees: Vec<TreeSummary>,
     names: HashSet<String>,
     trailer: Option<Trailer>,
+    /// The records of the BLOCK being read (already digested), and the parse cursor into them.
+    block: Vec<u8>,
+    block_pos: usize,
+    blocks: BlockDecoder,
+}
+
+/// Where a parsed record lies: in the stream's plaintext or in the current block.
+#[derive(Clone, Copy)]
+enum Src {
+    Plain,
+    Block,
 }
 
 impl BackupDecoder {
@@ -88,6 +101,9 @@ impl BackupDecoder {
             trees: Vec::new(),
             names: HashSet::new(),
             trailer: None,
+            block: Vec::new(),
+            block_pos: 0,
+            blocks: BlockDecoder::default(),
         })
     }
 
@@ -330,10 +346,14 @@ impl BackupDecoder {
             }
             Ok(Step::NeedMore) => Ok(Step::NeedMore),
             Ok(Step::Done(None)) => Ok(Step::Done(None)),
-            Ok(Step::Done(Some((kind, start, klen, vlen)))) => {
-                let k = &self.plain[start..start + klen];
+            Ok(Step::Done(Some((src, kind, start, klen, vlen)))) => {
+                let buf = match src {
+                    Src::Plain => &self.plain,
+                    Src::Block => &self.block,
+                };
+                let k = &buf[start..start + klen];
                 Ok(Step::Done(Some(if kind == REC_PUT {
-                    Item::Put(k, &self.plain[start + klen..start + klen + vlen])
+                    Item::Put(k, &buf[start + klen..start + klen + vlen])
                 } else {
                     Item::Delete(k)
                 })))
@@ -341,39 +361,53 @@ impl BackupDecoder {
         }
     }
 
-    /// Parses one record of the open tree: Some((kind, key offset, key len, value len)) or None at TREE_END.
+    /// Parses one record of the open tree: Some((where, kind, key offset, key len, value len)) or
+    /// None at TREE_END. Records inside a BLOCK come from the decoded block, transparently.
     #[allow(clippy::type_complexity)]
-    fn step_item(&mut self) -> Result<Step<Option<(u8, usize, usize, usize)>>> {
+    fn step_item(&mut self) -> Result<Step<Option<(Src, u8, usize, usize, usize)>>> {
+        if self.block_pos < self.block.len() {
+            // The block was checked to hold only complete PUT / DELETE records.
+            let rec = &self.block[self.block_pos..];
+            let (kind, len) = (rec[0], record_extent(rec).expect("checked block"));
+            let (head, klen, vlen) = record_fields(rec, len);
+            let start = self.block_pos + head;
+            self.block_pos += len;
+            self.tree.as_mut().expect("in tree").1.add(klen, vlen)?;
+            return Ok(Step::Done(Some((Src::Block, kind, start, klen, vlen))));
+        }
         let a = self.available();
         let Some(&kind) = a.first() else {
             return self.need_more();
         };
         match kind {
-            REC_PUT => {
-                if a.len() < 9 {
+            REC_PUT | REC_DELETE => {
+                let Some(len) = record_extent(a) else {
                     return self.need_more();
-                }
-                let (klen, vlen) = (u32_le(&a[1..5]) as usize, u32_le(&a[5..9]) as usize);
-                if a.len() < 9 + klen + vlen {
-                    return self.need_more();
-                }
-                let start = self.pos + 9;
-                self.pos = start + klen + vlen;
+                };
+                let (head, klen, vlen) = record_fields(a, len);
+                let start = self.pos + head;
+                self.pos += len;
                 self.tree.as_mut().expect("in tree").1.add(klen, vlen)?;
-                Ok(Step::Done(Some((REC_PUT, start, klen, vlen))))
+                Ok(Step::Done(Some((Src::Plain, kind, start, klen, vlen))))
             }
-            REC_DELETE => {
-                if a.len() < 5 {
+            REC_BLOCK => {
+                if a.len() < BLOCK_HEADER_LENGTH {
                     return self.need_more();
                 }
-                let klen = u32_le(&a[1..5]) as usize;
-                if a.len() < 5 + klen {
+                let (codec, raw_len, data_len) = parse_block_header(a)?;
+                let end = BLOCK_HEADER_LENGTH + data_len;
+                if a.len() < end {
                     return self.need_more();
                 }
-                let start = self.pos + 5;
-                self.pos = start + klen;
-                self.tree.as_mut().expect("in tree").1.add(klen, 0)?;
-                Ok(Step::Done(Some((REC_DELETE, start, klen, 0))))
+                self.absorb_parsed(); // the records before the block
+                let data = &self.plain[self.pos + BLOCK_HEADER_LENGTH..self.pos + end];
+                self.blocks.decode(codec, raw_len, data, &mut self.block)?;
+                // The tree digest covers the records, not the BLOCK that carries them.
+                self.digests.absorb(&self.block);
+                self.block_pos = 0;
+                self.pos += end;
+                self.hashed = self.pos;
+                self.step_item()
             }
             REC_TREE_END => {
                 if a.len() < TREE_END_LENGTH {
@@ -401,7 +435,7 @@ impl BackupDecoder {
                 self.state = State::TreeDone;
                 Ok(Step::Done(None))
             }
-            other => Err(unexpected(other, "a PUT, DELETE or TREE_END")),
+            other => Err(unexpected(other, "a PUT, DELETE, BLOCK or TREE_END")),
         }
     }
 
@@ -419,14 +453,20 @@ impl BackupDecoder {
     }
 }
 
+/// (header length, key length, value length) of the complete PUT / DELETE record of `len` bytes
+/// at the start of `rec`.
+fn record_fields(rec: &[u8], len: usize) -> (usize, usize, usize) {
+    let head = if rec[0] == REC_PUT { 9 } else { 5 };
+    let klen = u32_le(&rec[1..5]) as usize;
+    (head, klen, len - head - klen)
+}
+
 fn unexpected(kind: u8, wanted: &str) -> Error {
     match kind {
-        REC_BLOCK => Error::format(
-            "this backup holds compressed blocks, which this release of datafold cannot read; upgrade datafold",
-        ),
-        REC_HEADER | REC_TREE_BEGIN | REC_PUT | REC_DELETE | REC_TREE_END | REC_TRAILER => {
-            Error::integrity(format!("backup record order is invalid: found record type {kind:#04x}, expected {wanted}"))
-        }
+        REC_HEADER | REC_TREE_BEGIN | REC_PUT | REC_DELETE | REC_TREE_END | REC_TRAILER
+        | REC_BLOCK => Error::integrity(format!(
+            "backup record order is invalid: found record type {kind:#04x}, expected {wanted}"
+        )),
         _ => Error::format(format!("backup holds an unknown record type {kind:#04x}")),
     }
 }

@@ -8,6 +8,10 @@ use crate::writer::{BackupEncoder, EncoderOptions};
 const KEY: [u8; 32] = [0x42; 32];
 
 fn encode(trees: &[Tree], segment_size: u32) -> (Vec<u8>, Trailer) {
+    encode_at(trees, segment_size, 0)
+}
+
+fn encode_at(trees: &[Tree], segment_size: u32, compression_level: i32) -> (Vec<u8>, Trailer) {
     let opts = EncoderOptions {
         segment_size,
         kdf_id: 0,
@@ -15,6 +19,7 @@ fn encode(trees: &[Tree], segment_size: u32) -> (Vec<u8>, Trailer) {
         salt: None,
         nonce_prefix: None,
         threads: 2,
+        compression_level,
     };
     let mut enc = BackupEncoder::new(&KEY, b"{\"m\":1}", &opts).unwrap();
     let mut file = enc.output().to_vec();
@@ -129,6 +134,7 @@ fn writer_state_machine() {
         salt: None,
         nonce_prefix: None,
         threads: 2,
+        compression_level: 0,
     };
     let mut enc = BackupEncoder::new(&KEY, b"{}", &opts).unwrap();
     assert!(matches!(
@@ -153,6 +159,15 @@ fn writer_state_machine() {
         }
     )
     .is_err());
+    assert!(BackupEncoder::new(
+        &KEY,
+        b"{}",
+        &EncoderOptions {
+            compression_level: 23,
+            ..opts
+        }
+    )
+    .is_err());
 }
 
 #[test]
@@ -164,6 +179,7 @@ fn streamed_value_equals_buffered_put() {
         salt: Some(&[1; 32]),
         nonce_prefix: Some(&[2; 7]),
         threads: 2,
+        compression_level: 0,
     };
     let value: Vec<u8> = (0..50_000u32).map(|i| (i * 7) as u8).collect();
     let mut files = Vec::new();
@@ -194,4 +210,188 @@ fn streamed_value_equals_buffered_put() {
     }
     // Both hold the whole file (the streamed encoder's output was never cleared).
     assert_eq!(files[0], files[1]);
+}
+
+/// Text-like records (as the "small" dataset): ~17-byte keys, ~100-byte values.
+fn text_tree(name: &str, n: u32) -> Tree {
+    let words = [
+        "alpha", "bravo", "paris", "shipped", "pending", "tokyo", "order", "paid",
+    ];
+    let items = (0..n)
+        .map(|i| {
+            let w = |j: u32| words[((i * 7 + j * 13) % 8) as usize];
+            let key = format!("user:{i:012}").into_bytes();
+            let value = format!(
+                "{{\"name\":\"{} {}\",\"city\":\"{}\",\"n\":{},\"note\":\"{} {}\"}}",
+                w(1),
+                w(2),
+                w(3),
+                i * 31 % 9973,
+                w(4),
+                w(5)
+            );
+            (key, Some(value.into_bytes()))
+        })
+        .collect();
+    (name.into(), items)
+}
+
+fn compressible_sample() -> Vec<Tree> {
+    let mut trees = sample();
+    let (_, mut big) = text_tree("text", 40_000); // several blocks
+                                                  // a record longer than a block goes out plain, between blocks; then a DELETE in a block
+    big.insert(
+        20_000,
+        (b"huge".to_vec(), Some(vec![b'x'; (1 << 20) + 100])),
+    );
+    big.insert(20_001, (b"zz-gone".to_vec(), None));
+    trees.push(("text".into(), big));
+    trees
+}
+
+#[test]
+fn compressed_roundtrip_same_digests_smaller_file() {
+    let trees = compressible_sample();
+    let (plain_file, plain_trailer) = encode_at(&trees, 1 << 20, 0);
+    for (level, css) in [(1, 4096), (3, 65536), (3, 1 << 20), (19, 1 << 20)] {
+        let (file, trailer) = encode_at(&trees, css, level);
+        // Digests and counts are over the records, whatever carries them.
+        assert_eq!(trailer, plain_trailer, "level {level}");
+        let (meta, got, t2) = decode(&file, &KEY).unwrap();
+        assert_eq!(meta, b"{\"m\":1}");
+        assert_eq!(got, trees, "level {level} css {css}");
+        assert_eq!(t2, trailer);
+        assert!(
+            file.len() * 2 < plain_file.len(),
+            "level {level}: {} vs {}",
+            file.len(),
+            plain_file.len()
+        );
+    }
+}
+
+#[test]
+fn incompressible_blocks_are_stored_raw() {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut noise = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state.to_le_bytes()
+    };
+    let items = (0..20_000u32)
+        .map(|i| {
+            let v: Vec<u8> = (0..13).flat_map(|_| noise()).collect();
+            (i.to_be_bytes().to_vec(), Some(v))
+        })
+        .collect();
+    let trees = vec![("noise".to_string(), items)];
+    let (plain, _) = encode_at(&trees, 1 << 20, 0);
+    let (packed, _) = encode_at(&trees, 1 << 20, 3);
+    assert!(
+        packed.len() <= plain.len() + plain.len() / 1000,
+        "{} vs {}",
+        packed.len(),
+        plain.len()
+    );
+    assert_eq!(decode(&packed, &KEY).unwrap().1, trees);
+}
+
+/// A backup whose plaintext is given by hand: HEADER, one tree "t" made of `body` (records and
+/// BLOCKs), its TREE_END over `records` (the records as they decode), and the TRAILER.
+fn handmade(body: &[u8], records: &[u8], items: u64, bytes: u64) -> Vec<u8> {
+    use crate::digest::Digests;
+    use crate::format::{frame_blob, frame_tree_end, TreeSummary, REC_HEADER, REC_TREE_BEGIN};
+    use crate::keys::{derive_digest_key, derive_key_id};
+    let mut digests = Digests::new(derive_digest_key(&KEY).as_bytes());
+    let mut plain = Vec::new();
+    frame_blob(&mut plain, REC_HEADER, b"{}", "h").unwrap();
+    frame_blob(&mut plain, REC_TREE_BEGIN, b"t", "n").unwrap();
+    digests.absorb(&plain);
+    digests.open_tree();
+    digests.absorb(records);
+    plain.extend_from_slice(body);
+    let summary = TreeSummary {
+        name: "t".into(),
+        item_count: items,
+        byte_count: bytes,
+        digest: digests.close_tree(),
+    };
+    let start = plain.len();
+    frame_tree_end(&mut plain, &summary);
+    digests.absorb(&plain[start..]);
+    plain.extend_from_slice(
+        &Trailer {
+            total_items: items,
+            total_bytes: bytes,
+            trees: vec![summary],
+            digest: digests.stream_digest(),
+        }
+        .encode(),
+    );
+    let preamble = Preamble::encode(4096, &derive_key_id(&KEY), 0, b"").unwrap();
+    let params = crate::stream::StreamParams::backup(4096);
+    let mut file = preamble.raw.clone();
+    file.extend(crate::stream::encrypt(params, &KEY, &plain, &preamble.raw, None, None).unwrap());
+    file
+}
+
+#[test]
+fn handmade_blocks_decode_and_lies_fail() {
+    use crate::compress::{compress_block, frame_block};
+    use crate::format::{frame_delete, frame_put, CODEC_ZSTD};
+    let mut records = Vec::new();
+    for i in 0..200u32 {
+        frame_put(&mut records, &i.to_be_bytes(), b"some text, some text").unwrap();
+    }
+    frame_delete(&mut records, b"old").unwrap();
+    let value_len = b"some text, some text".len() as u64;
+    let (items, bytes) = (201, 200 * (4 + value_len) + 3);
+    let mut packed = Vec::new();
+    assert_eq!(compress_block(&records, 3, &mut packed), CODEC_ZSTD);
+    // A plain record, a zstd block, a raw block: all decode to the same records.
+    let (first, rest) = records.split_at(2 * (9 + 4 + value_len as usize)); // two PUTs
+    let mut body = first.to_vec();
+    let (mid, tail) = rest.split_at(rest.len() - 8);
+    let mut zpart = Vec::new();
+    assert_eq!(compress_block(mid, 3, &mut zpart), CODEC_ZSTD);
+    frame_block(&mut body, CODEC_ZSTD, mid.len(), &zpart);
+    frame_block(&mut body, 0, tail.len(), tail);
+    let (_, trees, _) = decode(&handmade(&body, &records, items, bytes), &KEY).unwrap();
+    assert_eq!(trees[0].1.len(), 201);
+    assert_eq!(trees[0].1[200], (b"old".to_vec(), None));
+
+    let bad = |body: Vec<u8>| decode(&handmade(&body, &records, items, bytes), &KEY).unwrap_err();
+    let mut block = Vec::new();
+    frame_block(&mut block, CODEC_ZSTD, records.len(), &packed);
+    let mut codec = block.clone();
+    codec[1] = 9;
+    assert!(matches!(bad(codec), Error::Format(_)));
+    let mut lie = block.clone();
+    lie[2..6].copy_from_slice(&(records.len() as u32 - 1).to_le_bytes());
+    assert!(matches!(bad(lie), Error::Integrity(_)));
+    let mut short = Vec::new();
+    frame_block(
+        &mut short,
+        CODEC_ZSTD,
+        records.len(),
+        &packed[..packed.len() - 5],
+    );
+    assert!(matches!(bad(short), Error::Integrity(_)));
+    // a TREE_BEGIN inside a block
+    let mut inner = records.clone();
+    inner.extend_from_slice(&[0x02, 1, 0, 0, 0, b'u']);
+    let mut nested = Vec::new();
+    frame_block(&mut nested, 0, inner.len(), &inner);
+    assert!(matches!(bad(nested), Error::Integrity(_)));
+    // a record cut by the end of the block
+    let mut cut = Vec::new();
+    frame_block(
+        &mut cut,
+        0,
+        records.len() - 2,
+        &records[..records.len() - 2],
+    );
+    cut.extend_from_slice(&records[records.len() - 2..]);
+    assert!(matches!(bad(cut), Error::Integrity(_)));
 }

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 
 use crate::aead::TAG_LENGTH;
+use crate::compress::{compress_block, frame_block, BLOCK_TARGET};
 use crate::digest::{Digests, Tally};
 use crate::error::{Error, Result};
 use crate::format::{
@@ -29,8 +30,10 @@ pub struct EncoderOptions<'a> {
     pub kdf_params: &'a [u8],
     pub salt: Option<&'a [u8]>,
     pub nonce_prefix: Option<&'a [u8]>,
-    /// Threads that seal segments; 0 means all cores.
+    /// Threads that seal segments and compress blocks; 0 means all cores.
     pub threads: usize,
+    /// 0: no compression; 1..=22: PUT / DELETE records go into zstd BLOCKs at this level.
+    pub compression_level: i32,
 }
 
 pub struct BackupEncoder {
@@ -50,6 +53,76 @@ pub struct BackupEncoder {
     /// Value bytes still owed by a PUT started with `begin_put`.
     value_remaining: u64,
     threads: usize,
+    blocks: Blocks,
+}
+
+/// The compression side of the encoder: the open block, the closed blocks waiting to be
+/// compressed (in parallel, by `seal_ready` / `end_tree`), and buffers kept for reuse.
+#[derive(Default)]
+struct Blocks {
+    level: i32,
+    open: Vec<u8>,
+    full: Vec<Vec<u8>>,
+    /// Raw bytes in `full`.
+    queued: usize,
+    packed: Vec<Vec<u8>>,
+    spare: Vec<Vec<u8>>,
+}
+
+impl Blocks {
+    /// Whether a record of `len` framed bytes goes into a block (else it goes out as a plain
+    /// record: compression is off, or the record is longer than a block).
+    fn is_blocked(&self, len: usize) -> bool {
+        self.level > 0 && len <= BLOCK_TARGET
+    }
+
+    /// Moves the open block (if any) to the queue; the caller has digested everything before it.
+    fn close(&mut self, digests: &mut Digests) {
+        if self.open.is_empty() {
+            return;
+        }
+        digests.absorb(&self.open);
+        let fresh = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(BLOCK_TARGET));
+        self.queued += self.open.len();
+        self.full.push(std::mem::replace(&mut self.open, fresh));
+    }
+
+    /// Compresses the queued blocks on `threads` threads and appends their BLOCK records to `plain`.
+    fn flush(&mut self, plain: &mut Vec<u8>, threads: usize) -> Result<()> {
+        if self.full.is_empty() {
+            return Ok(());
+        }
+        self.packed.resize_with(self.full.len(), Vec::new);
+        let mut codecs = vec![0u8; self.full.len()];
+        let jobs: Vec<_> = self
+            .full
+            .iter()
+            .zip(self.packed.iter_mut())
+            .zip(codecs.iter_mut())
+            .collect();
+        let level = self.level;
+        parallel::run(jobs, self.queued, threads, |((raw, out), codec)| {
+            *codec = compress_block(raw, level, out);
+            Ok(())
+        })?;
+        for ((raw, out), codec) in self.full.iter().zip(&self.packed).zip(codecs) {
+            let data = if codec == crate::format::CODEC_RAW {
+                raw
+            } else {
+                out
+            };
+            frame_block(plain, codec, raw.len(), data);
+        }
+        for mut raw in self.full.drain(..) {
+            raw.clear();
+            self.spare.push(raw);
+        }
+        self.queued = 0;
+        Ok(())
+    }
 }
 
 impl BackupEncoder {
@@ -95,6 +168,10 @@ impl BackupEncoder {
                 parallel::default_threads()
             } else {
                 opts.threads
+            },
+            blocks: Blocks {
+                level: crate::compress::check_level(opts.compression_level as i64)?,
+                ..Blocks::default()
             },
         })
     }
@@ -148,6 +225,39 @@ impl BackupEncoder {
         self.hashed = self.plain.len();
     }
 
+    /// The buffer the next PUT / DELETE record of `len` bytes goes into: the open block (closed
+    /// first if the record would not fit), or the plaintext after every block before it.
+    fn record_buffer(&mut self, len: usize) -> Result<&mut Vec<u8>> {
+        if self.blocks.is_blocked(len) {
+            if self.blocks.open.len() + len > BLOCK_TARGET {
+                self.close_block();
+            }
+            Ok(&mut self.blocks.open)
+        } else {
+            self.flush_blocks()?;
+            Ok(&mut self.plain)
+        }
+    }
+
+    fn close_block(&mut self) {
+        self.absorb_pending();
+        self.blocks.close(&mut self.digests);
+    }
+
+    /// Closes the open block and compresses every queued one, so plain records can follow.
+    fn flush_blocks(&mut self) -> Result<()> {
+        self.close_block();
+        self.emit_queued()
+    }
+
+    /// Compresses the queued blocks and appends their BLOCK records to the plaintext.
+    fn emit_queued(&mut self) -> Result<()> {
+        self.absorb_pending();
+        self.blocks.flush(&mut self.plain, self.threads)?;
+        self.hashed = self.plain.len(); // BLOCK records are not digested: their content was
+        Ok(())
+    }
+
     pub fn begin_tree(&mut self, name: &str) -> Result<()> {
         self.guarded(|s| {
             s.expect(State::Open, "begin a tree")?;
@@ -170,7 +280,7 @@ impl BackupEncoder {
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         self.guarded(|s| {
             s.expect(State::InTree, "add items")?;
-            frame_put(&mut s.plain, key, value)?;
+            frame_put(s.record_buffer(9 + key.len() + value.len())?, key, value)?;
             s.tree
                 .as_mut()
                 .expect("in tree")
@@ -184,6 +294,7 @@ impl BackupEncoder {
     pub fn begin_put(&mut self, key: &[u8], value_len: usize) -> Result<()> {
         self.guarded(|s| {
             s.expect(State::InTree, "add items")?;
+            s.flush_blocks()?;
             frame_put_header(&mut s.plain, key, value_len)?;
             s.value_remaining = value_len as u64;
             s.tree
@@ -210,7 +321,7 @@ impl BackupEncoder {
     pub fn delete(&mut self, key: &[u8]) -> Result<()> {
         self.guarded(|s| {
             s.expect(State::InTree, "add deletes")?;
-            frame_delete(&mut s.plain, key)?;
+            frame_delete(s.record_buffer(5 + key.len())?, key)?;
             s.tree.as_mut().expect("in tree").1.add(key.len(), 0)
         })
     }
@@ -218,6 +329,7 @@ impl BackupEncoder {
     pub fn end_tree(&mut self) -> Result<TreeSummary> {
         self.guarded(|s| {
             s.expect(State::InTree, "end a tree")?;
+            s.flush_blocks()?;
             s.absorb_pending();
             let digest = s.digests.close_tree();
             let (name, tally) = s.tree.take().expect("in tree");
@@ -229,9 +341,22 @@ impl BackupEncoder {
         })
     }
 
+    /// Whether a PUT of `record_len` framed bytes would first compress the blocks waiting before
+    /// it (it goes out as a plain record): the binding then calls `compress_blocks` without the GIL.
+    pub fn flushes_blocks_before(&self, record_len: usize) -> bool {
+        self.state == State::InTree
+            && !self.blocks.is_blocked(record_len)
+            && !(self.blocks.open.is_empty() && self.blocks.full.is_empty())
+    }
+
+    /// Closes the open block and compresses every waiting one into the plaintext.
+    pub fn compress_blocks(&mut self) -> Result<()> {
+        self.guarded(|s| s.flush_blocks())
+    }
+
     /// Unsealed plaintext bytes; the binding seals once this exceeds a few segments.
     pub fn pending(&self) -> usize {
-        self.plain.len()
+        self.plain.len() + self.blocks.queued
     }
 
     /// Seals every segment that is certainly not the last one (more plaintext follows it).
@@ -240,7 +365,7 @@ impl BackupEncoder {
     }
 
     fn seal(&mut self, finishing: bool) -> Result<()> {
-        self.absorb_pending();
+        self.emit_queued()?;
         let params = self.cipher.params;
         // Cut the plaintext into the segments that can be sealed now.
         let mut pieces: Vec<(u64, bool, std::ops::Range<usize>)> = Vec::new();

@@ -76,6 +76,26 @@ def sample_data(seed: int = 7) -> dict[str, dict[bytes, bytes]]:
     }
 
 
+_WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+    "quebec romeo sierra tango order paid shipped pending berlin paris london tokyo madrid rome oslo"
+).split()
+
+
+def text_items(count: int, seed: int = 7) -> list[tuple[bytes, bytes]]:
+    """Records like the "small" dataset: 17-byte keys in key order and 100-byte text values
+    (JSON-ish, words from a small vocabulary), deterministic for a seed."""
+    rnd = random.Random(seed)
+    items = []
+    for i in range(count):
+        name = f"{rnd.choice(_WORDS).title()} {rnd.choice(_WORDS).title()}"
+        city, status, n = rnd.choice(_WORDS), rnd.choice(_WORDS), rnd.randrange(100_000)
+        note = " ".join(rnd.choice(_WORDS) for _ in range(4))
+        value = f'{{"name":"{name}","city":"{city}","status":"{status}","n":{n},"note":"{note}"}}'
+        items.append((f"user:{i:012d}".encode(), value.encode()[:100].ljust(100)))
+    return items
+
+
 @dataclass
 class Env:
     """One database under test, its manager, the key and a directory for backups."""

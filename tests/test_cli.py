@@ -269,6 +269,17 @@ def test_create_options(setup: Setup) -> None:
     assert {t["name"] for t in doc["trees"]} == {"users", "binary", "logs", "empty"}
 
 
+def test_create_compressed_inspect_and_restore(setup: Setup) -> None:
+    out = setup.tmp / "zstd.dfb"
+    expect(run("create", setup.db, out, "--key", setup.key, "--compression-level", "3", "-q"), EXIT_OK)
+    doc = expect(run("inspect", out, "--key", setup.key, "--json"), EXIT_OK).summary()
+    assert doc["compression"] == "zstd-3" and doc["options"]["compression_level"] == 3
+    assert "zstd-3" in expect(run("inspect", out, "--key", setup.key), EXIT_OK).out
+    target = setup.new_db("from-zstd")
+    expect(run("restore", out, target, "--key", setup.key, "--db-backend", setup.backend, "-q"), EXIT_OK)
+    assert setup.read_db(target) == setup.read_db(setup.db)
+
+
 def test_restore_options(setup: Setup) -> None:
     target = setup.new_db("restore-options")
     with DbOperations.open(target, setup.backend) as db:
@@ -417,7 +428,7 @@ def test_unwritable_destination_and_missing_database_exit_4(setup: Setup) -> Non
 
 def test_bad_option_values_exit_1(setup: Setup) -> None:
     out = setup.tmp / "never.dfb"
-    expect(run("create", setup.db, out, "--key", setup.key, "--compression", "5"), EXIT_USAGE, "compression")
+    expect(run("create", setup.db, out, "--key", setup.key, "--compression-level", "-1"), EXIT_USAGE, "compression")
     expect(run("create", setup.db, out, "--key", setup.key, "--compression", "99"), EXIT_USAGE, "between 0 and 22")
     expect(run("create", setup.db, out, "--key", setup.key, "--tree", "nope"), EXIT_USAGE, "nope")
     expect(run("create", setup.db, out, "--key", setup.key, "--tree", ""), EXIT_USAGE, "tree")

@@ -419,3 +419,15 @@ def test_cross_core_chain(tmp_path: Path, backend: str) -> None:
     assert snapshot(target) == snapshot(db)
     target.close()
     db.close()
+
+
+def test_compressed_members_in_a_chain(filled: Env) -> None:
+    """Compression is per backup: a chain may mix levels, and the merge reads through BLOCKs."""
+    full = filled.backup("full.dfb", BackupOptions(compression_level=3))
+    filled.db.put("logs", b"log:00010", b"changed")
+    filled.db.delete("users", b"carol")
+    i1 = filled.backup("i1.dfb", incremental(full, compression_level=1))
+    assert filled.manager.read_metadata(i1).compression == "zstd-1"
+    filled.db.put("users", b"zed", b"new")
+    i2 = filled.backup("i2.dfb", incremental(i1))
+    assert restored(filled, i2) == snapshot(filled.db)

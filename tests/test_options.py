@@ -21,7 +21,6 @@ from datafold import (
     DatabaseError,
     EncryptedBackupManager,
     IntegrityError,
-    InvalidArgumentError,
     RestoreOptions,
     StoreError,
 )
@@ -138,11 +137,8 @@ def test_compression_level_out_of_range(level: int) -> None:
 
 
 @pytest.mark.parametrize("level", [1, 3, 22])
-def test_compression_is_refused_clearly(level: int) -> None:
-    """Valid levels above 0 are refused: this release writes uncompressed files."""
-    with pytest.raises(InvalidArgumentError, match="compression is not available") as info:
-        BackupOptions(compression_level=level)
-    assert f"compression_level={level}" in str(info.value)
+def test_compression_levels_are_accepted(level: int) -> None:
+    assert BackupOptions(compression_level=level).compression_level == level
 
 
 @pytest.mark.parametrize("bad", [True, 1.0, "0", None])
@@ -154,6 +150,11 @@ def test_compression_level_type(bad: Any) -> None:
 def test_compression_level_zero_is_recorded(filled: Env) -> None:
     meta = filled.manager.create_backup(filled.backup_path(), BackupOptions(compression_level=0)).metadata
     assert meta.options["compression_level"] == 0 and meta.compression is None
+
+
+def test_compression_level_is_recorded(filled: Env) -> None:
+    meta = filled.manager.create_backup(filled.backup_path(), BackupOptions(compression_level=5)).metadata
+    assert meta.options["compression_level"] == 5 and meta.compression == "zstd-5"
 
 
 # --- verify_during_creation ---

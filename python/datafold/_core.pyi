@@ -86,7 +86,13 @@ class BackupWriter:
     InvalidArgumentError. Ciphertext goes to sink.write() in whole segments (one or a few per
     call; memory stays bounded by a few segments); an OSError from the sink becomes BackupIOError.
     The preamble and Tink header are written by __init__; the
-    HEADER record is the first plaintext."""
+    HEADER record is the first plaintext.
+
+    compression_level 0 writes plain records (byte-identical between the cores); 1..=22 packs each
+    tree's PUT / DELETE records into zstd BLOCK records of about 1 MiB (docs/FORMAT.md §7), stored
+    raw when zstd saves less than 1/32. Anything else is an InvalidArgumentError (a non-int an
+    ArgumentTypeError). The pure core needs the `zstandard` package for levels above 0 (without it:
+    FormatError naming `pip install 'datafold[zstd]'`). Readers need no option."""
 
     def __init__(
         self,
@@ -100,6 +106,7 @@ class BackupWriter:
         salt: Buffer | None = None,
         nonce_prefix: Buffer | None = None,
         threads: int = 0,
+        compression_level: int = 0,
     ) -> None: ...
     @property
     def bytes_written(self) -> int: ...

@@ -1173,7 +1173,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backup", metavar="BACKUP", help="the backup file to write (replaced atomically if it exists)")
     tree_filters(p, "back up")
     p.add_argument("--no-metadata", action="store_true", help="leave out metadata trees ('metadata', '_*')")
-    p.add_argument("--compression", type=_int, default=0, metavar="N", help="compression level (0; 1-22 later)")
+    p.add_argument(
+        "--compression-level",
+        "--compression",
+        dest="compression",
+        type=_int,
+        default=0,
+        metavar="N",
+        help="zstd level 1-22 applied per block before encryption; 0 (default) = off",
+    )
     p.add_argument("--no-verify", action="store_true", help="do not read the file back before putting it in place")
     p.add_argument(
         "--parent",

@@ -9,7 +9,7 @@ import operator
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from typing import IO, Any
@@ -167,10 +167,7 @@ class EncryptedBackupManager:
             chain = self._chain(self.read_metadata(str(options.parent)))
         # One read snapshot for the whole backup: every tree as of the same moment.
         with self._db.snapshot() as snap:
-            if chain is None:
-                metadata = self._create_from(snap, path, options, meter)
-            else:
-                metadata = self._create_incremental(snap, path, options, chain, meter)
+            metadata = self._create_from(snap, path, options, meter, chain)
         stats = BackupStats(
             items_backed_up=metadata.total_items,
             trees_backed_up=len(metadata.trees),
@@ -179,21 +176,53 @@ class EncryptedBackupManager:
         )
         return BackupResult(path=path, metadata=metadata, stats=stats)
 
-    def _create_from(self, snap: ReadSnapshot, path: str, options: BackupOptions, meter: Meter) -> BackupMetadata:
-        trees = self._select_trees(options, snap.tree_names())
+    def _create_from(
+        self,
+        snap: ReadSnapshot,
+        path: str,
+        options: BackupOptions,
+        meter: Meter,
+        chain: list[BackupMetadata] | None = None,
+    ) -> BackupMetadata:
+        """A full backup of the snapshot; with `chain`, an incremental: per tree, the records that
+        turn the state the chain describes into the database's (ChainMerge.diff), in one pass."""
+        if chain is not None:
+            options = _chain_filters(options, chain)
+        parent = chain[-1] if chain else None
+        trees = self._select_trees(options, snap.tree_names(), strict=parent is None)
         prefix = options.key_prefix or b""
         option_doc = {**_filter_doc(options), "compression_level": options.compression_level}
 
         def fill(writer: Any) -> None:
             counted = meter.active and options.key_prefix_filter is None
             meter.begin("backup", sum(map(snap.count, trees)) if counted else None)
-            for name in trees:
-                writer.begin_tree(name)
-                writer.add_items(itertools.chain.from_iterable(meter.count_batches(snap.batches(name, prefix))))
-                writer.end_tree()
+            with ExitStack() as stack:
+                merges: Iterable[tuple[str, Any]] = ((name, None) for name in trees)
+                if chain is not None:
+                    readers = stack.enter_context(self._chain_readers(chain))
+                    merges = chain_trees(self._core, chain, readers, trees)
+                for name, merge in merges:
+                    writer.begin_tree(name)
+                    batches = meter.count_batches(snap.batches(name, prefix))
+                    if merge is None:
+                        writer.add_items(itertools.chain.from_iterable(batches))
+                    else:
+                        for batch in batches:
+                            merge.diff(batch, writer)
+                        merge.finish_diff(writer)
+                    writer.end_tree()
 
         return self._write_backup(
-            path, trees, option_doc, fill, options.segment_size, options.verify_during_creation, meter
+            path,
+            trees,
+            option_doc,
+            fill,
+            options.segment_size,
+            options.verify_during_creation,
+            meter,
+            parent=parent,
+            deleted_trees=sorted(set(parent.trees) - set(trees)) if parent else None,
+            compression_level=options.compression_level,
         )
 
     def _select_trees(self, options: BackupOptions, names: list[str], *, strict: bool = True) -> list[str]:
@@ -209,41 +238,6 @@ class EncryptedBackupManager:
         if not options.include_metadata:
             names = [n for n in names if not is_metadata_tree(n)]
         return sorted(names)
-
-    def _create_incremental(
-        self, snap: ReadSnapshot, path: str, options: BackupOptions, chain: list[BackupMetadata], meter: Meter
-    ) -> BackupMetadata:
-        """Writes what changed since the chain's newest backup: per tree, the records that turn the
-        state the chain describes into the database's (ChainMerge.diff), in one pass over each."""
-        options = _chain_filters(options, chain)
-        parent = chain[-1]
-        trees = self._select_trees(options, snap.tree_names(), strict=False)
-        deleted = sorted(set(parent.trees) - set(trees))
-        prefix = options.key_prefix or b""
-        option_doc = {**_filter_doc(options), "compression_level": options.compression_level}
-
-        def fill(writer: Any) -> None:
-            counted = meter.active and options.key_prefix_filter is None
-            meter.begin("backup", sum(map(snap.count, trees)) if counted else None)
-            with self._chain_readers(chain) as readers:
-                for name, merge in chain_trees(self._core, chain, readers, trees):
-                    writer.begin_tree(name)
-                    for batch in meter.count_batches(snap.batches(name, prefix)):
-                        merge.diff(batch, writer)
-                    merge.finish_diff(writer)
-                    writer.end_tree()
-
-        return self._write_backup(
-            path,
-            trees,
-            option_doc,
-            fill,
-            options.segment_size,
-            options.verify_during_creation,
-            meter,
-            parent=parent,
-            deleted_trees=deleted,
-        )
 
     def _chain(self, newest: BackupMetadata, explicit: tuple[str, ...] | None = None) -> list[BackupMetadata]:
         """The chain ending with `newest`, oldest first, every link checked (chain.resolve_chain)."""
@@ -280,6 +274,7 @@ class EncryptedBackupManager:
         *,
         parent: BackupMetadata | None = None,
         deleted_trees: list[str] | None = None,
+        compression_level: int = 0,
     ) -> BackupMetadata:
         meter = meter or Meter(None)
         header = BackupMetadata.header_json(
@@ -290,6 +285,7 @@ class EncryptedBackupManager:
             source=SourceInfo(self._db.backend, self._db.path),
             options=option_doc,
             trees=trees,
+            compression_level=compression_level,
         )
         key, kdf_id, kdf_params = self._write_key()
         with AtomicFile(path) as out:
@@ -302,6 +298,7 @@ class EncryptedBackupManager:
                     kdf_id=kdf_id,
                     kdf_params=kdf_params,
                     threads=self._threads,
+                    compression_level=compression_level,
                 )
                 fill(writer)
                 trailer = writer.finish()

@@ -88,8 +88,10 @@ class BackupMetadata:
         backup_id: str | None = None,
         parent_digest: str | None = None,
         deleted_trees: list[str] | None = None,
+        compression_level: int = 0,
     ) -> bytes:
         """The HEADER record's payload (docs/FORMAT.md §5)."""
+        compression = {"algorithm": "zstd", "level": compression_level} if compression_level else None
         doc: dict[str, Any] = {
             "backup_id": backup_id or str(uuid.uuid4()),
             "created_at": (created_at or datetime.now(timezone.utc)).isoformat(),
@@ -97,7 +99,7 @@ class BackupMetadata:
             "parent_backup_id": parent_backup_id,
             "source": {"backend": source.backend, "path": source.path},
             "options": options,
-            "compression": None,
+            "compression": compression,
             "trees": trees,
         }
         if parent_backup_id is not None:
@@ -134,7 +136,7 @@ class BackupMetadata:
                 encryption=EncryptionInfo(
                     ENCRYPTION_ALGORITHM, ENCRYPTION_CONTEXT, preamble.segment_size, preamble.key_id.hex(), kdf=kdf
                 ),
-                compression=doc.get("compression"),
+                compression=_compression_name(doc.get("compression")),
                 trees={name: TreeInfo(items, nbytes, d.hex()) for name, items, nbytes, d in trees},
                 total_items=total_items,
                 total_bytes=total_bytes,
@@ -174,3 +176,16 @@ class RestoreStats:
     safety_backup_path: str | None = None
     duration_s: float = 0.0
     verified: bool = False
+
+
+def _compression_name(doc: Any) -> str | None:
+    """The HEADER's "compression" as BackupMetadata shows it: "zstd-3" for
+    {"algorithm": "zstd", "level": 3}, None for null (docs/FORMAT.md §5)."""
+    if doc is None:
+        return None
+    if isinstance(doc, dict) and isinstance(doc.get("algorithm"), str):
+        level = doc.get("level")
+        return doc["algorithm"] if level is None else f"{doc['algorithm']}-{level}"
+    if isinstance(doc, str):
+        return doc
+    raise ValueError(f"unknown compression description {doc!r}")

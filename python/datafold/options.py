@@ -124,7 +124,9 @@ class BackupOptions(_PrefixMixin):
     key_prefix_filter: only keys starting with this prefix (str is UTF-8 encoded).
     include_metadata: False leaves out metadata trees ("metadata" and names starting with "_"),
         even where tree_filter names them.
-    compression_level: 0 (no compression); validated 0-22, levels above 0 arrive with zstd support.
+    compression_level: 0 (no compression, the default) or a zstd level 1-22, applied per block of
+        records before encryption (docs/FORMAT.md §7); restoring needs no option. The pure core
+        needs the zstandard package for it (pip install 'datafold[zstd]').
     verify_during_creation: re-read and verify the finished file before it is put in place.
     segment_size: the Tink ciphertext segment size (docs/FORMAT.md).
     threads: threads that seal segments, 0 = all cores (the Rust core; the pure core uses one).
@@ -163,11 +165,6 @@ class BackupOptions(_PrefixMixin):
             raise ArgumentTypeError(f"compression_level must be an int, not {type(level).__name__}")
         if not 0 <= level <= MAX_COMPRESSION_LEVEL:
             raise InvalidArgumentError(f"compression_level must be between 0 and {MAX_COMPRESSION_LEVEL}, got {level}")
-        if level != 0:
-            raise InvalidArgumentError(
-                f"compression_level={level}: compression is not available in this release of datafold "
-                "(format 1 files are written uncompressed); use compression_level=0"
-            )
         size = self.segment_size
         if not isinstance(size, int) or isinstance(size, bool):
             raise ArgumentTypeError(f"segment_size must be an int, not {type(size).__name__}")

@@ -168,6 +168,17 @@ pub(crate) fn batch_limit(value: &IntArg<'_>, name: &str) -> PyResult<usize> {
     })
 }
 
+/// The `compression_level` argument: an int (not a bool) in 0..=22, checked as the pure core does.
+pub(crate) fn level_arg(level: &IntArg<'_>) -> PyResult<i32> {
+    let level: i64 = level.get("compression_level", |v| {
+        Error::invalid(format!(
+            "compression_level must be between 0 and {}, got {v}",
+            crate::format::MAX_COMPRESSION_LEVEL
+        ))
+    })?;
+    Ok(crate::compress::check_level(level)?)
+}
+
 /// More threads than this are never used: a larger `threads` means the same.
 const MAX_THREADS: usize = 1024;
 

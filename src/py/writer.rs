@@ -124,6 +124,16 @@ impl PyBackupWriter {
     /// One PUT (value Some) or DELETE record of the open tree, sealing and writing when enough
     /// is pending. Large values are sealed piece by piece.
     fn record(&mut self, py: Python<'_>, key: &[u8], value: Option<&[u8]>) -> PyResult<()> {
+        let framed = match value {
+            Some(v) => 9 + key.len() + v.len(),
+            None => 5 + key.len(),
+        };
+        if self.enc.flushes_blocks_before(framed) {
+            // A record too large for a block follows the waiting blocks: compress them first,
+            // without the Python lock.
+            let enc = &mut self.enc;
+            py.detach(|| enc.compress_blocks())?;
+        }
         match value {
             Some(v) if v.len() > self.flush_at => return self.put_large(py, key, v),
             Some(v) => self.enc.put(key, v)?,
@@ -168,7 +178,7 @@ impl PyBackupWriter {
 #[pymethods]
 impl PyBackupWriter {
     #[new]
-    #[pyo3(signature = (sink, backup_key, header, *, segment_size=IntArg::Default(DEFAULT_SEGMENT_SIZE.into()), kdf_id=IntArg::Default(0), kdf_params=None, salt=None, nonce_prefix=None, threads=IntArg::Default(0)))]
+    #[pyo3(signature = (sink, backup_key, header, *, segment_size=IntArg::Default(DEFAULT_SEGMENT_SIZE.into()), kdf_id=IntArg::Default(0), kdf_params=None, salt=None, nonce_prefix=None, threads=IntArg::Default(0), compression_level=IntArg::Default(0)))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -181,6 +191,7 @@ impl PyBackupWriter {
         salt: Option<&Bound<'_, PyAny>>,
         nonce_prefix: Option<&Bound<'_, PyAny>>,
         threads: IntArg<'_>,
+        compression_level: IntArg<'_>,
     ) -> PyResult<Self> {
         let threads = super::threads_arg(&threads)?;
         super::errors::require_method(&sink, "write", "sink")?;
@@ -190,6 +201,7 @@ impl PyBackupWriter {
         let (salt, prefix, kdf_params) =
             (opt_arg(salt)?, opt_arg(nonce_prefix)?, opt_arg(kdf_params)?);
         let kdf_params = kdf_params.unwrap_or_default();
+        let compression_level = super::level_arg(&compression_level)?;
         let opts = EncoderOptions {
             segment_size,
             kdf_id,
@@ -197,6 +209,7 @@ impl PyBackupWriter {
             salt: salt.as_deref(),
             nonce_prefix: prefix.as_deref(),
             threads,
+            compression_level,
         };
         let enc = with_bytes(header, |h| BackupEncoder::new(&key, h, &opts))??;
         let mut w = PyBackupWriter {
@@ -253,7 +266,9 @@ impl PyBackupWriter {
         &mut self,
         py: Python<'py>,
     ) -> PyResult<(String, u64, u64, Bound<'py, PyBytes>)> {
-        let summary = self.enc.end_tree()?;
+        // Compresses the tree's last blocks: without the GIL.
+        let enc = &mut self.enc;
+        let summary = py.detach(|| enc.end_tree())?;
         Ok(tree_tuple(py, &summary))
     }
 

@@ -22,6 +22,7 @@ from ..errors import (
     InvalidArgumentError,
 )
 from ..keys import derive_digest_key, derive_key_id
+from .compress import BLOCK_HEADER, BLOCK_TARGET, BlockPacker, check_level, decode_block, parse_block_header
 from .format import (
     DEFAULT_SEGMENT_SIZE,
     DELETE_HEADER,
@@ -127,6 +128,9 @@ class BackupWriter:
         "_tree_bytes",
         "_names",
         "_summaries",
+        "_packer",
+        "_block",
+        "_emit",
     )
 
     def __init__(
@@ -141,9 +145,14 @@ class BackupWriter:
         salt: Buffer | None = None,
         nonce_prefix: Buffer | None = None,
         threads: int = 0,
+        compression_level: int = 0,
     ) -> None:
         self._state = _W_POISONED  # until construction completes
         check_threads(threads)
+        level = check_level(compression_level)
+        self._packer = BlockPacker(level) if level else None
+        self._block = bytearray()
+        self._emit = self._emit_block if level else self._emit_tree
         key = _check_key(backup_key)
         head = as_bytes(header, "header")
         if len(head) > MAX_FIELD_LENGTH:
@@ -245,11 +254,36 @@ class BackupWriter:
             self._index += 1
             self._seg_plain = self._cipher.plain
 
-    def _emit_tree(self, data: Any) -> None:
-        # A tree's records go into its tree digest only; the stream digest covers them through
-        # the TREE_END record that carries that digest (docs/FORMAT.md §4).
+    def _emit_tree(self, data: Any, tail: Any = None) -> None:
+        """Whole records of the open tree (`tail`, if given, is the value that ends the last one).
+        A tree's records go into its tree digest only; the stream digest covers them through
+        the TREE_END record that carries that digest (docs/FORMAT.md §4)."""
         self._tree_hasher.update(data)
         self._append(data)
+        if tail is not None:
+            self._tree_hasher.update(tail)
+            self._append(tail)
+
+    def _emit_block(self, data: Any, tail: Any = None) -> None:
+        """As _emit_tree, with compression: records gather into a block of up to BLOCK_TARGET raw
+        bytes; a batch longer than that goes out as plain records."""
+        size = len(data) + (0 if tail is None else len(tail))
+        if len(self._block) + size > BLOCK_TARGET:
+            self._close_block()
+        if size > BLOCK_TARGET:
+            self._emit_tree(data, tail)
+            return
+        self._tree_hasher.update(data)
+        self._block += data
+        if tail is not None:
+            self._tree_hasher.update(tail)
+            self._block += tail
+
+    def _close_block(self) -> None:
+        if self._block:
+            assert self._packer is not None
+            self._append(self._packer.record(self._block))  # not digested: its records were
+            self._block = bytearray()
 
     # -- public API --
 
@@ -290,7 +324,7 @@ class BackupWriter:
     def add_items(self, items: Iterable[tuple[Buffer, Buffer]]) -> int:
         self._enter(_W_IN_TREE, "add_items")
         try:
-            count, nbytes = _frame_items(items, self._emit_tree, deletes=False)
+            count, nbytes = _frame_items(items, self._emit, deletes=False)
             self._tree_items += count
             self._tree_bytes += nbytes
             return count
@@ -301,7 +335,7 @@ class BackupWriter:
     def add_deletes(self, keys: Iterable[Buffer]) -> int:
         self._enter(_W_IN_TREE, "add_deletes")
         try:
-            count, nbytes = _frame_items(keys, self._emit_tree, deletes=True)
+            count, nbytes = _frame_items(keys, self._emit, deletes=True)
             self._tree_items += count
             self._tree_bytes += nbytes
             return count
@@ -312,6 +346,7 @@ class BackupWriter:
     def end_tree(self) -> TreeSummary:
         self._enter(_W_IN_TREE, "end_tree")
         try:
+            self._close_block()
             digest = self._tree_hasher.digest()
             self._tree_hasher = None
             self._feed(TREE_END.pack(REC_TREE_END, self._tree_items, self._tree_bytes, digest))
@@ -377,9 +412,8 @@ def _frame_items(items: Iterable[Any], emit: Any, *, deletes: bool) -> tuple[int
             chunk += put_pack(_PUT_TYPE, klen, vlen)
             chunk += key
             if vlen >= _CHUNK:
-                emit(chunk)
+                emit(chunk, value)
                 chunk.clear()
-                emit(value)
             else:
                 chunk += value
             nbytes += klen + vlen
@@ -480,9 +514,11 @@ _R_STATE_NAMES = {
 }
 
 
+def _cut_by_block() -> NoReturn:
+    raise IntegrityError("backup is corrupted: a block ends inside a record")
+
+
 def _unexpected(rtype: int, expected: str) -> NoReturn:
-    if rtype == REC_BLOCK:
-        raise FormatError("this backup uses compressed blocks (record type 0x07); reading it needs a newer datafold")
     name = RECORD_NAMES.get(rtype)
     if name is None:
         raise FormatError(f"unknown record type {rtype:#04x} in the backup (written by a newer datafold?)")
@@ -514,6 +550,7 @@ class BackupReader:
         "_names",
         "_summaries",
         "_trailer",
+        "_block_end",
     )
 
     def __init__(self, source: Any, *, threads: int = 0) -> None:
@@ -535,6 +572,9 @@ class BackupReader:
         self._data = b""
         self._pos = 0
         self._mark = 0
+        # The decoded records of a BLOCK are spliced into _data in place of the BLOCK record;
+        # _data[:_block_end] (from _pos on) is what is left of them.
+        self._block_end = 0
         self._seg_index = 0
         self._ended = False
         self._peek = b""
@@ -641,6 +681,7 @@ class BackupReader:
         self._data = parts[0] if len(parts) == 1 else b"".join(parts)
         self._pos = 0
         self._mark = 0
+        self._block_end = 0  # callers read past a block before they need more
 
     def _len_record(self) -> int:
         """Length field of the HEADER / TREE_BEGIN / TRAILER record at the current position."""
@@ -774,23 +815,29 @@ class BackupReader:
         nbytes = 0
         unpack_put = PUT_HEADER.unpack_from
         unpack_u32 = U32.unpack_from
+        block_end = self._block_end
         while count < max_items and nbytes < max_bytes:
             if pos >= len(data):
                 self._pos = pos
                 self._need(1)
-                data, pos = self._data, self._pos
+                data, pos, block_end = self._data, self._pos, 0
             rtype = data[pos]
+            # Inside a block (pos < block_end) every record must end by block_end.
             if rtype == REC_PUT:
                 if len(data) - pos < 9:
+                    if pos < block_end:
+                        _cut_by_block()
                     self._pos = pos
                     self._need(9)
-                    data, pos = self._data, self._pos
+                    data, pos, block_end = self._data, self._pos, 0
                 _, klen, vlen = unpack_put(data, pos)
                 end = pos + 9 + klen + vlen
+                if end > block_end > pos:
+                    _cut_by_block()
                 if end > len(data):
                     self._pos = pos
                     self._need(9 + klen + vlen)
-                    data, pos = self._data, self._pos
+                    data, pos, block_end = self._data, self._pos, 0
                     end = pos + 9 + klen + vlen
                 kend = pos + 9 + klen
                 out.append((data[pos + 9 : kend], data[kend:end]))
@@ -798,19 +845,31 @@ class BackupReader:
                 pos = end
             elif rtype == REC_DELETE:
                 if len(data) - pos < 5:
+                    if pos < block_end:
+                        _cut_by_block()
                     self._pos = pos
                     self._need(5)
-                    data, pos = self._data, self._pos
+                    data, pos, block_end = self._data, self._pos, 0
                 (klen,) = unpack_u32(data, pos + 1)
                 end = pos + 5 + klen
+                if end > block_end > pos:
+                    _cut_by_block()
                 if end > len(data):
                     self._pos = pos
                     self._need(5 + klen)
-                    data, pos = self._data, self._pos
+                    data, pos, block_end = self._data, self._pos, 0
                     end = pos + 5 + klen
                 out.append((data[pos + 5 : end], None))
                 nbytes += klen
                 pos = end
+            elif pos < block_end:
+                name = RECORD_NAMES.get(rtype, f"type {rtype:#04x}")
+                raise IntegrityError(f"backup is corrupted: a {name} record inside a block")
+            elif rtype == REC_BLOCK:
+                self._pos = pos
+                self._splice_block()
+                data, pos, block_end = self._data, self._pos, self._block_end
+                continue
             elif rtype == REC_TREE_END:
                 if out:
                     break  # the next call checks the TREE_END and returns []
@@ -819,12 +878,28 @@ class BackupReader:
                 return out
             else:
                 self._pos = pos
-                _unexpected(rtype, "PUT, DELETE or TREE_END")
+                _unexpected(rtype, "PUT, DELETE, BLOCK or TREE_END")
             count += 1
         self._pos = pos
+        self._block_end = block_end
         self._tree_items += count
         self._tree_bytes += nbytes
         return out
+
+    def _splice_block(self) -> None:
+        """Replaces the BLOCK record at the current position by the records it carries. The BLOCK
+        record itself is not digested; its records are, as they are read."""
+        self._flush_hash()
+        self._need(BLOCK_HEADER.size)
+        codec, raw_len, data_len = parse_block_header(self._data, self._pos)
+        self._need(BLOCK_HEADER.size + data_len)
+        start = self._pos + BLOCK_HEADER.size
+        end = start + data_len
+        raw = decode_block(codec, raw_len, self._data[start:end])
+        self._data = raw + self._data[end:]
+        self._pos = 0
+        self._mark = 0
+        self._block_end = raw_len
 
     def _tree_end(self) -> None:
         self._flush_hash()  # the tree's records, into the tree digest

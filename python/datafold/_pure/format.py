@@ -78,7 +78,7 @@ REC_PUT = 0x03
 REC_DELETE = 0x04
 REC_TREE_END = 0x05
 REC_TRAILER = 0x06
-REC_BLOCK = 0x07  # reserved for per-block compression (FORMAT.md §7); never written by this release
+REC_BLOCK = 0x07  # a run of PUT / DELETE records, raw or zstd (FORMAT.md §3, §7; _pure/compress.py)
 RECORD_NAMES = {
     REC_HEADER: "HEADER",
     REC_TREE_BEGIN: "TREE_BEGIN",
