@@ -7,29 +7,51 @@
 
 use crate::error::Error;
 
-/// A tree record as a member holds it: `value` None is a DELETE.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A tree record as a member holds it: `put` false is a DELETE (and `value` is empty). The
+/// merge reuses these buffers, so reading a chain allocates nothing per record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Record {
     pub key: Vec<u8>,
-    pub value: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub put: bool,
 }
 
-/// The next record of one member's tree, `None` after its last one.
+impl Record {
+    /// Replaces the contents, keeping the buffers.
+    pub fn set(&mut self, key: &[u8], value: Option<&[u8]>) {
+        self.key.clear();
+        self.key.extend_from_slice(key);
+        self.value.clear();
+        if let Some(v) = value {
+            self.value.extend_from_slice(v);
+        }
+        self.put = value.is_some();
+    }
+}
+
+/// A key of the merged state and its value there (None: deleted), borrowed from the merge.
+pub type Merged<'a> = (&'a [u8], Option<&'a [u8]>);
+
+/// The records of one member's tree, in order.
 pub trait RecordSource<E> {
-    fn next_record(&mut self) -> Result<Option<Record>, E>;
+    /// Fills `into` with the next record; false after the last one.
+    fn next_record(&mut self, into: &mut Record) -> Result<bool, E>;
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Head {
     Unread,
-    At(Record),
+    At,
     End,
 }
 
 /// The merge state of one tree: the current record of each member.
 pub struct ChainMerge {
     heads: Vec<Head>,
-    /// The key each member gave last, to check that its keys ascend.
-    last_keys: Vec<Option<Vec<u8>>>,
+    records: Vec<Record>,
+    /// The key each member gave last, to check that its keys ascend; `started` once it gave one.
+    last_keys: Vec<Vec<u8>>,
+    started: Vec<bool>,
     /// Members `0..stale` are older than the tree's latest whole-tree delete: what they hold
     /// no longer exists, so their keys merge as deletes.
     stale: usize,
@@ -40,79 +62,77 @@ pub struct ChainMerge {
 impl ChainMerge {
     pub fn new(members: usize, stale: usize) -> Self {
         ChainMerge {
-            heads: (0..members).map(|_| Head::Unread).collect(),
-            last_keys: vec![None; members],
+            heads: vec![Head::Unread; members],
+            records: vec![Record::default(); members],
+            last_keys: vec![Vec::new(); members],
+            started: vec![false; members],
             stale: stale.min(members),
             last_db_key: None,
         }
     }
 
-    fn fill<E: From<Error>, S: RecordSource<E>>(&mut self, sources: &mut [S]) -> Result<(), E> {
+    /// Reads the next record of every member whose record was taken, then returns the member
+    /// holding the smallest key (the newest one where several do), if any.
+    fn fill<E: From<Error>, S: RecordSource<E>>(
+        &mut self,
+        sources: &mut [S],
+    ) -> Result<Option<usize>, E> {
         if sources.len() != self.heads.len() {
             return Err(Error::invalid("the chain's members changed during the merge").into());
         }
-        for (i, head) in self.heads.iter_mut().enumerate() {
-            if let Head::Unread = head {
-                *head = match sources[i].next_record()? {
-                    None => Head::End,
-                    Some(r) => {
-                        if self.last_keys[i]
-                            .as_deref()
-                            .is_some_and(|k| k >= &r.key[..])
-                        {
-                            return Err(Error::integrity(
-                                "a backup of the chain does not list its keys in ascending order, \
-                                 so it cannot be merged; make a new full backup",
-                            )
-                            .into());
-                        }
-                        Head::At(r)
+        let mut min: Option<usize> = None;
+        for (i, source) in sources.iter_mut().enumerate() {
+            if self.heads[i] == Head::Unread {
+                let record = &mut self.records[i];
+                // The taken key becomes the member's last key (its buffer is swapped, not copied).
+                let last = &mut self.last_keys[i];
+                std::mem::swap(last, &mut record.key);
+                self.heads[i] = if source.next_record(record)? {
+                    if self.started[i] && last[..] >= record.key[..] {
+                        return Err(Error::integrity(
+                            "a backup of the chain does not list its keys in ascending order, \
+                             so it cannot be merged; make a new full backup",
+                        )
+                        .into());
                     }
+                    self.started[i] = true;
+                    Head::At
+                } else {
+                    Head::End
                 };
             }
+            if self.heads[i] == Head::At
+                && min.map_or(true, |m| self.records[i].key <= self.records[m].key)
+            {
+                min = Some(i); // members are oldest first: on a tie the later one wins
+            }
         }
-        Ok(())
+        Ok(min)
     }
 
-    /// The smallest key any member holds next.
-    fn peek_key<E: From<Error>, S: RecordSource<E>>(
-        &mut self,
-        sources: &mut [S],
-    ) -> Result<Option<&[u8]>, E> {
-        self.fill(sources)?;
-        Ok(self
-            .heads
-            .iter()
-            .filter_map(|h| match h {
-                Head::At(r) => Some(&r.key[..]),
-                _ => None,
-            })
-            .min())
+    /// Takes the record of `winner` and every member at the same key; true if the key exists in
+    /// the merged state (the newest member holds a PUT and is not stale).
+    fn take(&mut self, winner: usize) -> bool {
+        for i in 0..self.heads.len() {
+            if self.heads[i] == Head::At && self.records[i].key == self.records[winner].key {
+                self.heads[i] = Head::Unread;
+            }
+        }
+        self.records[winner].put && winner >= self.stale
     }
 
-    /// The next key of the merged state and its value there (None: deleted), newest member winning.
+    /// The next key of the merged state and its value there (None: deleted), newest member
+    /// winning. The slices are valid until the next call.
     pub fn next<E: From<Error>, S: RecordSource<E>>(
         &mut self,
         sources: &mut [S],
-    ) -> Result<Option<Record>, E> {
-        let Some(min) = self.peek_key(sources)?.map(<[u8]>::to_vec) else {
+    ) -> Result<Option<Merged<'_>>, E> {
+        let Some(w) = self.fill(sources)? else {
             return Ok(None);
         };
-        let mut winner: Option<(usize, Record)> = None;
-        for (i, head) in self.heads.iter_mut().enumerate() {
-            if matches!(head, Head::At(r) if r.key == min) {
-                let Head::At(r) = std::mem::replace(head, Head::Unread) else {
-                    unreachable!()
-                };
-                self.last_keys[i] = Some(r.key.clone());
-                winner = Some((i, r)); // members are oldest first: the last match is the newest
-            }
-        }
-        let (member, mut record) = winner.expect("a member holds the smallest key");
-        if member < self.stale {
-            record.value = None;
-        }
-        Ok(Some(record))
+        let live = self.take(w);
+        let r = &self.records[w];
+        Ok(Some((&r.key, live.then_some(&r.value[..]))))
     }
 
     /// Compares the database's next item with the chain's state and emits the records that turn
@@ -139,21 +159,18 @@ impl ChainMerge {
             self.last_db_key = Some(key.to_vec());
         }
         loop {
-            let ordering = match self.peek_key(sources)? {
-                None => std::cmp::Ordering::Greater,
-                Some(k) => k.cmp(key),
+            let Some(w) = self.fill(sources)? else {
+                return emit(key, Some(value));
             };
-            match ordering {
+            match self.records[w].key[..].cmp(key) {
                 std::cmp::Ordering::Greater => return emit(key, Some(value)),
                 std::cmp::Ordering::Less => {
-                    let r = self.next(sources)?.expect("peeked");
-                    if r.value.is_some() {
-                        emit(&r.key, None)?;
+                    if self.take(w) {
+                        emit(&self.records[w].key, None)?;
                     }
                 }
                 std::cmp::Ordering::Equal => {
-                    let r = self.next(sources)?.expect("peeked");
-                    if r.value.as_deref() != Some(value) {
+                    if !(self.take(w) && self.records[w].value == value) {
                         emit(key, Some(value))?;
                     }
                     return Ok(());
@@ -168,11 +185,10 @@ impl ChainMerge {
         sources: &mut [S],
         emit: &mut impl FnMut(&[u8], Option<&[u8]>) -> Result<(), E>,
     ) -> Result<(), E> {
-        while let Some(r) = self.next(sources)? {
-            if r.value.is_none() {
-                continue;
+        while let Some((key, value)) = self.next(sources)? {
+            if value.is_some() {
+                emit(key, None)?;
             }
-            emit(&r.key, None)?;
         }
         Ok(())
     }
@@ -186,23 +202,27 @@ mod tests {
     struct VecSource(std::vec::IntoIter<Record>);
 
     impl RecordSource<Error> for VecSource {
-        fn next_record(&mut self) -> Result<Option<Record>> {
-            Ok(self.0.next())
+        fn next_record(&mut self, into: &mut Record) -> Result<bool> {
+            Ok(self.0.next().map(|r| *into = r).is_some())
         }
     }
 
     fn put(k: &str, v: &str) -> Record {
-        Record {
-            key: k.as_bytes().to_vec(),
-            value: Some(v.as_bytes().to_vec()),
-        }
+        let mut r = Record::default();
+        r.set(k.as_bytes(), Some(v.as_bytes()));
+        r
     }
 
     fn del(k: &str) -> Record {
-        Record {
-            key: k.as_bytes().to_vec(),
-            value: None,
-        }
+        let mut r = Record::default();
+        r.set(k.as_bytes(), None);
+        r
+    }
+
+    fn owned(key: &[u8], value: Option<&[u8]>) -> Record {
+        let mut r = Record::default();
+        r.set(key, value);
+        r
     }
 
     fn sources(members: Vec<Vec<Record>>) -> Vec<VecSource> {
@@ -216,8 +236,8 @@ mod tests {
         let mut src = sources(members);
         let mut m = ChainMerge::new(src.len(), stale);
         let mut out = Vec::new();
-        while let Some(r) = m.next(&mut src)? {
-            out.push(r);
+        while let Some((k, v)) = m.next(&mut src)? {
+            out.push(owned(k, v));
         }
         Ok(out)
     }
@@ -253,10 +273,7 @@ mod tests {
         let mut m = ChainMerge::new(src.len(), 0);
         let mut out = Vec::new();
         let mut emit = |k: &[u8], v: Option<&[u8]>| -> Result<()> {
-            out.push(Record {
-                key: k.to_vec(),
-                value: v.map(<[u8]>::to_vec),
-            });
+            out.push(owned(k, v));
             Ok(())
         };
         for (k, v) in db {

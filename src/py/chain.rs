@@ -16,9 +16,9 @@ struct ReaderSource<'py> {
 }
 
 impl RecordSource<PyErr> for ReaderSource<'_> {
-    fn next_record(&mut self) -> PyResult<Option<Record>> {
+    fn next_record(&mut self, into: &mut Record) -> PyResult<bool> {
         let py = self.reader.py();
-        self.reader.next_record(py)
+        self.reader.next_record(py, into)
     }
 }
 
@@ -110,10 +110,12 @@ impl PyChainMerge {
             let list = PyList::empty(py);
             let mut bytes = 0usize;
             while list.len() < max_items && bytes < max_bytes {
-                let Some(r) = merge.next(sources)? else { break };
-                bytes += r.key.len() + r.value.as_ref().map_or(0, Vec::len);
-                let value = r.value.map(|v| PyBytes::new(py, &v));
-                list.append((PyBytes::new(py, &r.key), value))?;
+                let Some((key, value)) = merge.next(sources)? else {
+                    break;
+                };
+                bytes += key.len() + value.map_or(0, <[u8]>::len);
+                let value = value.map(|v| PyBytes::new(py, v));
+                list.append((PyBytes::new(py, key), value))?;
             }
             Ok(list)
         })

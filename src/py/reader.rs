@@ -166,23 +166,20 @@ impl PyBackupReader {
         Ok(())
     }
 
-    /// The current tree's next record as owned bytes (for merging a backup chain), None at its end.
-    pub(crate) fn next_record(&mut self, py: Python<'_>) -> PyResult<Option<Record>> {
+    /// The current tree's next record, copied into `into`'s buffers (for merging a backup
+    /// chain); false at the tree's end.
+    pub(crate) fn next_record(&mut self, py: Python<'_>, into: &mut Record) -> PyResult<bool> {
         self.guarded(py, |s, py| loop {
             match s.decoder()?.next_item()? {
                 Step::NeedMore => s.feed(py)?,
-                Step::Done(None) => return Ok(None),
+                Step::Done(None) => return Ok(false),
                 Step::Done(Some(Item::Put(k, v))) => {
-                    return Ok(Some(Record {
-                        key: k.to_vec(),
-                        value: Some(v.to_vec()),
-                    }))
+                    into.set(k, Some(v));
+                    return Ok(true);
                 }
                 Step::Done(Some(Item::Delete(k))) => {
-                    return Ok(Some(Record {
-                        key: k.to_vec(),
-                        value: None,
-                    }))
+                    into.set(k, None);
+                    return Ok(true);
                 }
             }
         })
