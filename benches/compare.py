@@ -4,6 +4,7 @@
     python benches/compare.py                          # full datasets, median of 3, ~20 min, writes docs/
     python benches/compare.py --scale 0.02 --repeat 1 --no-write     # a smoke run (~30 s)
     python benches/compare.py --only memory --memory-mib 512         # the memory benchmark alone
+    python benches/compare.py --only incremental --only compression  # issue 6's parts alone
 
 Data: benches/datasets.py's "small" (2M text records of ~17 + 100 bytes in 4 trees) and "large"
 (256 x 1 MiB random values), scaled by --scale, written once into an LMDB database that every
@@ -21,7 +22,13 @@ contender backs up. For each dataset one table, the median of --repeat runs per 
   with `cryptography` over 1 MiB chunks on one thread, divided by LIMIT_THREADS, and LMDB's own
   bulk load of the same records (putmulti append=True, one synced transaction).
 
-Then the bars of issue 5 as PASS / MISS lines, a memory benchmark (peak anonymous RSS growth of
+Issue 6's parts, on the same datasets (Rust core, defaults): `incremental` = a full backup of
+"small", an incremental of it unchanged and after a seeded change of 1% of its records (updates,
+deletes, new keys), the full backup of the changed database, and the restores of the chain and of
+that full backup (plus the pure-Python core's incremental once, within --pure-budget);
+`compression` = create / restore / verify at zstd levels 0, 1, 3, 9 on "small" and 0, 3 on "large".
+
+Then the bars of issues 5 and 6 as PASS / MISS lines, a memory benchmark (peak anonymous RSS growth of
 create_backup and restore_backup, each in its own process, at --memory-mib and 4x that), and a bar
 chart (docs/benchmarks.png, if matplotlib is installed: `pip install -e '.[bench]'`).
 
@@ -61,6 +68,7 @@ MEMORY_BAR_MIB = 64
 MASTER_SEED = bytes(range(32))  # a fixed benchmark seed, never a real key
 PASSWORD = "datafold-bench-password"
 OPS = ("backup", "restore", "verify")
+PARTS = ("small", "large", "incremental", "compression", "memory")  # --only; also the docs regions' order
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "BENCHMARKS.md"
 CHART_NAME = "benchmarks.png"  # beside the docs file
@@ -221,6 +229,65 @@ def fresh(path: Path) -> Path:
     return path
 
 
+def lmdb_digest(path: Path) -> str:
+    """SHA-256 over every named database's name, keys and values, in order: equal digests mean
+    equal contents (a restore check, untimed)."""
+    import hashlib
+
+    import lmdb
+
+    h = hashlib.sha256()
+    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=64, subdir=True)
+    try:
+        with env.begin() as txn:
+            for name in sorted(key for key, _ in txn.cursor()):
+                h.update(b"T%d:%s" % (len(name), name))
+                for key, value in txn.cursor(env.open_db(name, txn=txn, create=False)):
+                    h.update(b"%d:%d:%s%s" % (len(key), len(value), key, value))
+    finally:
+        env.close()
+    return h.hexdigest()
+
+
+def keyed_manager(db: Any, core: str = "rust") -> Any:
+    """An EncryptedBackupManager on `db` with the fixed benchmark master key."""
+    from datafold import EncryptedBackupManager, MasterKeyPair
+
+    return EncryptedBackupManager(db, MasterKeyPair.from_private_bytes(MASTER_SEED), core=core)
+
+
+def restore_fresh(backup: Path, target: Path, core: str = "rust", options: Any = None) -> tuple[float, Any]:
+    """(seconds, RestoreStats) of restore_backup(backup) into `target` made an empty LMDB database;
+    opening the target is not timed."""
+    from datafold import DbOperations
+
+    with DbOperations.open(fresh(target)) as db:
+        return timed(keyed_manager(db, core).restore_backup, backup, options)
+
+
+@dataclass
+class Source:
+    """A dataset materialized and written into an LMDB database at `path`."""
+
+    dataset: datasets.Dataset
+    items: dict[str, list[datasets.Item]]
+    path: Path
+    records: int
+    nbytes: int  # keys + values
+
+
+def prepare_source(name: str, scale: float, tmp: Path, label: str) -> Source:
+    dataset = datasets.DATASETS[name](scale)
+    log(f"{label}: generating {dataset.records:,} records of {name}")
+    items = dataset.materialize()
+    records = sum(map(len, items.values()))
+    nbytes = sum(len(k) + len(v) for tree in items.values() for k, v in tree)
+    path = tmp / f"{label}-lmdb"
+    log(f"{label}: filling the source LMDB database ({nbytes / 1e6:,.1f} MB)")
+    dataset.fill_lmdb(path, items)
+    return Source(dataset, items, path, records, nbytes)
+
+
 # -------------------------------------------------------------------------------- contenders
 
 
@@ -241,7 +308,7 @@ class Bench:
 
 
 def datafold_row(bench: Bench, core: str, name: str, verify_passes: bool) -> Row:
-    from datafold import DbOperations, EncryptedBackupManager, MasterKeyPair
+    from datafold import DbOperations
     from datafold.options import BackupOptions, RestoreOptions
 
     if verify_passes:
@@ -251,11 +318,10 @@ def datafold_row(bench: Bench, core: str, name: str, verify_passes: bool) -> Row
         row = Row(name, "verify_during_creation, verify_before_restore, verify_after_restore off")
         backup_options = BackupOptions(verify_during_creation=False)
         restore_options = RestoreOptions(verify_before_restore=False, verify_after_restore=False)
-    master = MasterKeyPair.from_private_bytes(MASTER_SEED)
 
     def body() -> None:
         with DbOperations.open(bench.source) as source:
-            manager = EncryptedBackupManager(source, master, core=core)
+            manager = keyed_manager(source, core)
             for i in range(bench.repeat):
                 started = time.perf_counter()
                 backup = bench.tmp / "datafold.dfb"
@@ -263,10 +329,8 @@ def datafold_row(bench: Bench, core: str, name: str, verify_passes: bool) -> Row
                 if verify_passes:
                     metadata = row.add("verify", timed(manager.verify_backup, backup))
                     assert metadata.total_items == bench.records
-                target_path = fresh(bench.tmp / "datafold-restore")
-                with DbOperations.open(target_path) as target:
-                    restorer = EncryptedBackupManager(target, master, core=core)
-                    stats = row.add("restore", timed(restorer.restore_backup, backup, restore_options))
+                target_path = bench.tmp / "datafold-restore"
+                stats = row.add("restore", restore_fresh(backup, target_path, core, restore_options))
                 assert stats.items_restored == bench.records
                 shutil.rmtree(target_path)
                 backup.unlink()
@@ -460,16 +524,10 @@ def bulk_row(bench: Bench) -> Row:
 
 
 def bench_dataset(name: str, scale: float, tmp: Path, repeat: int, pure_budget: float, with_pure: bool) -> Result:
-    dataset = datasets.DATASETS[name](scale)
-    log(f"{name}: generating {dataset.records:,} records")
-    items = dataset.materialize()
-    records = sum(map(len, items.values()))
-    nbytes = sum(len(k) + len(v) for tree in items.values() for k, v in tree)
-    source = tmp / f"{name}-lmdb"
-    log(f"{name}: filling the source LMDB database ({nbytes / 1e6:,.1f} MB)")
-    dataset.fill_lmdb(source, items)
-    bench = Bench(items, source, tmp, repeat, pure_budget, records)
-    result = Result(name, records, nbytes, bench.data_file.stat().st_size)
+    src = prepare_source(name, scale, tmp, name)
+    source = src.path
+    bench = Bench(src.items, source, tmp, repeat, pure_budget, src.records)
+    result = Result(name, src.records, src.nbytes, bench.data_file.stat().st_size)
     result.rows.append(datafold_row(bench, "rust", RUST, True))
     result.rows.append(datafold_row(bench, "rust", RUST_FAST, False))
     if with_pure:
@@ -580,6 +638,373 @@ TABLE_NOTES = """\
 """
 
 
+# ------------------------------------------------------------------- issue 6: incremental backups
+
+CHANGE_SHARE = 0.01  # records touched between the full backup and the incremental
+CHANGE_MIX = (0.6, 0.2)  # shares of the touched records that are updates and deletes; the rest are new keys
+INCREMENTAL_SIZE_BAR = 0.03
+INCREMENTAL_SPEED_BAR = 2.0
+FULL_OVERHEAD_BAR = 0.05
+PUT_FRAMING = 9  # a PUT record's type byte and two u32 lengths (docs/FORMAT.md §3)
+
+
+@dataclass
+class Step(Row):
+    """A Row that also knows the size of the file it wrote (the last run's)."""
+
+    size: int | None = None
+
+
+@dataclass
+class Changes:
+    """What changes between the full backup and the incremental, per tree."""
+
+    puts: dict[str, list[datasets.Item]] = field(default_factory=dict)
+    deletes: dict[str, list[bytes]] = field(default_factory=dict)
+    updated: int = 0
+    deleted: int = 0
+    added: int = 0
+
+    @property
+    def touched(self) -> int:
+        return self.updated + self.deleted + self.added
+
+
+def _edited(value: bytes, rng: Any) -> bytes:
+    """A record's value after an application edit: one more field in its JSON object."""
+    return value[:-1] + b',"rev":%d}' % rng.randrange(2, 1000)
+
+
+def change_set(items: dict[str, list[datasets.Item]], share: float = CHANGE_SHARE) -> Changes:
+    """Seeded changes touching `share` of each tree's records (so of all of them): CHANGE_MIX
+    updates of existing keys and deletes, the rest new keys next to existing ones."""
+    import random
+
+    changes = Changes()
+    for tree, records in items.items():
+        rng = random.Random(f"{datasets.SEED}/incremental/{tree}/{len(records)}")
+        touched = max(3, round(len(records) * share))
+        n_update = min(len(records), round(touched * CHANGE_MIX[0]))
+        n_delete = min(len(records) - n_update, round(touched * CHANGE_MIX[1]))
+        picked = rng.sample(range(len(records)), n_update + n_delete)
+        puts = [(records[i][0], _edited(records[i][1], rng)) for i in picked[:n_update]]
+        deletes = sorted(records[i][0] for i in picked[n_update:])
+        existing = {key for key, _ in records}
+        for _ in range(touched - n_update - n_delete):
+            prefix, _, digits = records[rng.randrange(len(records))][0].partition(b":")
+            ident = int(digits)
+            while (key := b"%s:%0*d" % (prefix, datasets.KEY_DIGITS, ident)) in existing:
+                ident += 1
+            existing.add(key)
+            puts.append((key, _edited(records[rng.randrange(len(records))][1], rng)))
+            changes.added += 1
+        changes.puts[tree] = sorted(puts)
+        changes.deletes[tree] = deletes
+        changes.updated += n_update
+        changes.deleted += len(deletes)
+    return changes
+
+
+def apply_changes(db: Any, changes: Changes, nbytes: int) -> None:
+    """Writes `changes` in one transaction (LMDB copies every page it touches: room reserved first)."""
+    db.reserve(nbytes // 2)
+    with db.write_transaction() as txn:
+        for tree, puts in changes.puts.items():
+            txn.put_many(tree, puts)
+            for key in changes.deletes[tree]:
+                assert txn.delete(tree, key)
+
+
+def incremental_child(db_path: str, parent: str, out: str) -> None:
+    """In a fresh process: the pure-Python core's incremental of `db_path` on `parent`; prints
+    {"seconds", "size"} as a JSON line."""
+    from datafold import BackupMode, BackupOptions, DbOperations
+
+    with DbOperations.open(db_path) as db:
+        options = BackupOptions(mode=BackupMode.INCREMENTAL, parent=parent)
+        took, result = timed(keyed_manager(db, "pure").create_backup, out, options)
+    print(json.dumps({"seconds": took, "size": result.metadata.file_size}), flush=True)
+
+
+def pure_incremental(step: Step, db: Path, parent: Path, out: Path, budget: float) -> None:
+    """Runs incremental_child in a subprocess, killed after `budget` seconds."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--incremental-child", str(db), str(parent), str(out)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget)
+    except subprocess.TimeoutExpired:
+        step.note = f"did not finish within --pure-budget ({budget:.0f} s)"
+        return
+    if proc.returncode != 0:
+        raise RuntimeError(f"the pure-core child failed: {proc.stderr.strip()[-300:]}")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    step.add("time", (report["seconds"], None))
+    step.size = report["size"]
+
+
+@dataclass
+class IncrementalRun:
+    source: Source
+    changes: Changes
+    steps: dict[str, Step]
+    framing: int = 0  # the full backup's PUT records as framed: keys + values + 9 B each
+    checks: list[str] = field(default_factory=list)
+
+
+# Step keys (the bars look them up) and their table names.
+INC_FULL, INC_NONE, INC_CHANGED, INC_FULL_CHANGED = "full", "none", "changed", "full-changed"
+INC_RESTORE_CHAIN, INC_RESTORE_FULL, INC_PURE = "restore-chain", "restore-full", "pure"
+
+
+def bench_incremental(scale: float, tmp: Path, repeat: int, pure_budget: float, with_pure: bool) -> IncrementalRun:
+    from datafold import BackupMode, BackupOptions, DbOperations
+
+    src = prepare_source("small", scale, tmp, "incremental")
+    changes = change_set(src.items)
+    expected = src.records - changes.deleted + changes.added
+    work = fresh(tmp / "incremental")
+    chain, other = fresh(work / "chain"), fresh(work / "other")  # chain/ holds only full + incremental
+    full, incr = chain / "full.dfb", chain / "incremental.dfb"
+    unchanged, full_changed = other / "unchanged.dfb", other / "full-changed.dfb"
+    after = f"after touching {changes.touched / src.records:.2%} of the records"
+    steps = {
+        INC_FULL: Step("full backup (the parent)", "defaults"),
+        INC_NONE: Step("incremental, nothing changed", "parent = that full backup"),
+        INC_CHANGED: Step(f"incremental {after}", "parent = the same full backup"),
+        INC_FULL_CHANGED: Step("full backup of the changed database", "defaults"),
+        INC_RESTORE_CHAIN: Step("restore the chain (full + incremental)", "parents found in its directory"),
+        INC_RESTORE_FULL: Step("restore the changed database's full backup", ""),
+    }
+    run = IncrementalRun(src, changes, steps)
+    incremental = BackupOptions(mode=BackupMode.INCREMENTAL, parent=full)
+
+    def create(key: str, out: Path, options: Any = None) -> None:
+        step = steps[key]
+        for _ in range(repeat):
+            result = step.add("time", timed(manager.create_backup, out, options))
+        step.size = result.metadata.file_size
+        if key == INC_FULL:
+            run.framing = result.metadata.total_bytes + PUT_FRAMING * result.metadata.total_items
+
+    with DbOperations.open(src.path) as db:
+        manager = keyed_manager(db)
+        attempt(steps[INC_FULL], lambda: create(INC_FULL, full))
+        attempt(steps[INC_NONE], lambda: create(INC_NONE, unchanged, incremental))
+        log(f"incremental: changing {changes.touched:,} records")
+        apply_changes(db, changes, src.nbytes)
+        attempt(steps[INC_CHANGED], lambda: create(INC_CHANGED, incr, incremental))
+        attempt(steps[INC_FULL_CHANGED], lambda: create(INC_FULL_CHANGED, full_changed))
+
+    digests: dict[str, str] = {}
+
+    def restore(key: str, backup: Path) -> None:
+        target = work / f"restore-{key}"
+        for _ in range(repeat):
+            steps[key].add("time", restore_fresh(backup, target))
+            assert lmdb_records(target) == expected, f"{lmdb_records(target):,} records, {expected:,} expected"
+        digests[key] = lmdb_digest(target)
+        shutil.rmtree(target)
+
+    attempt(steps[INC_RESTORE_CHAIN], lambda: restore(INC_RESTORE_CHAIN, incr))
+    attempt(steps[INC_RESTORE_FULL], lambda: restore(INC_RESTORE_FULL, full_changed))
+    if len(digests) == 2:
+        same = digests[INC_RESTORE_CHAIN] == digests[INC_RESTORE_FULL]
+        run.checks.append(
+            f"Both restores hold {expected:,} records and "
+            + ("the same keys and values." if same else "**different contents** (a bug: investigate).")
+        )
+    if with_pure:
+        steps[INC_PURE] = Step("pure-Python core: the same incremental, once", "own process; create_backup only")
+        pure_out = other / "pure.dfb"
+        attempt(steps[INC_PURE], lambda: pure_incremental(steps[INC_PURE], src.path, full, pure_out, pure_budget))
+    shutil.rmtree(src.path)
+    shutil.rmtree(work)
+    return run
+
+
+def incremental_bars(run: IncrementalRun) -> list[Bar]:
+    steps = run.steps
+    full, changed = steps[INC_FULL], steps[INC_CHANGED]
+    what = f"incremental after a {CHANGE_SHARE:.0%} change of small"
+    label = f"{what}: < {INCREMENTAL_SIZE_BAR:.0%} of the full backup's size"
+    if full.size and changed.size:
+        share = changed.size / full.size
+        size_bar = Bar(label, "PASS" if share < INCREMENTAL_SIZE_BAR else "MISS", f"{share:.2%}")
+    else:
+        size_bar = Bar(label, "SKIP", "no size for the full backup or the incremental")
+    label = f"{what}: >= {INCREMENTAL_SPEED_BAR:g}x faster to create than the full backup"
+    a, b = full.median("time"), changed.median("time")
+    if a and b:
+        speed_bar = Bar(label, "PASS" if a / b >= INCREMENTAL_SPEED_BAR else "MISS", f"{a / b:.2f}x")
+    else:
+        speed_bar = Bar(label, "SKIP", "no time for the full backup or the incremental")
+    label = f"a full backup is not made > {FULL_OVERHEAD_BAR:.0%} larger by what incrementals need"
+    if full.size and run.framing:
+        extra = full.size / run.framing - 1
+        detail = (
+            f"nothing per record for incrementals; the file is its records' own framing "
+            f"+ {full.size - run.framing:,} B of header, tree, trailer and AEAD framing ({extra:+.3%})"
+        )
+        overhead_bar = Bar(label, "PASS" if extra <= FULL_OVERHEAD_BAR else "MISS", detail)
+    else:
+        overhead_bar = Bar(label, "SKIP", "no full backup")
+    return [size_bar, speed_bar, overhead_bar]
+
+
+def render_incremental(run: IncrementalRun, bars: list[Bar], repeat: int, scale: float) -> str:
+    src, changes, steps = run.source, run.changes, run.steps
+    full = steps[INC_FULL]
+    lines = [
+        f"### Incremental backups: small, {src.records:,} text records in 4 trees (scale {scale:g})",
+        "",
+        f"{src.nbytes / 1e6:,.1f} MB of keys and values. Between the full backup and the incremental, "
+        f"{changes.touched:,} records ({changes.touched / src.records:.2%}) change: {changes.updated:,} updated "
+        f"(one JSON field added), {changes.deleted:,} deleted, {changes.added:,} new keys; seeded, the same "
+        "share of every tree. Rust core, default options (create_backup fsyncs and re-reads its file; "
+        "restore_backup verifies first, writes one fsynced transaction into a fresh LMDB database, then "
+        f"checks the digests). Median of {repeat} run(s) per cell, run of "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "| step | seconds | time vs full backup | file MB | size vs full backup | notes |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    ref_time, ref_size = full.median("time"), full.size
+    for key, step in steps.items():
+        t = step.median("time")
+        creates = not key.startswith("restore")
+        cells = [
+            f"{t:.3f}" if t is not None else "–",
+            f"{t / ref_time:.3f}" if t is not None and ref_time else "–",
+            f"{step.size / 1e6:,.3f}" if creates and step.size else "–",
+            f"{step.size / ref_size:.2%}" if creates and step.size and ref_size else "–",
+        ]
+        note = "; ".join(x for x in (step.note, step.error) if x)
+        lines.append(f"| {_cell(step.name)} | " + " | ".join(cells) + f" | {_cell(note)} |")
+    lines += [
+        "",
+        "- time vs full backup < 1 means faster than the full backup of the unchanged database "
+        "(the first row). An incremental reads its whole parent back (decrypting it) and every record "
+        "of the database, and writes only the differences (docs/FORMAT.md §5.1).",
+    ]
+    if full.size and run.framing:
+        lines.append(
+            f"- The full backup's {full.size:,} B are its records as framed by the format (keys + values + "
+            f"{PUT_FRAMING} B per PUT: {run.framing:,} B) and {full.size - run.framing:,} B of header, "
+            "tree begin/end and trailer records, preamble, stream header and a 16-byte tag per 1 MiB "
+            "segment: a full backup carries nothing for incrementals."
+        )
+    lines += [f"- {check}" for check in run.checks]
+    lines += ["", "Bars (issue 6):", ""] + [f"- **{b.verdict}** {_cell(b.label)}: {b.detail}" for b in bars]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------- issue 6: compression
+
+COMPRESSION_LEVELS = {"small": (0, 1, 3, 9), "large": (0, 3)}
+COMPRESSION_BAR = 2.0  # level 3 makes the small dataset's backup at least this many times smaller
+COMPRESSION_OPS = ("backup", "restore", "verify")
+
+
+@dataclass
+class CompressionRun:
+    sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # dataset -> (records, nbytes)
+    steps: dict[tuple[str, int], Step] = field(default_factory=dict)  # (dataset, level) -> step
+    pure: Step | None = None
+
+
+def bench_compression(scale: float, tmp: Path, repeat: int, with_pure: bool) -> CompressionRun:
+    from datafold import BackupOptions, DbOperations
+
+    run = CompressionRun()
+    for name, levels in COMPRESSION_LEVELS.items():
+        src = prepare_source(name, scale, tmp, f"compression-{name}")
+        run.sources[name] = (src.records, src.nbytes)
+        with DbOperations.open(src.path) as db:
+            manager = keyed_manager(db)
+            for level in levels:
+                step = run.steps[name, level] = Step(f"{name}, level {level}")
+                backup = tmp / f"compression-{name}-{level}.dfb"
+
+                def body(step: Step = step, backup: Path = backup, level: int = level, manager: Any = manager) -> None:
+                    target = tmp / "compression-restore"
+                    for _ in range(repeat):
+                        step.add("backup", timed(manager.create_backup, backup, BackupOptions(compression_level=level)))
+                        step.add("verify", timed(manager.verify_backup, backup))
+                        step.add("restore", restore_fresh(backup, target))
+                        assert lmdb_records(target) == src.records  # noqa: B023 - called at once
+                    step.size = backup.stat().st_size
+                    shutil.rmtree(target)
+
+                attempt(step, body)
+        shutil.rmtree(src.path)
+    level3 = tmp / "compression-small-3.dfb"
+    if with_pure and level3.exists():
+        run.pure = Step("small, level 3: the pure-Python core verifies the Rust core's file", "once")
+
+        def pure_read() -> None:
+            from datafold import DbOperations
+
+            with DbOperations.open(fresh(tmp / "compression-pure")) as db:
+                metadata = run.pure.add("verify", timed(keyed_manager(db, "pure").verify_backup, level3))  # type: ignore[union-attr]
+            assert metadata.total_items == run.sources["small"][0]
+
+        attempt(run.pure, pure_read)
+    for leftover in tmp.glob("compression-*"):
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    return run
+
+
+def compression_bars(run: CompressionRun) -> list[Bar]:
+    label = f"compression small: level 3 makes the backup >= {COMPRESSION_BAR:g}x smaller than uncompressed"
+    raw, packed = run.steps.get(("small", 0)), run.steps.get(("small", 3))
+    if raw is None or packed is None or not raw.size or not packed.size:
+        return [Bar(label, "SKIP", "no size for level 0 or level 3")]
+    ratio = raw.size / packed.size
+    return [Bar(label, "PASS" if ratio >= COMPRESSION_BAR else "MISS", f"{ratio:.2f}x smaller")]
+
+
+def render_compression(run: CompressionRun, bars: list[Bar], repeat: int, scale: float) -> str:
+    lines = [
+        f"### Compression: zstd per ~1 MiB block of records, Rust core (scale {scale:g})",
+        "",
+        "small = "
+        + (f"{run.sources['small'][0]:,} text records, " if "small" in run.sources else "")
+        + "large = "
+        + (f"{run.sources['large'][0]:,} values of 1 MiB random bytes; " if "large" in run.sources else "")
+        + "`BackupOptions(compression_level=N)`, other options at their defaults (create_backup re-reads "
+        "its file, restore_backup verifies first and checks the digests after; restore into a fresh LMDB "
+        f"database). Median of {repeat} run(s) per cell, run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "| dataset, level | file MB | vs level 0 |"
+        + "".join(f" {op} s | {op} MB/s |" for op in COMPRESSION_OPS)
+        + " notes |",
+        "|---|---:|---:|" + "---:|---:|" * len(COMPRESSION_OPS) + "---|",
+    ]
+    rows = [(name, step) for (name, _), step in run.steps.items()]
+    if run.pure is not None:
+        rows.append(("small", run.pure))
+    for name, step in rows:
+        nbytes = run.sources[name][1]
+        raw = run.steps.get((name, 0))
+        cells = [
+            f"{step.size / 1e6:,.3f}" if step.size else "–",
+            f"{step.size / raw.size:.3f}" if step.size and raw and raw.size else "–",
+        ]
+        for op in COMPRESSION_OPS:
+            t = step.median(op)
+            cells += [f"{t:.3f}", f"{nbytes / t / 1e6:,.0f}"] if t else ["–", "–"]
+        note = "; ".join(x for x in (step.note, step.error) if x)
+        lines.append(f"| {_cell(step.name)} | " + " | ".join(cells) + f" | {_cell(note)} |")
+    lines += [
+        "",
+        "- vs level 0 = file size / the uncompressed file's. MB/s = keys + values / wall time. A block that "
+        "zstd does not shrink is stored raw, so random data cost the compression attempt only.",
+        "",
+        "Bars (issue 6):",
+        "",
+    ] + [f"- **{b.verdict}** {_cell(b.label)}: {b.detail}" for b in bars]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------- peak RSS
 
 
@@ -603,10 +1028,10 @@ def _status(pid: int | str) -> dict[str, int]:
 def memory_child(op: str, db_path: str, backup: str) -> None:
     """In a fresh process: one create_backup or restore_backup (Rust core, defaults). Prints the
     baseline RssAnon (after imports and opening the database) as a JSON line before it starts."""
-    from datafold import DbOperations, EncryptedBackupManager, MasterKeyPair
+    from datafold import DbOperations
 
     with DbOperations.open(db_path) as db:
-        manager = EncryptedBackupManager(db, MasterKeyPair.from_private_bytes(MASTER_SEED), core="rust")
+        manager = keyed_manager(db)
         print(json.dumps({"baseline": _status("self")["RssAnon"]}), flush=True)
         started = time.perf_counter()
         if op == "backup":
@@ -819,9 +1244,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the full datasets (default 1.0)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per cell; the median is reported (default 3)")
-    parser.add_argument(
-        "--only", action="append", choices=("small", "large", "memory"), help="run only this part (repeatable)"
-    )
+    parser.add_argument("--only", action="append", choices=PARTS, help="run only this part (repeatable; default: all)")
     parser.add_argument("--no-write", action="store_true", help="print only: leave docs/ untouched")
     parser.add_argument(
         "--docs", type=Path, default=DOCS, help=f"the Markdown file to update (default {DOCS.relative_to(ROOT)})"
@@ -831,7 +1254,8 @@ def main() -> None:
         "--pure-budget",
         type=float,
         default=120.0,
-        help="a datafold row whose first run (backup + verify + restore) takes longer is timed once (default 120 s)",
+        help="a datafold row whose first run (backup + verify + restore) takes longer is timed once; the pure "
+        "core's incremental is stopped after this long (default 120 s)",
     )
     parser.add_argument(
         "--memory-mib",
@@ -840,11 +1264,15 @@ def main() -> None:
     )
     parser.add_argument("--tmpdir", help="where the databases, backups and repositories go (default: $TMPDIR)")
     parser.add_argument("--memory-child", nargs=3, metavar=("OP", "DB", "BACKUP"), help=argparse.SUPPRESS)
+    parser.add_argument("--incremental-child", nargs=3, metavar=("DB", "PARENT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(*args.memory_child)
         return
-    parts = args.only or ["small", "large", "memory"]
+    if args.incremental_child:
+        incremental_child(*args.incremental_child)
+        return
+    parts = args.only or list(PARTS)
     base_mib = args.memory_mib or max(1, round(MEMORY_BASE_MIB * args.scale))
 
     started = time.perf_counter()
@@ -858,6 +1286,16 @@ def main() -> None:
                 results.append(result)
                 bars += result.bars
                 sections[name] = render_dataset(result, args.repeat, args.scale)
+        if "incremental" in parts:
+            inc = bench_incremental(args.scale, tmp, args.repeat, args.pure_budget, not args.no_pure)
+            inc_bars = incremental_bars(inc)
+            bars += inc_bars
+            sections["incremental"] = render_incremental(inc, inc_bars, args.repeat, args.scale)
+        if "compression" in parts:
+            comp = bench_compression(args.scale, tmp, args.repeat, not args.no_pure)
+            comp_bars = compression_bars(comp)
+            bars += comp_bars
+            sections["compression"] = render_compression(comp, comp_bars, args.repeat, args.scale)
         if "memory" in parts:
             sections["memory"], memory_bars = bench_memory([base_mib, 4 * base_mib], tmp)
             bars += memory_bars
@@ -875,7 +1313,7 @@ def main() -> None:
     sections["env"] += f"- Last run: `{' '.join(['python benches/compare.py', *sys.argv[1:]])}`, {took:.0f} s.\n"
     sections["env"] += "\nHow to read the tables:\n\n" + TABLE_NOTES
 
-    out = [sections[k] for k in ("env", "small", "large", "memory", "chart") if k in sections]
+    out = [sections[k] for k in ("env", *PARTS, "chart") if k in sections]
     print("\n".join(out))
     print("Bars:")
     for bar in bars:
