@@ -498,7 +498,15 @@ class EncryptedBackupManager:
         while batch := reader.read_items(READ_BATCH):
             if prefix is not None:
                 batch = [item for item in batch if item[0].startswith(prefix)]
-            if batched and None not in map(operator.itemgetter(1), batch):
+            if batched:
+                # Keys in a batch are distinct, so its PUTs and DELETEs can go in two steps.
+                if None in map(operator.itemgetter(1), batch):
+                    for key in [k for k, v in batch if v is None]:
+                        txn.delete(name, key)
+                    stats.items_restored += len(batch)
+                    result.had_deletes = True
+                    batch = [item for item in batch if item[1] is not None]
+                    stats.items_restored -= len(batch)
                 written, skipped = txn.put_many(name, batch, overwrite)
                 stats.items_restored += written
                 stats.items_skipped += skipped
@@ -576,47 +584,59 @@ class EncryptedBackupManager:
         scan: Callable[..., Any],
         meter: Meter,
     ) -> None:
-        """Reads back what the restore wrote. A tree of a single backup file restored whole into an
-        empty tree is compared by digest; any other tree item by item against a second pass over
-        the backup (for a chain: over its merged state)."""
-        item_checked = list(outcome)
-        if trailer is not None:
-            item_checked = []
-            expected = {name: (items, nbytes, digest) for name, items, nbytes, digest in trailer[2]}
-            backup_key = self._file_key(path)
-        for name, result in outcome.items():
-            if trailer is None:
-                break
-            if result.was_empty and prefix is None and not result.unchecked and not result.had_deletes:
-                with self._db.snapshot() as snap:
-                    records = itertools.chain.from_iterable(meter.count_batches(snap.batches(name)))
-                    got = self._core.digest_items(backup_key, records)
-                if tuple(got) != expected[name]:
-                    raise DatabaseError(
-                        f"tree {name!r} does not match the backup after the restore "
-                        f"({got[0]} items in the database, {expected[name][0]} in the backup): "
-                        "the database dropped or altered data; check the storage and restore again"
-                    )
-            else:
-                item_checked.append(name)
-        if not item_checked:
-            return
+        """Reads back what the restore wrote. A tree restored whole into an empty tree is compared
+        by digest: with its TREE_END's digest (a single file without DELETE records), else with
+        the digest of the PUT records of a second pass over the backup (for a chain: its merged
+        state). Any other tree is compared item by item against that second pass."""
+        backup_key = self._file_key(path)
+        expected = {name: (items, nbytes, digest) for name, items, nbytes, digest in (trailer or (0, 0, []))[2]}
 
-        def visit(name: str, reader: Any) -> None:
-            if name not in item_checked:
+        def whole(name: str) -> bool:
+            result = outcome[name]
+            return result.was_empty and prefix is None and not result.unchecked
+
+        def database_digest(snap: ReadSnapshot, name: str) -> tuple[int, int, bytes]:
+            records = itertools.chain.from_iterable(meter.count_batches(snap.batches(name)))
+            return tuple(self._core.digest_items(backup_key, records))
+
+        def mismatch(name: str, got: tuple[int, int, bytes], want: tuple[int, int, bytes]) -> None:
+            if got != want:
+                raise DatabaseError(
+                    f"tree {name!r} does not match the backup after the restore "
+                    f"({got[0]} items in the database, {want[0]} in the backup): "
+                    "the database dropped or altered data; check the storage and restore again"
+                )
+
+        with self._db.snapshot() as snap:
+            second_pass = []
+            for name, result in outcome.items():
+                if whole(name) and not result.had_deletes and name in expected:
+                    mismatch(name, database_digest(snap, name), expected[name])
+                else:
+                    second_pass.append(name)
+            if not second_pass:
                 return
-            skip = outcome[name].unchecked
-            while batch := reader.read_items(READ_BATCH):
-                for key, value in batch:
-                    if (prefix is not None and not key.startswith(prefix)) or key in skip:
-                        continue
-                    if self._db.get(name, key) != value:
-                        raise DatabaseError(
-                            f"tree {name!r}, key {key[:64].hex()}: the database does not hold what the restore "
-                            "wrote; check the storage and restore again"
-                        )
 
-        scan(visit)
+            def visit(name: str, reader: Any) -> None:
+                if name not in second_pass:
+                    return
+                batches = iter(lambda: reader.read_items(READ_BATCH), [])
+                if whole(name):
+                    puts = (item for batch in batches for item in batch if item[1] is not None)
+                    mismatch(name, database_digest(snap, name), tuple(self._core.digest_items(backup_key, puts)))
+                    return
+                skip = outcome[name].unchecked
+                for batch in batches:
+                    for key, value in batch:
+                        if (prefix is not None and not key.startswith(prefix)) or key in skip:
+                            continue
+                        if snap.get(name, key) != value:
+                            raise DatabaseError(
+                                f"tree {name!r}, key {key[:64].hex()}: the database does not hold what the "
+                                "restore wrote; check the storage and restore again"
+                            )
+
+            scan(visit)
 
 
 class _TreeOutcome:
