@@ -568,6 +568,69 @@ impl SegmentFeeder {
     }
 }
 
+/// Reads batches of ciphertext segments into one buffer reused from batch to batch (no fresh
+/// memory per segment). It reads one byte past the batch, so that, as with `SegmentFeeder`, a
+/// segment is last only when no byte follows it; that byte is carried to the front of the buffer
+/// for the next batch.
+#[derive(Default)]
+pub struct SegmentReader {
+    buf: Vec<u8>,
+    /// `buf[start..end]`: bytes read but not yet handed out.
+    start: usize,
+    end: usize,
+}
+
+impl SegmentReader {
+    /// The next segments, whose full lengths are `lens`, each with whether it is the last; fewer
+    /// when the input ends earlier (the one it ends in is flagged last, and may be short or empty).
+    /// `read_into(dst)` reads up to `dst.len()` bytes into `dst` and returns how many, 0 only at
+    /// the end of the input.
+    pub fn next_batch<E>(
+        &mut self,
+        lens: &[usize],
+        mut read_into: impl FnMut(&mut [u8]) -> std::result::Result<usize, E>,
+    ) -> std::result::Result<Vec<(&[u8], bool)>, E> {
+        // The byte(s) read ahead last time go to the front.
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        let want = lens.iter().sum::<usize>() + 1;
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        while self.end < want {
+            let n = read_into(&mut self.buf[self.end..want])?;
+            if n == 0 {
+                break;
+            }
+            // A reader claiming more than it was given space for is refused by `read_into`
+            // itself; never trust it here either.
+            self.end += n.min(want - self.end);
+        }
+        let mut out = Vec::with_capacity(lens.len());
+        let mut pos = 0;
+        for &len in lens {
+            let stop = (pos + len).min(self.end);
+            let last = stop == self.end;
+            out.push((pos, stop, last));
+            pos = stop;
+            if last {
+                break;
+            }
+        }
+        self.start = pos;
+        let buf = &self.buf;
+        Ok(out.into_iter().map(|(a, b, l)| (&buf[a..b], l)).collect())
+    }
+
+    /// Gives up the buffer for good (something outside may still write to it) and starts afresh.
+    pub fn leak_buffer(&mut self) {
+        std::mem::forget(std::mem::take(&mut self.buf));
+        self.start = 0;
+        self.end = 0;
+    }
+}
+
 /// A tree as read back: its name and its records (value `None` for a DELETE).
 pub type Tree = (String, Vec<(Vec<u8>, Option<Vec<u8>>)>);
 
@@ -628,6 +691,57 @@ pub fn read_all(file: &[u8], key: &[u8]) -> Result<(Vec<u8>, Vec<Tree>, Trailer)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SegmentReader cuts and flags segments exactly like SegmentFeeder, whatever the read sizes.
+    #[test]
+    fn segment_reader_matches_segment_feeder() {
+        let lens = |i: u64| if i == 0 { 7 } else { 10 };
+        for total in 0..60usize {
+            let data: Vec<u8> = (0..total as u32).map(|i| i as u8).collect();
+            // Reference: SegmentFeeder, one segment at a time.
+            let mut expected = Vec::new();
+            let (mut feeder, mut pos, mut i) = (SegmentFeeder::default(), 0usize, 0u64);
+            loop {
+                let (seg, last) = feeder
+                    .next(lens(i), 10, |n| -> Result<Vec<u8>> {
+                        let end = (pos + n).min(data.len());
+                        let v = data[pos..end].to_vec();
+                        pos = end;
+                        Ok(v)
+                    })
+                    .unwrap();
+                expected.push((seg, last));
+                i += 1;
+                if last {
+                    break;
+                }
+            }
+            for (batch, chunk) in [(1usize, 1usize), (2, 3), (3, 100), (1, 4)] {
+                let mut reader = SegmentReader::default();
+                let (mut got, mut pos, mut i) = (Vec::new(), 0usize, 0u64);
+                'outer: loop {
+                    let want: Vec<usize> = (i..i + batch as u64).map(lens).collect();
+                    let segs = reader
+                        .next_batch(&want, |dst| -> Result<usize> {
+                            let n = dst.len().min(chunk).min(data.len() - pos);
+                            dst[..n].copy_from_slice(&data[pos..pos + n]);
+                            pos += n;
+                            Ok(n)
+                        })
+                        .unwrap();
+                    assert!(!segs.is_empty());
+                    for (seg, last) in segs {
+                        got.push((seg.to_vec(), last));
+                        i += 1;
+                        if last {
+                            break 'outer;
+                        }
+                    }
+                }
+                assert_eq!(got, expected, "total {total} batch {batch} chunk {chunk}");
+            }
+        }
+    }
 
     #[test]
     fn parse_tail_trailer_refuses_a_tail_shorter_than_its_record() {

@@ -172,5 +172,11 @@ class MeteredFile:
         self.meter.tick()
         return data
 
+    def readinto(self, buffer: Any) -> int | None:
+        n: int | None = self._f.readinto(buffer)  # type: ignore[attr-defined]
+        self.meter.bytes += n or 0
+        self.meter.tick()
+        return n
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._f, name)

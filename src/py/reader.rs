@@ -1,6 +1,11 @@
 //! `BackupReader` and `Preamble`: reads segments from a Python file object and hands them to
 //! `BackupDecoder`, opening them with the GIL released.
 
+use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use pyo3::exceptions::{PyBufferError, PyTypeError};
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
@@ -11,7 +16,7 @@ use crate::chain::Record;
 use crate::format::{Preamble, Trailer};
 use crate::reader::{
     check_key, parse_tail_trailer, trailer_record_length, truncated, BackupDecoder, Item, Layout,
-    SegmentFeeder, Step,
+    SegmentReader, Step,
 };
 
 #[pyclass(module = "datafold._core", name = "Preamble", frozen)]
@@ -91,6 +96,121 @@ fn read_up_to(source: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<u8>> {
     Ok(out)
 }
 
+/// A window over the reader's buffer, handed to `source.readinto()` as a writable memoryview.
+/// Once closed it exports nothing more, and `exports` tells whether a view of it (a slice the
+/// source kept, say) is still alive after the call.
+#[pyclass(module = "datafold._core", name = "_ReadBuffer", frozen)]
+struct ReadWindow {
+    ptr: usize,
+    len: usize,
+    open: AtomicBool,
+    exports: AtomicUsize,
+}
+
+#[pymethods]
+impl ReadWindow {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        let w = slf.get();
+        if !w.open.load(Ordering::Relaxed) {
+            return Err(PyBufferError::new_err(
+                "the backup reader's buffer is only lent for the readinto() call",
+            ));
+        }
+        // SAFETY: while open, `ptr[..len]` is the `&mut [u8]` lent to `read_into` for this call;
+        // FillInfo takes a reference to `slf` for the view.
+        let r = unsafe {
+            ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                w.ptr as *mut c_void,
+                w.len as ffi::Py_ssize_t,
+                0,
+                flags,
+            )
+        };
+        if r != 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        w.exports.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
+        self.exports.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Reads up to `dst.len()` bytes into `dst` (0 only at the end of the input): with
+/// `source.readinto()` straight into it when `readinto`, else with `source.read()` and a copy.
+/// The source gets a writable memoryview valid during the call only; if it keeps a view of the
+/// memory past the call, `*leaked` is set (the caller must never use that memory again) and the
+/// read fails.
+fn read_into(
+    source: &Bound<'_, PyAny>,
+    readinto: bool,
+    dst: &mut [u8],
+    leaked: &mut bool,
+) -> PyResult<usize> {
+    let py = source.py();
+    if !readinto {
+        let chunk = source
+            .call_method1("read", (dst.len(),))
+            .io_context(py, "reading the backup")?;
+        return super::with_bytes(&chunk, |b| {
+            if b.len() > dst.len() {
+                return Err(BackupError::new_err(
+                    "source.read(n) returned more than n bytes",
+                ));
+            }
+            dst[..b.len()].copy_from_slice(b);
+            Ok(b.len())
+        })?;
+    }
+    let window = Bound::new(
+        py,
+        ReadWindow {
+            ptr: dst.as_mut_ptr() as usize,
+            len: dst.len(),
+            open: AtomicBool::new(true),
+            exports: AtomicUsize::new(0),
+        },
+    )?;
+    // SAFETY: a new reference (or NULL with an exception set).
+    let view =
+        unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyMemoryView_FromObject(window.as_ptr()))? };
+    let result = source.call_method1("readinto", (&view,));
+    // Fails only while something holds an export of the view itself: caught just below.
+    let _ = view.call_method0("release");
+    let w = window.get();
+    w.open.store(false, Ordering::Relaxed);
+    if w.exports.load(Ordering::Relaxed) != 0 {
+        *leaked = true;
+    }
+    let n = result.io_context(py, "reading the backup")?;
+    if *leaked {
+        return Err(BackupError::new_err(
+            "source.readinto() kept a reference to the buffer it was given",
+        ));
+    }
+    let n: usize = n.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "source.readinto() must return the number of bytes read, not {}",
+            super::type_name(&n)
+        ))
+    })?;
+    if n > dst.len() {
+        return Err(BackupError::new_err(format!(
+            "source.readinto() claims {n} bytes read into a buffer of {}",
+            dst.len()
+        )));
+    }
+    Ok(n)
+}
+
 /// Read-ahead bound: at most this many ciphertext bytes are read per feed.
 const READ_AHEAD_BYTES: usize = 64 << 20;
 
@@ -99,7 +219,10 @@ pub struct PyBackupReader {
     source: Py<PyAny>,
     preamble: Preamble,
     dec: Option<BackupDecoder>,
-    feeder: SegmentFeeder,
+    /// Reads the segments into one buffer reused from feed to feed.
+    segments: SegmentReader,
+    /// Whether the source has `readinto()` (else segments are read with `read()` and copied).
+    readinto: bool,
     poisoned: bool,
     finished_by_summary: bool,
     threads: usize,
@@ -144,25 +267,30 @@ impl PyBackupReader {
         let threads = self.threads;
         let dec = self.dec.as_mut().expect("unlocked");
         let params = dec.params();
-        let mut index = dec.next_segment_index();
-        let mut batch: Vec<(Vec<u8>, bool)> = Vec::new();
-        let mut bytes = 0;
+        let index = dec.next_segment_index();
         // Segment 0 carries the header: read it alone so unlock() returns quickly.
         let want = if index == 0 { 1 } else { 2 * threads };
-        while batch.len() < want && bytes < READ_AHEAD_BYTES {
-            let now = params.ciphertext_length(index);
-            let (segment, last) = self
-                .feeder
-                .next(now, params.segment_size, |n| read_up_to(&source, n))?;
-            bytes += segment.len();
-            batch.push((segment, last));
-            index += 1;
-            if last {
-                break;
-            }
+        let mut lens = Vec::with_capacity(want);
+        let mut bytes = 0;
+        while lens.len() < want && bytes < READ_AHEAD_BYTES {
+            let len = params.ciphertext_length(index + lens.len() as u64);
+            lens.push(len);
+            bytes += len;
         }
-        let refs: Vec<(&[u8], bool)> = batch.iter().map(|(s, l)| (s.as_slice(), *l)).collect();
-        py.detach(|| dec.push_segments(&refs, threads))?;
+        let (readinto, mut leaked) = (self.readinto, false);
+        let batch = match self
+            .segments
+            .next_batch(&lens, |dst| read_into(&source, readinto, dst, &mut leaked))
+        {
+            Ok(batch) => batch,
+            Err(e) => {
+                if leaked {
+                    self.segments.leak_buffer();
+                }
+                return Err(e);
+            }
+        };
+        py.detach(|| dec.push_segments(&batch, threads))?;
         Ok(())
     }
 
@@ -217,11 +345,13 @@ impl PyBackupReader {
         }
         let preamble = Preamble::parse(&head)?;
         let _ = py;
+        let readinto = source.hasattr("readinto").unwrap_or(false);
         Ok(PyBackupReader {
             source: source.unbind(),
             preamble,
             dec: None,
-            feeder: SegmentFeeder::default(),
+            segments: SegmentReader::default(),
+            readinto,
             poisoned: false,
             finished_by_summary: false,
             threads,

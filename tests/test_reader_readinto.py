@@ -1,0 +1,136 @@
+"""The Rust BackupReader reads segments with source.readinto() into a buffer it reuses (read()
+for sources without it): same results, same errors, and a source misusing the buffer gets an
+error, never access to memory the reader reuses."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+from datafold.errors import BackupError, BackupIOError, IntegrityError
+from datafold.progress import Meter, ProgressEvent
+
+core = pytest.importorskip("datafold._core")
+KEY = bytes(range(32))
+
+
+def _backup(items: int = 300, threads: int = 1) -> bytes:
+    out = io.BytesIO()
+    w = core.BackupWriter(out, KEY, b"{}", segment_size=4096, threads=threads)
+    w.begin_tree("t")
+    w.add_items([(b"%05d" % i, bytes([i % 251]) * 97) for i in range(items)])
+    w.end_tree()
+    w.finish()
+    return out.getvalue()
+
+
+def _read(source: Any, threads: int = 2) -> list[tuple[bytes, bytes | None]]:
+    r = core.BackupReader(source, threads=threads)
+    r.unlock(KEY)
+    got: list[tuple[bytes, bytes | None]] = []
+    while r.next_tree() is not None:
+        while batch := r.read_items():
+            got.extend(batch)
+    return got
+
+
+class ReadIntoOnly:
+    """readinto() in pieces of at most `step` bytes; read() only for the preamble and header."""
+
+    def __init__(self, data: bytes, step: int = 1 << 30) -> None:
+        self._f = io.BytesIO(data)
+        self.step = step
+        self.readinto_calls = 0
+
+    def read(self, n: int) -> bytes:
+        return self._f.read(n)
+
+    def readinto(self, b: Any) -> Any:
+        self.readinto_calls += 1
+        data = self._f.read(min(len(b), self.step))
+        b[: len(data)] = data
+        return len(data)
+
+
+EXPECTED = [(b"%05d" % i, bytes([i % 251]) * 97) for i in range(300)]
+
+
+@pytest.mark.parametrize("step", [1, 7, 4096, 1 << 30])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_readinto_sources_read_like_read_sources(step: int, threads: int) -> None:
+    data = _backup()
+    assert len(data) > 5 * 4096
+    src = ReadIntoOnly(data, step)
+    assert _read(src, threads) == EXPECTED
+    assert src.readinto_calls > 0
+    assert _read(io.BytesIO(data), threads) == EXPECTED
+    assert _read(io.BufferedReader(io.BytesIO(data)), threads) == EXPECTED  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cut", [1, 15, 16, 4000, 4096, 4097])
+def test_truncated_and_appended_stay_integrity_errors(cut: int) -> None:
+    data = _backup()
+    for bad in (data[:-cut], data + b"\0" * cut):
+        for src in (ReadIntoOnly(bad, 5), io.BytesIO(bad)):
+            with pytest.raises(IntegrityError):
+                _read(src)
+
+
+class Misbehaving(ReadIntoOnly):
+    def __init__(self, data: bytes, mode: str) -> None:
+        super().__init__(data)
+        self.mode = mode
+        self.kept: list[Any] = []
+
+    def readinto(self, b: Any) -> Any:
+        if self.mode == "oserror":
+            raise OSError(5, "Input/output error")
+        if self.mode == "none":
+            return None
+        if self.mode == "str":
+            return "many"
+        if self.mode == "negative":
+            return -1
+        if self.mode == "too_many":
+            super().readinto(b)
+            return len(b) + 1
+        if self.mode in ("keep_slice", "keep_export"):
+            self.kept.append(b[1:] if self.mode == "keep_slice" else memoryview(b))
+            return super().readinto(b)
+        raise AssertionError(self.mode)
+
+
+@pytest.mark.parametrize(
+    ("mode", "error"),
+    [
+        ("oserror", BackupIOError),
+        ("none", TypeError),
+        ("str", TypeError),
+        ("negative", TypeError),
+        ("too_many", BackupError),
+        ("keep_slice", BackupError),
+        ("keep_export", BackupError),
+    ],
+)
+def test_misbehaving_readinto(mode: str, error: type[Exception]) -> None:
+    src = Misbehaving(_backup(), mode)
+    r = core.BackupReader(src)
+    with pytest.raises(error):
+        r.unlock(KEY)
+    with pytest.raises(BackupError):
+        r.next_tree()  # the reader is poisoned
+    for view in src.kept:
+        view[0] = 1  # the reader gave that memory up for good: harmless
+        with pytest.raises(BufferError):
+            memoryview(view.obj)  # no new view of the reader's buffer
+
+
+def test_metered_file_counts_readinto() -> None:
+    data = _backup()
+    events: list[ProgressEvent] = []
+    meter = Meter(events.append)
+    meter.begin("verify")
+    f = meter.reading(io.BytesIO(data))
+    assert _read(f) == EXPECTED
+    assert meter.bytes == len(data)
