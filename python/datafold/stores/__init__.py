@@ -172,23 +172,36 @@ class ReadSnapshot(ABC):
     def tree_names(self) -> list[str]:
         """Names of the trees that existed when the snapshot started, sorted."""
 
-    @abstractmethod
     def items(self, tree: str, prefix: Buffer = b"") -> Items:
         """Stream (key, value) pairs in key order, only keys starting with prefix (nothing for a missing tree).
 
         Several iterators, over the same or different trees, may be interleaved.
         """
+        tree = check_tree(tree)
+        prefix = as_bytes(prefix, "prefix")
+        self._check_live()
+        return self._iter_items(tree, prefix)
 
+    def _iter_items(self, tree: str, prefix: bytes) -> Items:
+        for batch in self.batches(tree, prefix):
+            for pair in batch:
+                if self._ended:  # the records are copies, but the promise is no reads after the block
+                    raise StoreError("the snapshot is over (its with block has exited)")
+                yield pair
+
+    @abstractmethod
     def batches(self, tree: str, prefix: Buffer = b"") -> Iterator[list[tuple[bytes, bytes]]]:
         """items() in lists (of at most SNAPSHOT_BATCH records, bounded in bytes), for consumers
         that hand whole batches on: no per-record cost here. The snapshot's end is checked per batch."""
-        items = self.items(tree, prefix)
-        while True:
-            batch, more = take_batch(items)
-            if batch:
-                yield batch
-            if not more:
-                return
+
+    @property
+    @abstractmethod
+    def _ended(self) -> bool:
+        """True once the snapshot is over."""
+
+    @abstractmethod
+    def _check_live(self) -> None:
+        """StoreError if the snapshot is over (or its database closed)."""
 
     @abstractmethod
     def get(self, tree: str, key: Buffer) -> bytes | None: ...

@@ -909,19 +909,13 @@ class _LmdbSnapshot(ReadSnapshot):
             db = self._dbs.get(tree)
             return 0 if db is None else int(txn.stat(db)["entries"])
 
-    def items(self, tree: str, prefix: Buffer = b"") -> Items:
-        tree = check_tree(tree)
-        prefix = as_bytes(prefix, "prefix")
+    @property
+    def _ended(self) -> bool:
+        return bool(self._handle.done)
+
+    def _check_live(self) -> None:
         with self._lock:
             self._txn()
-        return self._iter_items(tree, prefix)
-
-    def _iter_items(self, tree: str, prefix: bytes) -> Items:
-        for batch in self.batches(tree, prefix):
-            for pair in batch:
-                if self._handle.done:  # the records are copies, but the promise is no reads after the block
-                    raise StoreError("the snapshot is over (its with block has exited)")
-                yield pair
 
     def batches(self, tree: str, prefix: Buffer = b"") -> Iterator[list[tuple[bytes, bytes]]]:
         tree = check_tree(tree)

@@ -557,19 +557,13 @@ class _SqliteSnapshot(ReadSnapshot):
         with self._lock, _errors("count"):
             return int(self._check().execute("SELECT COUNT(*) FROM kv WHERE tree = ?", (tree,)).fetchone()[0])
 
-    def items(self, tree: str, prefix: Buffer = b"") -> Items:
-        tree = check_tree(tree)
-        prefix = as_bytes(prefix, "prefix")
+    @property
+    def _ended(self) -> bool:
+        return not self._active
+
+    def _check_live(self) -> None:
         with self._lock:
             self._check()
-        return self._iter_items(tree, prefix)
-
-    def _iter_items(self, tree: str, prefix: bytes) -> Items:
-        for batch in self.batches(tree, prefix):
-            for pair in batch:
-                if not self._active:  # the rows are copies, but the promise is no reads after the block
-                    raise StoreError("the snapshot is over (its with block has exited)")
-                yield pair
 
     def batches(self, tree: str, prefix: Buffer = b"") -> Iterator[list[tuple[bytes, bytes]]]:
         tree = check_tree(tree)
