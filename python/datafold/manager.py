@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import operator
 import os
 import time
@@ -410,14 +409,10 @@ class EncryptedBackupManager:
             return options.tree_filter is None or name in options.tree_filter
 
         # Check the key, read the tree list and check the chain's links before anything happens.
-        with _open_backup(path) as f:
-            reader = self._core.BackupReader(f, threads=self._threads)
-            header = self._unlock(reader)
-            summary = reader.read_summary()
-            newest = BackupMetadata.from_parts(header, summary, reader.preamble, path=path)
+        newest = self.read_metadata(path)
         explicit = tuple(map(str, options.chain)) if options.chain is not None else None
         chain = self._chain(newest, explicit) if newest.is_incremental or options.chain else [newest]
-        in_backup = _header_trees(header) if len(chain) == 1 else chain_tree_names(chain)
+        in_backup = list(newest.trees) if len(chain) == 1 else chain_tree_names(chain)
         if options.tree_filter is not None:
             missing = sorted(set(options.tree_filter) - set(in_backup))
             if missing:
@@ -647,16 +642,6 @@ class _TreeOutcome:
         self.had_deletes = False
         # Keys whose database value need not equal the backup's: skipped or failed.
         self.unchecked: set[bytes] = set()
-
-
-def _header_trees(header: bytes) -> list[str]:
-    try:
-        trees = json.loads(header.decode("utf-8"))["trees"]
-        if not all(isinstance(t, str) for t in trees):
-            raise TypeError("tree names must be strings")
-        return list(trees)
-    except (ValueError, KeyError, TypeError) as e:
-        raise IntegrityError(f"backup metadata is malformed: {e}") from e
 
 
 def _check_options(options: Any, cls: type, name: str) -> Any:
