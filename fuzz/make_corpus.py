@@ -62,7 +62,9 @@ def header_for(trees: list[str]) -> bytes:
     )
 
 
-def write(trees: dict[str, list[tuple[bytes, bytes | None]]], segment_size: int = 4096) -> bytes:
+def write(
+    trees: dict[str, list[tuple[bytes, bytes | None]]], segment_size: int = 4096, compression_level: int = 0
+) -> bytes:
     sink = io.BytesIO()
     writer = pure.BackupWriter(
         sink,
@@ -71,6 +73,7 @@ def write(trees: dict[str, list[tuple[bytes, bytes | None]]], segment_size: int 
         segment_size=segment_size,
         salt=harness.SALT,
         nonce_prefix=harness.PREFIX,
+        compression_level=compression_level,
     )
     for name, items in trees.items():
         writer.begin_tree(name)
@@ -111,6 +114,12 @@ def main() -> None:
     for label, trees in datasets().items():
         files[label] = write(trees)
     files["multi-segment-css5000"] = write(datasets()["multi-segment"], 5000)
+    # BLOCK records (zstd, and blocks stored raw); the exact bytes depend on the zstandard version.
+    files["zstd-multi-segment"] = write(datasets()["multi-segment"], compression_level=3)
+    files["zstd-deletes"] = write(datasets()["deletes"], compression_level=1)
+    files["zstd-big-value"] = write(datasets()["big-value"], compression_level=3)
+    text = {"notes": [(b"n%04d" % i, b"status=ok user=%d the quick brown fox" % (i % 7)) for i in range(300)]}
+    files["zstd-text"] = write(text, compression_level=3)
     with tempfile.TemporaryDirectory() as tmp:
         files.update(manager_backups(Path(tmp)))
     entries: dict[str, bytes] = {}
