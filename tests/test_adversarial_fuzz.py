@@ -97,7 +97,13 @@ def test_random_byte_edits_of_plaintexts(seed: str, changes: list[tuple[int, int
     outcome, value = rust_full(results)
     if outcome == "ok":
         meta, trees, trailer = value
-        assert rewrite(meta, trees) == harness.build_file(mutated)
+        again = rewrite(meta, trees)
+        if "zstd" in seed:
+            # BLOCK records: rewritten uncompressed, the same content and the same digests (they
+            # are over the decoded records), not the same bytes.
+            assert rust_full(harness.check(b"\x00" + again)) == ("ok", value)
+        else:
+            assert again == harness.build_file(mutated)
 
 
 def rewrite(meta: bytes, trees: list[tuple[str, list[tuple[bytes, bytes | None]]]]) -> bytes:
