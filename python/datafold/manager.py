@@ -496,12 +496,12 @@ class EncryptedBackupManager:
             if batched:
                 # Keys in a batch are distinct, so its PUTs and DELETEs can go in two steps.
                 if None in map(operator.itemgetter(1), batch):
-                    for key in [k for k, v in batch if v is None]:
+                    deletes = [key for key, value in batch if value is None]
+                    for key in deletes:
                         txn.delete(name, key)
-                    stats.items_restored += len(batch)
+                    stats.items_restored += len(deletes)
                     result.had_deletes = True
                     batch = [item for item in batch if item[1] is not None]
-                    stats.items_restored -= len(batch)
                 written, skipped = txn.put_many(name, batch, overwrite)
                 stats.items_restored += written
                 stats.items_skipped += skipped
