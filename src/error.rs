@@ -19,6 +19,8 @@ pub enum Error {
     Poisoned(&'static str),
     /// A cryptographic primitive failed for a reason other than a bad ciphertext.
     Crypto(String),
+    /// The database (store) cannot be read: a damaged or unsupported LMDB data file.
+    Store(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -42,7 +44,8 @@ impl fmt::Display for Error {
             | Error::Integrity(m)
             | Error::EncryptionKey(m)
             | Error::InvalidArgument(m)
-            | Error::Crypto(m) => f.write_str(m),
+            | Error::Crypto(m)
+            | Error::Store(m) => f.write_str(m),
             Error::VersionMismatch { found, expected } => write!(
                 f,
                 "backup format version {found} is not supported (this release reads version \

@@ -8,6 +8,7 @@ pub mod digest;
 pub mod error;
 pub mod format;
 pub mod keys;
+pub mod lmdb_file;
 pub mod parallel;
 pub mod reader;
 pub mod stream;

@@ -1,7 +1,8 @@
 # The interface shared by the Rust core (datafold._core) and the pure-Python core (datafold._pure).
 # Both modules expose exactly these names with the same behaviour and the same exceptions
 # (classes from datafold.errors). Files are byte-compatible; docs/FORMAT.md is the format.
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 from typing_extensions import Buffer
@@ -62,6 +63,12 @@ def derive_key_id(backup_key: Buffer) -> bytes: ...  # 16 bytes
 def digest_items(backup_key: Buffer, items: Iterable[tuple[Buffer, Buffer | None]]) -> tuple[int, int, bytes]:
     """(item_count, byte_count, tree digest) of PUT records (value is bytes) and DELETE records
     (value is None), exactly as a TREE_END of a tree holding these records in this order."""
+
+def digest_batches(
+    backup_key: Buffer, batches: Iterable[Iterable[tuple[Buffer, Buffer | None]]]
+) -> tuple[int, int, bytes]:
+    """digest_items over the records of several batches (a snapshot's batches() of one tree);
+    a RecordBatch is read without a Python object per record."""
 
 # --- preamble ---------------------------------------------------------------------------------
 class Preamble:
@@ -176,3 +183,40 @@ def take_batch(pairs: Iterable[tuple[Buffer, Buffer]], max_items: int, max_bytes
     """The next batch of a store's (key, value) iterator: at most max_items pairs, ending once
     their keys and values reach max_bytes; and whether the iterator may hold more. (The stores'
     snapshot batches; the Rust core runs no bytecode per record.)"""
+
+# --- LMDB direct reads (the lmdb store's snapshots) ------------------------------------------
+# Rust core only: a store accelerator, not part of the shared interface. Without it (the pure
+# core selected, or no extension) the lmdb store reads through py-lmdb.
+class RecordBatch(Sequence[tuple[bytes, bytes]]):
+    """Records copied out of an LMDB data file into one buffer: a read-only sequence of
+    (key, value) pairs. BackupWriter.add_items, digest_batches and ChainMerge.diff read it
+    without a Python object per record."""
+
+    @property
+    def nbytes(self) -> int: ...  # bytes of keys and values
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> tuple[bytes, bytes]: ...  # type: ignore[override]  # no slices
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]: ...
+
+class LmdbScan:
+    """A walk over one tree's records in key order (from the first key >= a prefix while keys
+    start with it). The caller keeps the read transaction it took the tree's record in open."""
+
+    def take(self, max_items: int, max_bytes: int) -> RecordBatch | None:
+        """The next batch, or None at the end; reads without the GIL. StoreError if a page is
+        damaged (the scan is over then)."""
+
+class LmdbDataFile:
+    """A read-only map of an LMDB environment's data.mdb (src/lmdb_file.rs). It opens no LMDB
+    environment and takes no lock; reading is safe only inside a read transaction that keeps
+    the tree's pages in place."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None: ...
+    @property
+    def version(self) -> int: ...  # the data format version (1: LMDB 0.9, the one scan() reads)
+    @property
+    def page_size(self) -> int: ...
+    @property
+    def identity(self) -> tuple[int, int]: ...  # (st_dev, st_ino) of the mapped file
+    def scan(self, db_record: Buffer, prefix: Buffer | None = None) -> LmdbScan:
+        """A scan of the tree whose 48-byte record (its value in the main database) is db_record."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import operator
 import os
 import time
@@ -204,7 +203,8 @@ class EncryptedBackupManager:
                     writer.begin_tree(name)
                     batches = meter.count_batches(snap.batches(name, prefix))
                     if merge is None:
-                        writer.add_items(itertools.chain.from_iterable(batches))
+                        for batch in batches:  # a RecordBatch goes to the Rust writer whole
+                            writer.add_items(batch)
                     else:
                         for batch in batches:
                             merge.diff(batch, writer)
@@ -591,8 +591,7 @@ class EncryptedBackupManager:
             return result.was_empty and prefix is None and not result.unchecked
 
         def database_digest(snap: ReadSnapshot, name: str) -> tuple[int, int, bytes]:
-            records = itertools.chain.from_iterable(meter.count_batches(snap.batches(name)))
-            return tuple(self._core.digest_items(backup_key, records))
+            return tuple(self._core.digest_batches(backup_key, meter.count_batches(snap.batches(name))))
 
         def mismatch(name: str, got: tuple[int, int, bytes], want: tuple[int, int, bytes]) -> None:
             if got != want:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
@@ -14,6 +14,7 @@ from .errors import ArgumentTypeError
 __all__ = ["ProgressEvent", "ProgressCallback", "PHASES"]
 
 T = TypeVar("T")
+S = TypeVar("S", bound=Sized)
 
 # backup: records read from the database and written; verify: an authenticated pass over a file;
 # safety: the safety backup before a restore; restore: records applied; check: reading back after it.
@@ -117,8 +118,8 @@ class Meter:
                 self.tick()
         self.items += n
 
-    def count_batches(self, batches: Iterable[list[T]]) -> Iterator[list[T]]:
-        """Passes lists of items through, counting their items."""
+    def count_batches(self, batches: Iterable[S]) -> Iterator[S]:
+        """Passes batches (sequences) of items through, counting their items."""
         for batch in batches:
             yield batch
             self.add_items(len(batch))

@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
 use super::errors::{BackupError, InvalidArgumentError};
+use super::lmdb::PyRecordBatch;
 use super::reader::PyBackupReader;
 use super::writer::PyBackupWriter;
 use super::{batch_limit, pair, with_bytes, IntArg};
@@ -130,6 +131,12 @@ impl PyChainMerge {
         let mut written = 0u64;
         self.with_sources(py, |merge, sources| {
             let mut emit = emit_into(py, &mut writer, &mut written);
+            if let Ok(batch) = items.downcast::<PyRecordBatch>() {
+                for (k, v) in batch.get().batch().records() {
+                    merge.diff_item(sources, k, v, &mut emit)?;
+                }
+                return Ok(());
+            }
             for item in items.try_iter()? {
                 let (k, v) = pair(&item?)?;
                 with_bytes(&k, |k| {

@@ -13,6 +13,7 @@ pyo3::import_exception!(datafold.errors, BackupIOError);
 pyo3::import_exception!(datafold.errors, CryptoError);
 pyo3::import_exception!(datafold.errors, InvalidArgumentError);
 pyo3::import_exception!(datafold.errors, ArgumentTypeError);
+pyo3::import_exception!(datafold.errors, StoreError);
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -27,6 +28,7 @@ impl From<Error> for PyErr {
             Error::InvalidArgument(_) => InvalidArgumentError::new_err(msg),
             Error::Poisoned(_) => BackupError::new_err(msg),
             Error::Crypto(_) => CryptoError::new_err(msg),
+            Error::Store(_) => StoreError::new_err(msg),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 mod chain;
 mod errors;
+mod lmdb;
 mod reader;
 mod writer;
 
@@ -284,14 +285,15 @@ fn derive_key_id<'py>(
     Ok(PyBytes::new(py, &derive_key_id_rs(key.as_bytes())))
 }
 
-#[pyfunction]
-fn digest_items<'py>(
-    py: Python<'py>,
-    backup_key: &Bound<'py, PyAny>,
-    items: &Bound<'py, PyAny>,
-) -> PyResult<(u64, u64, Bound<'py, PyBytes>)> {
-    let key = SecretKey::from_slice(&secret_arg(backup_key)?, "backup key")?;
-    let mut digester = ItemDigester::new(derive_digest_key(key.as_bytes()).as_bytes());
+/// Adds PUT (value bytes) and DELETE (value None) records from an iterable of pairs, or from
+/// a store's RecordBatch without a Python object per record.
+fn digest_into(digester: &mut ItemDigester, items: &Bound<'_, PyAny>) -> PyResult<()> {
+    if let Ok(batch) = items.downcast::<lmdb::PyRecordBatch>() {
+        for (k, v) in batch.get().batch().records() {
+            digester.add(k, Some(v))?;
+        }
+        return Ok(());
+    }
     for item in items.try_iter()? {
         let item = item?;
         let (k, v) = pair(&item)?;
@@ -301,8 +303,43 @@ fn digest_items<'py>(
             with_bytes(&k, |k| with_bytes(&v, |v| digester.add(k, Some(v))))???;
         }
     }
+    Ok(())
+}
+
+type DigestResult<'py> = (u64, u64, Bound<'py, PyBytes>);
+
+/// (items, bytes, digest) of the records of `sources` (each an iterable of pairs or a RecordBatch).
+fn digest_sources<'py>(
+    py: Python<'py>,
+    backup_key: &Bound<'py, PyAny>,
+    sources: impl IntoIterator<Item = PyResult<Bound<'py, PyAny>>>,
+) -> PyResult<DigestResult<'py>> {
+    let key = SecretKey::from_slice(&secret_arg(backup_key)?, "backup key")?;
+    let mut digester = ItemDigester::new(derive_digest_key(key.as_bytes()).as_bytes());
+    for source in sources {
+        digest_into(&mut digester, &source?)?;
+    }
     let (tally, digest) = digester.finish();
     Ok((tally.items, tally.bytes, PyBytes::new(py, &digest)))
+}
+
+#[pyfunction]
+fn digest_items<'py>(
+    py: Python<'py>,
+    backup_key: &Bound<'py, PyAny>,
+    items: &Bound<'py, PyAny>,
+) -> PyResult<DigestResult<'py>> {
+    digest_sources(py, backup_key, [Ok(items.clone())])
+}
+
+/// digest_items over the records of several batches (a snapshot's batches() of one tree).
+#[pyfunction]
+fn digest_batches<'py>(
+    py: Python<'py>,
+    backup_key: &Bound<'py, PyAny>,
+    batches: &Bound<'py, PyAny>,
+) -> PyResult<DigestResult<'py>> {
+    digest_sources(py, backup_key, batches.try_iter()?)
 }
 
 /// The next batch of a store's (key, value) iterator: at most `max_items` pairs, ending once
@@ -368,6 +405,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decrypt_stream, m)?)?;
     m.add_function(wrap_pyfunction!(derive_key_id, m)?)?;
     m.add_function(wrap_pyfunction!(digest_items, m)?)?;
+    m.add_function(wrap_pyfunction!(digest_batches, m)?)?;
     m.add_function(wrap_pyfunction!(encode_preamble, m)?)?;
     m.add_function(wrap_pyfunction!(parse_preamble, m)?)?;
     m.add_function(wrap_pyfunction!(take_batch, m)?)?;
@@ -375,5 +413,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<writer::PyBackupWriter>()?;
     m.add_class::<reader::PyBackupReader>()?;
     m.add_class::<chain::PyChainMerge>()?;
+    m.add_class::<lmdb::PyLmdbDataFile>()?;
+    m.add_class::<lmdb::PyLmdbScan>()?;
+    m.add_class::<lmdb::PyRecordBatch>()?;
     Ok(())
 }

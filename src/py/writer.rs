@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use super::lmdb::PyRecordBatch;
 use super::{opt_arg, pair, secret_arg, str_arg, with_bytes, IntArg, PyResultExt};
 use crate::format::{Trailer, TreeSummary, DEFAULT_SEGMENT_SIZE};
 use crate::writer::{BackupEncoder, EncoderOptions};
@@ -241,6 +242,14 @@ impl PyBackupWriter {
 
     fn add_items(&mut self, py: Python<'_>, items: &Bound<'_, PyAny>) -> PyResult<u64> {
         self.guarded(py, |s, py| {
+            if let Ok(batch) = items.downcast::<PyRecordBatch>() {
+                // A store's batch: records straight from its buffer, no Python object each.
+                let batch = batch.get().batch();
+                for (k, v) in batch.records() {
+                    s.record(py, k, Some(v))?;
+                }
+                return Ok(batch.len() as u64);
+            }
             let mut n = 0u64;
             for item in items.try_iter()? {
                 let (k, v) = pair(&item?)?;

@@ -6,6 +6,7 @@ Both objects are explicit state machines that poison themselves on the first err
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -58,7 +59,7 @@ from .stream import MAX_SEGMENTS, NONCE_PREFIX_LENGTH, TAG_LENGTH, SegmentCipher
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["BackupWriter", "BackupReader", "digest_items"]
+__all__ = ["BackupWriter", "BackupReader", "digest_items", "digest_batches"]
 
 KEY_LENGTH = 32
 SALT_LENGTH = 32
@@ -469,6 +470,13 @@ def digest_items(backup_key: Buffer, items: Iterable[tuple[Buffer, Buffer | None
             chunk.clear()
     hasher.update(chunk)
     return count, nbytes, hasher.digest()
+
+
+def digest_batches(
+    backup_key: Buffer, batches: Iterable[Iterable[tuple[Buffer, Buffer | None]]]
+) -> tuple[int, int, bytes]:
+    """digest_items over the records of several batches (a snapshot's batches() of one tree)."""
+    return digest_items(backup_key, itertools.chain.from_iterable(batches))
 
 
 # --- reader -----------------------------------------------------------------------------------

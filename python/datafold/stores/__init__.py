@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, ClassVar
@@ -190,9 +190,12 @@ class ReadSnapshot(ABC):
                 yield pair
 
     @abstractmethod
-    def batches(self, tree: str, prefix: Buffer = b"") -> Iterator[list[tuple[bytes, bytes]]]:
-        """items() in lists (of at most SNAPSHOT_BATCH records, bounded in bytes), for consumers
-        that hand whole batches on: no per-record cost here. The snapshot's end is checked per batch."""
+    def batches(self, tree: str, prefix: Buffer = b"") -> Iterator[Sequence[tuple[bytes, bytes]]]:
+        """items() in batches (sequences of at most SNAPSHOT_BATCH records, bounded in bytes), for
+        consumers that hand whole batches on: no per-record cost here. The snapshot's end is
+        checked per batch. A batch is a list, or the Rust core's RecordBatch (LMDB direct reads),
+        which the core's BackupWriter.add_items, digest_batches and ChainMerge.diff read without
+        a Python object per record."""
 
     @property
     @abstractmethod

@@ -24,6 +24,15 @@ any thread or process) to finish.
 
 LMDB must not open the same environment twice in one process, so stores opened on the same
 directory share one lmdb.Environment (reference counted).
+
+Direct reads (option direct_reads, default True, with the Rust core): a snapshot's batches() read
+the records from data.mdb's pages in Rust (datafold._core.LmdbDataFile, src/lmdb_file.rs) and hand
+them on as RecordBatch objects, which the Rust writer and digests take whole. This is not a second
+environment (the file is mapped read-only, LMDB locks only lock.mdb); the snapshot's read
+transaction is open the whole time and each tree is walked from its root as that transaction sees it
+(the tree's record in the main database), and LMDB never rewrites a page a live reader can see. The
+file must be the one the environment opened (same inode) and in LMDB 0.9's format, else batches()
+reads through py-lmdb as with direct_reads=False.
 """
 
 from __future__ import annotations
@@ -39,8 +48,11 @@ from typing import Any, TypeVar
 
 import lmdb
 
+from ..core import core
 from ..errors import ArgumentTypeError, InvalidArgumentError, StoreError
 from . import (
+    SNAPSHOT_BATCH,
+    SNAPSHOT_BATCH_BYTES,
     Buffer,
     Items,
     ReadSnapshot,
@@ -78,7 +90,9 @@ _MAX_C_INT = (1 << 31) - 1
 _MAX_GROW_ATTEMPTS = 40  # doubling each time: far beyond any address space
 _MAX_SNAPSHOT_ATTEMPTS = 20  # retries while new trees keep appearing as a snapshot starts
 
-_OPTIONS = ("map_size", "max_dbs", "max_readers", "resize_timeout")
+_OPTIONS = ("map_size", "max_dbs", "max_readers", "resize_timeout", "direct_reads")
+# LMDB 0.9's data file format: the one the Rust core's direct reads understand.
+_DIRECT_READ_VERSION = 1
 
 _MAP_FULL_IN_TXN = (
     "database map is full: LMDB cannot grow the map while a write transaction is open, so this "
@@ -116,6 +130,15 @@ def _open_env(path: str, map_size: int, max_dbs: int, max_readers: int) -> lmdb.
         raise StoreError(
             f"cannot open LMDB database {path!r}: {e}; check that it is an LMDB environment directory you may write to"
         ) from e
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of a file, or None if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _translate(e: lmdb.Error, action: str) -> StoreError:
@@ -174,6 +197,8 @@ class _SharedEnv:
         self.resize_timeout = resize_timeout
         self.page_size: int = env.stat()["psize"]
         self.max_key_size: int = env.max_key_size()
+        self.data_file = os.path.join(path, "data.mdb")
+        self.data_identity = _identity(self.data_file)
         self.cond = threading.Condition()
         self.threads: dict[int, int] = {}  # thread id -> open transactions
         self.active = 0
@@ -358,6 +383,7 @@ class _SharedEnv:
             self.published.clear()  # handles of the closed environment
         try:
             self.env = _open_env(self.path, map_size, *self.limits)
+            self.data_identity = _identity(self.data_file)
         except StoreError as reopen:
             raise StoreError(
                 f"cannot {what}: {error}; reopening the database after that failed too ({reopen}); close and reopen it"
@@ -392,10 +418,12 @@ class LmdbStore(Store):
 
     backend = "lmdb"
 
-    def __init__(self, path: str, shared: _SharedEnv) -> None:
+    def __init__(self, path: str, shared: _SharedEnv, direct_reads: bool = True) -> None:
         self.path = path
         self._shared = shared
         self._closed = False
+        # Snapshots read records from the data file's pages in the Rust core (module doc).
+        self._direct_reads = direct_reads and hasattr(core, "LmdbDataFile")
 
     @classmethod
     def open(cls, path: str, **options: Any) -> LmdbStore:
@@ -405,6 +433,7 @@ class LmdbStore(Store):
         map_size = _int_option(options, "map_size", DEFAULT_MAP_SIZE, 4096, _MAX_MAP_SIZE)
         max_dbs = _int_option(options, "max_dbs", DEFAULT_MAX_DBS, 1, _MAX_C_INT)
         max_readers = _int_option(options, "max_readers", DEFAULT_MAX_READERS, 1, _MAX_C_INT)
+        direct_reads = check_bool(options.get("direct_reads", True), "lmdb option direct_reads")
         resize_timeout = options.get("resize_timeout", DEFAULT_RESIZE_TIMEOUT)
         if not isinstance(resize_timeout, (int, float)) or isinstance(resize_timeout, bool):
             raise ArgumentTypeError(f"lmdb option resize_timeout must be a number, not {type(resize_timeout).__name__}")
@@ -441,7 +470,7 @@ class LmdbStore(Store):
                 env = _open_env(path, _round_up(map_size, 4096), max_dbs, max_readers)
                 shared = _SharedEnv(env, key, float(resize_timeout), path, (max_dbs, max_readers))
                 _registry[key] = shared
-        return cls(path, shared)
+        return cls(path, shared, direct_reads)
 
     # --- plumbing ---
 
@@ -871,6 +900,7 @@ class _LmdbSnapshot(ReadSnapshot):
         self._dbs = dbs  # tree name -> handle, for every tree the transaction sees
         self._names = sorted(dbs)
         self._lock = threading.Lock()  # an LMDB transaction must not be used by two threads at once
+        self._data_file: Any = None  # direct reads: core.LmdbDataFile, False when unusable, None before the first
 
     def _txn(self) -> lmdb.Transaction[bytes]:
         """The transaction, or StoreError once the snapshot is over; call with _lock held."""
@@ -917,21 +947,59 @@ class _LmdbSnapshot(ReadSnapshot):
         with self._lock:
             self._txn()
 
-    def batches(self, tree: str, prefix: Buffer = b"") -> Iterator[list[tuple[bytes, bytes]]]:
+    def _direct_scan(self, txn: lmdb.Transaction[bytes], tree: str, prefix: bytes) -> Any | None:
+        """A scan of the tree's pages in the data file by the Rust core, or None to read through
+        py-lmdb (direct reads off, or a data file they do not handle). Call with _lock held."""
+        if not self._store._direct_reads:
+            return None
+        if self._data_file is None:
+            self._data_file = _open_data_file(self._shared)
+        if self._data_file is False:
+            return None
+        # The tree's record in the main database, as this transaction sees it: its root page.
+        record = txn.get(tree.encode())
+        return None if record is None else self._data_file.scan(record, prefix)
+
+    def batches(self, tree: str, prefix: Buffer = b"") -> Iterator[Sequence[tuple[bytes, bytes]]]:
         tree = check_tree(tree)
         prefix = as_bytes(prefix, "prefix")
         scan: Iterator[tuple[bytes, bytes]] | None = None
+        direct: Any = None
         while True:
             with self._lock, _errors("items"):
                 txn = self._txn()  # checked at every batch: the snapshot may have ended meanwhile
-                if scan is None:
+                if scan is None and direct is None:
                     db = self._dbs.get(tree)
                     if db is None:
                         return
-                    scan = _scan(txn, db, prefix, self._shared.max_key_size)
-                # Copies of a batch of records per lock round trip (per record it costs 5x).
-                batch, more = take_batch(scan)
+                    direct = self._direct_scan(txn, tree, prefix)
+                    if direct is None:
+                        scan = _scan(txn, db, prefix, self._shared.max_key_size)
+                if direct is not None:
+                    # Read from the pages this transaction keeps in place, without the GIL.
+                    batch: Sequence[tuple[bytes, bytes]] | None = direct.take(SNAPSHOT_BATCH, SNAPSHOT_BATCH_BYTES)
+                    more = batch is not None
+                else:
+                    assert scan is not None
+                    # Copies of a batch of records per lock round trip (per record it costs 5x).
+                    batch, more = take_batch(scan)
             if batch:
                 yield batch
             if not more:
                 return
+
+
+def _open_data_file(shared: _SharedEnv) -> Any:
+    """The environment's data file mapped by the Rust core, or False when direct reads cannot
+    serve it: not the file the environment has open (replaced since), or not LMDB 0.9's format."""
+    try:
+        data_file = core.LmdbDataFile(shared.data_file)
+    except StoreError:
+        return False  # missing or unreadable here: LMDB itself reads it
+    if (
+        data_file.identity != shared.data_identity
+        or data_file.version != _DIRECT_READ_VERSION
+        or data_file.page_size != shared.page_size
+    ):
+        return False
+    return data_file

@@ -1,0 +1,179 @@
+//! `LmdbDataFile`, `LmdbScan` and `RecordBatch`: crate::lmdb_file for the LMDB store's snapshots.
+//! A batch copies records out of the map once; the BackupWriter and digest_batches read it in
+//! Rust, any other consumer sees a sequence of (key, value) bytes pairs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
+
+use super::{batch_limit, with_bytes, IntArg};
+use crate::lmdb_file::{Batch, DataFile, Scan, TreeRoot};
+
+#[pyclass(module = "datafold._core", name = "LmdbDataFile", frozen)]
+pub struct PyLmdbDataFile {
+    file: Arc<DataFile>,
+}
+
+#[pymethods]
+impl PyLmdbDataFile {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let file = py.detach(|| DataFile::open(&path))?;
+        Ok(PyLmdbDataFile {
+            file: Arc::new(file),
+        })
+    }
+
+    /// The data format version in the meta page (1: LMDB 0.9, the only one scan() reads).
+    #[getter]
+    fn version(&self) -> u32 {
+        self.file.version()
+    }
+
+    #[getter]
+    fn page_size(&self) -> usize {
+        self.file.page_size()
+    }
+
+    /// (st_dev, st_ino) of the mapped file.
+    #[getter]
+    fn identity(&self) -> (u64, u64) {
+        self.file.identity
+    }
+
+    /// A scan of the tree whose 48-byte record (its value in the main database, read in the
+    /// caller's read transaction) is `db_record`; the caller keeps that transaction open while
+    /// it takes batches.
+    #[pyo3(signature = (db_record, prefix=None))]
+    fn scan(
+        &self,
+        db_record: &Bound<'_, PyAny>,
+        prefix: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyLmdbScan> {
+        let tree = with_bytes(db_record, TreeRoot::parse)??;
+        let prefix = match prefix {
+            Some(p) => with_bytes(p, <[u8]>::to_vec)?,
+            None => Vec::new(),
+        };
+        let scan = Scan::new(&self.file, tree, &prefix)?;
+        Ok(PyLmdbScan {
+            file: self.file.clone(),
+            scan: Some(scan),
+        })
+    }
+}
+
+#[pyclass(module = "datafold._core", name = "LmdbScan")]
+pub struct PyLmdbScan {
+    file: Arc<DataFile>,
+    /// None once over or failed: a failed scan stays failed.
+    scan: Option<Scan>,
+}
+
+#[pymethods]
+impl PyLmdbScan {
+    /// The next batch (at most max_items records, ending once keys and values reach max_bytes),
+    /// or None at the end. Reads without the Python lock.
+    fn take(
+        &mut self,
+        py: Python<'_>,
+        max_items: IntArg<'_>,
+        max_bytes: IntArg<'_>,
+    ) -> PyResult<Option<PyRecordBatch>> {
+        let (max_items, max_bytes) = (
+            batch_limit(&max_items, "max_items")?,
+            batch_limit(&max_bytes, "max_bytes")?,
+        );
+        let Some(mut scan) = self.scan.take() else {
+            return Ok(None);
+        };
+        let file = &self.file;
+        let mut batch = Batch::default();
+        let more = py.detach(|| scan.fill(file, &mut batch, max_items, max_bytes))?;
+        if more {
+            self.scan = Some(scan);
+        }
+        Ok((!batch.is_empty()).then(|| PyRecordBatch {
+            batch: Arc::new(batch),
+        }))
+    }
+}
+
+/// Records in one buffer; a read-only sequence of (key, value) bytes pairs.
+#[pyclass(module = "datafold._core", name = "RecordBatch", frozen, sequence)]
+pub struct PyRecordBatch {
+    batch: Arc<Batch>,
+}
+
+impl PyRecordBatch {
+    pub(crate) fn batch(&self) -> Arc<Batch> {
+        self.batch.clone()
+    }
+
+    fn pair<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyTuple>> {
+        let (k, v) = self.batch.get(i).ok_or_else(|| {
+            pyo3::exceptions::PyIndexError::new_err("RecordBatch index out of range")
+        })?;
+        PyTuple::new(py, [PyBytes::new(py, k), PyBytes::new(py, v)])
+    }
+}
+
+#[pymethods]
+impl PyRecordBatch {
+    fn __len__(&self) -> usize {
+        self.batch.len()
+    }
+
+    fn __getitem__<'py>(&self, py: Python<'py>, index: isize) -> PyResult<Bound<'py, PyTuple>> {
+        let len = self.batch.len() as isize;
+        let i = if index < 0 { index + len } else { index };
+        if !(0..len).contains(&i) {
+            return Err(pyo3::exceptions::PyIndexError::new_err(
+                "RecordBatch index out of range",
+            ));
+        }
+        self.pair(py, i as usize)
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRecordBatchIter {
+        PyRecordBatchIter {
+            batch: slf.batch.clone(),
+            next: 0,
+        }
+    }
+
+    /// Bytes of keys and values.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.batch.nbytes()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<RecordBatch records={} nbytes={}>",
+            self.batch.len(),
+            self.batch.nbytes()
+        )
+    }
+}
+
+#[pyclass(module = "datafold._core", name = "_RecordBatchIter")]
+pub struct PyRecordBatchIter {
+    batch: Arc<Batch>,
+    next: usize,
+}
+
+#[pymethods]
+impl PyRecordBatchIter {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&mut self, py: Python<'py>) -> Option<Bound<'py, PyTuple>> {
+        let (k, v) = self.batch.get(self.next)?;
+        self.next += 1;
+        PyTuple::new(py, [PyBytes::new(py, k), PyBytes::new(py, v)]).ok()
+    }
+}
