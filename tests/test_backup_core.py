@@ -18,6 +18,7 @@ from typing import Any
 import blake3
 import pytest
 from datafold.errors import (
+    ArgumentTypeError,
     BackupError,
     BackupIOError,
     EncryptionKeyError,
@@ -1158,3 +1159,31 @@ def test_a_sink_that_keeps_its_argument_never_sees_reused_memory(core: ModuleTyp
         except ValueError:
             continue  # a released view
         assert data in expected
+
+
+@pytest.mark.parametrize(
+    ("items", "max_key", "plain"),
+    [
+        ([(b"a", b"1"), (b"bb", b"")], 2, True),
+        ([(b"a", b"1"), (b"bbb", b"")], 2, False),  # a key too long
+        ([(b"", b"1")], 2, False),  # an empty key
+        ([], 2, False),
+        ((( b"a", b"1"),), 2, False),  # a tuple, not a list
+        ([[b"a", b"1"]], 2, False),  # a list pair
+        ([(b"a", b"1", b"2")], 2, False),
+        ([(b"a", bytearray(b"1"))], 2, False),
+        ([(b"a", None)], 2, False),
+        ([(memoryview(b"a"), b"1")], 2, False),
+        ([(b"a", b"1")], 1 << 80, True),
+        ([(b"a", b"1")], 0, False),
+    ],
+)
+def test_plain_pairs(core: ModuleType, items: object, max_key: int, plain: bool) -> None:
+    assert core.plain_pairs(items, max_key) is plain
+
+
+def test_plain_pairs_arguments(core: ModuleType) -> None:
+    with pytest.raises(InvalidArgumentError, match="max_key must be at least 0"):
+        core.plain_pairs([(b"a", b"1")], -1)
+    with pytest.raises(ArgumentTypeError, match="max_key must be an int"):
+        core.plain_pairs([(b"a", b"1")], "3")

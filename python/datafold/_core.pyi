@@ -184,6 +184,10 @@ def take_batch(pairs: Iterable[tuple[Buffer, Buffer]], max_items: int, max_bytes
     their keys and values reach max_bytes; and whether the iterator may hold more. (The stores'
     snapshot batches; the Rust core runs no bytecode per record.)"""
 
+def plain_pairs(items: object, max_key: int) -> bool:
+    """True for a non-empty list (exactly a list) of 2-tuples of bytes (exact types) whose keys
+    are 1..max_key bytes long: a batch a store may hand to its C loop without checking each pair."""
+
 # --- LMDB direct reads (the lmdb store's snapshots) ------------------------------------------
 # Rust core only: a store accelerator, not part of the shared interface. Without it (the pure
 # core selected, or no extension) the lmdb store reads through py-lmdb.

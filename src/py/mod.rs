@@ -370,6 +370,39 @@ fn take_batch<'py>(
     Ok((batch, false))
 }
 
+/// True for a non-empty list of 2-tuples of bytes (exact types) with keys of 1..=max_key bytes:
+/// a batch a store may hand to its C loop unchecked. One pass, no Python object created.
+#[pyfunction]
+fn plain_pairs(items: &Bound<'_, PyAny>, max_key: IntArg<'_>) -> PyResult<bool> {
+    let max_key = max_key.at_least("max_key", 0, |v| {
+        Error::invalid(format!("max_key must be at least 0, got {v}"))
+    })?;
+    let Ok(list) = items.downcast_exact::<PyList>() else {
+        return Ok(false);
+    };
+    if list.is_empty() {
+        return Ok(false);
+    }
+    for item in list.iter() {
+        let Ok(t) = item.downcast_exact::<PyTuple>() else {
+            return Ok(false);
+        };
+        if t.len() != 2 {
+            return Ok(false);
+        }
+        let (Ok(k), Ok(v)) = (t.get_item(0), t.get_item(1)) else {
+            return Ok(false);
+        };
+        let Ok(k) = k.downcast_exact::<PyBytes>() else {
+            return Ok(false);
+        };
+        if v.downcast_exact::<PyBytes>().is_err() || !(1..=max_key).contains(&k.as_bytes().len()) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 #[pyfunction]
 #[pyo3(signature = (segment_size, key_id, kdf_id=IntArg::Default(0), kdf_params=None))]
 fn encode_preamble<'py>(
@@ -409,6 +442,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_preamble, m)?)?;
     m.add_function(wrap_pyfunction!(parse_preamble, m)?)?;
     m.add_function(wrap_pyfunction!(take_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(plain_pairs, m)?)?;
     m.add_class::<reader::PyPreamble>()?;
     m.add_class::<writer::PyBackupWriter>()?;
     m.add_class::<reader::PyBackupReader>()?;

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import keys as _keys
-from .backup import BackupReader, BackupWriter, _check_key, digest_batches, digest_items, take_batch
+from .backup import BackupReader, BackupWriter, _check_key, digest_batches, digest_items, plain_pairs, take_batch
 from .chain import ChainMerge
 from .format import (
     DEFAULT_SEGMENT_SIZE,
@@ -47,6 +47,7 @@ __all__ = [
     "BackupWriter",
     "BackupReader",
     "ChainMerge",
+    "plain_pairs",
     "take_batch",
 ]
 

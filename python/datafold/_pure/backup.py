@@ -7,6 +7,7 @@ Both objects are explicit state machines that poison themselves on the first err
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -59,7 +60,7 @@ from .stream import MAX_SEGMENTS, NONCE_PREFIX_LENGTH, TAG_LENGTH, SegmentCipher
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["BackupWriter", "BackupReader", "digest_items", "digest_batches"]
+__all__ = ["BackupWriter", "BackupReader", "digest_items", "digest_batches", "plain_pairs", "take_batch"]
 
 KEY_LENGTH = 32
 SALT_LENGTH = 32
@@ -509,6 +510,24 @@ def take_batch(pairs: Iterator[Any], max_items: int, max_bytes: int) -> tuple[li
         if len(batch) >= max_items or size >= max_bytes:
             return batch, True
     return batch, False
+
+
+def plain_pairs(items: object, max_key: int) -> bool:
+    """True for a non-empty list of 2-tuples of bytes (exact types) whose keys are 1..max_key
+    bytes long: a batch a store can hand to its C loop unchecked. C loops (map/set) here."""
+    if isinstance(max_key, bool) or not isinstance(max_key, int):
+        raise ArgumentTypeError(f"max_key must be an int, not {type(max_key).__name__}")
+    if max_key < 0:
+        raise InvalidArgumentError(f"max_key must be at least 0, got {max_key}")
+    if type(items) is not list or not items:
+        return False
+    if set(map(type, items)) != {tuple} or set(map(len, items)) != {2}:
+        return False
+    keys, values = map(operator.itemgetter(0), items), map(operator.itemgetter(1), items)
+    if set(map(type, keys)) != {bytes} or set(map(type, values)) != {bytes}:
+        return False
+    lengths = list(map(len, map(operator.itemgetter(0), items)))
+    return 0 < min(lengths) and max(lengths) <= max_key
 
 
 _R_LOCKED, _R_READY, _R_IN_TREE, _R_TREE_END, _R_DONE, _R_SUMMARY, _R_POISONED = range(7)

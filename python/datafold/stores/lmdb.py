@@ -38,7 +38,6 @@ reads through py-lmdb as with direct_reads=False.
 from __future__ import annotations
 
 import itertools
-import operator
 import os
 import threading
 import time
@@ -734,17 +733,9 @@ def _scan(txn: lmdb.Transaction[bytes], db: Any, prefix: bytes, max_key_size: in
 
 
 def _plain_pairs(items: object, max_key: int) -> bool:
-    """True for a list of at most PUT_BATCH 2-tuples of bytes whose keys LMDB can store, checked
-    in C loops (map/set), with no bytecode per record."""
-    if type(items) is not list or not items or len(items) > PUT_BATCH:
-        return False
-    if set(map(type, items)) != {tuple} or set(map(len, items)) != {2}:
-        return False
-    keys, values = map(operator.itemgetter(0), items), map(operator.itemgetter(1), items)
-    if set(map(type, keys)) != {bytes} or set(map(type, values)) != {bytes}:
-        return False
-    lengths = list(map(len, map(operator.itemgetter(0), items)))
-    return 0 < min(lengths) and max(lengths) <= max_key
+    """True for a list of at most PUT_BATCH 2-tuples of bytes whose keys LMDB can store (the
+    core's check: one Rust loop, or C loops in the pure core; no bytecode per record)."""
+    return type(items) is list and len(items) <= PUT_BATCH and bool(core.plain_pairs(items, max_key))
 
 
 class _LmdbWriteTransaction(WriteTransaction):
