@@ -365,11 +365,9 @@ def test_disk_full_during_restore(tmp_path: Path, backend: str, core: str, op: s
 
 
 def _lmdb_writemap() -> bool:
-    import inspect
-
-    import datafold.stores.lmdb as lmdb_store
-
-    return "writemap=True" in inspect.getsource(lmdb_store)
+    """Whether the lmdb store opens a database with writemap by default (writemap is an opt-in option)."""
+    with tempfile.TemporaryDirectory() as directory, DbOperations.open(Path(directory, "db"), "lmdb") as db:
+        return bool(db._store._shared.env.flags()["writemap"])  # type: ignore[attr-defined]
 
 
 TINYFS_CHILD = r"""
@@ -377,22 +375,25 @@ import json, os, subprocess, sys
 from datafold import DbOperations
 
 backend, db_path, backup, core = sys.argv[1:5]
-with DbOperations.open(db_path, backend) as db:
+# lmdb-writemap: the opt-in writemap=True, with a map small enough to fit the file system at first.
+options = {"writemap": True, "map_size": 1 << 20} if backend == "lmdb-writemap" else {}
+backend = backend.split("-")[0]
+with DbOperations.open(db_path, backend, **options) as db:
     db.put("pre", b"x", b"y")
     before = {t: list(db.items(t)) for t in db.tree_names()}
 restore = (
-    "import sys\n"
+    "import json, sys\n"
     "from datafold import BackupError, DbOperations, EncryptedBackupManager, MasterKeyPair\n"
-    "db = DbOperations.open(sys.argv[2], sys.argv[1])\n"
+    "db = DbOperations.open(sys.argv[2], sys.argv[1], **json.loads(sys.argv[4]))\n"
     "try:\n"
     "    EncryptedBackupManager(db, MasterKeyPair.from_private_bytes(bytes(range(32)))).restore_backup(sys.argv[3])\n"
     "    print('ok')\n"
     "except BackupError as e:\n"
     "    print(type(e).__name__)\n"
 )
-out = subprocess.run([sys.executable, "-c", restore, backend, db_path, backup], capture_output=True, text=True,
-                     env={**os.environ, "DATAFOLD_CORE": core})
-with DbOperations.open(db_path, backend) as db:
+out = subprocess.run([sys.executable, "-c", restore, backend, db_path, backup, json.dumps(options)],
+                     capture_output=True, text=True, env={**os.environ, "DATAFOLD_CORE": core})
+with DbOperations.open(db_path, backend, **options) as db:
     after = {t: list(db.items(t)) for t in db.tree_names()}
 print(json.dumps({"returncode": out.returncode, "stdout": out.stdout.strip(), "stderr": out.stderr[-2000:],
                   "unchanged": after == before}))
@@ -409,24 +410,26 @@ SIGBUS = (
 
 @pytest.mark.parametrize(
     "backend",
-    ["lmdb", "sqlite"],
+    ["lmdb", "sqlite", "lmdb-writemap"],
 )
 def test_restore_onto_a_full_file_system(tmp_path: Path, backend: str) -> None:
     """A real full disk: the database lives on a 2 MiB tmpfs (a private mount namespace, so
     nothing outlives the test) and the backup holds 4 MB. The restore must fail with StoreError
-    and leave the database as it was."""
+    and leave the database as it was. lmdb-writemap: the opt-in writemap=True with a 1 MiB map,
+    where growing the map cannot be preallocated (a StoreError, not a SIGBUS)."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare(1) to mount a private tmpfs")
     keys = MasterKeyPair.from_private_bytes(SEED)
     backup = tmp_path / "big.dfb"
-    with DbOperations.open(db_location(tmp_path, backend, "source"), backend) as source:
+    kind = backend.split("-")[0]
+    with DbOperations.open(db_location(tmp_path, kind, "source"), kind) as source:
         fill(source, {"bulk": {i.to_bytes(4, "big"): os.urandom(1000) for i in range(4000)}})
         EncryptedBackupManager(source, keys).create_backup(backup)
     script = tmp_path / "tinyfs_child.py"
     script.write_text(TINYFS_CHILD)
     mnt = tmp_path / "tinyfs"
     mnt.mkdir()
-    db_path = db_location(mnt, backend)
+    db_path = db_location(mnt, kind)
     shell = (
         f"mount -t tmpfs -o size=2m tmpfs {mnt} || exit 77; {sys.executable} {script} {backend} {db_path} {backup} rust"
     )

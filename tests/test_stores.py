@@ -914,3 +914,11 @@ def test_snapshot_inside_a_write_transaction(db: DbOperations, backend: str) -> 
                 assert snap.get("t", b"a") == b"1"
     with db.snapshot() as snap:
         assert snap.get("t", b"a") == b"uncommitted"
+
+
+def test_transaction_put_many_leaves_the_callers_list_alone(db: DbOperations) -> None:
+    items = [(b"a", b"1"), (b"b", b"2")]
+    with db.write_transaction() as txn:
+        assert txn.put_many("t", items) == (2, 0)
+    assert items == [(b"a", b"1"), (b"b", b"2")]
+    assert list(db.items("t")) == items

@@ -293,7 +293,10 @@ class DbOperations:
 
         lmdb: path is a directory (created if missing; its parent must exist). Options: map_size
         (initial map size in bytes, default 64 MiB; the map grows as needed), max_dbs (default 4096),
-        max_readers (default 126), resize_timeout (seconds to wait for other threads before growing).
+        max_readers (default 126), resize_timeout (seconds to wait for other threads before growing),
+        writemap (default False; True writes dirty pages straight into the file mapping, so large
+        restores and transactions need no anonymous memory in proportion to what they write, at the
+        cost of a data file preallocated to the whole map size; see datafold.stores.lmdb).
         sqlite: path is a file (created if missing; its parent must exist). Options: timeout (seconds
         to wait for a lock held by another connection, default 30).
         """

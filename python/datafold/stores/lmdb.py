@@ -33,10 +33,28 @@ transaction is open the whole time and each tree is walked from its root as that
 (the tree's record in the main database), and LMDB never rewrites a page a live reader can see. The
 file must be the one the environment opened (same inode) and in LMDB 0.9's format, else batches()
 reads through py-lmdb as with direct_reads=False.
+
+writemap (opt-in, off by default): LMDB's MDB_WRITEMAP. Without it LMDB keeps every page a write
+transaction dirties in malloc'd memory until the commit, so one big transaction (a restore is one)
+grows the process's anonymous memory by about the size of what it writes; with it the pages are
+written straight into the shared file mapping (page cache the kernel can write back and evict), and
+anonymous memory stays flat. The catch: LMDB then ftruncate()s the data file to the map size, a
+sparse file, and writing a page into a hole when the disk is full is a SIGBUS that kills the
+process. So with writemap=True the store preallocates the whole map (posix_fallocate of data.mdb up
+to the map size) when it opens the environment and after every growth of the map: the data file
+occupies the full map size on disk (the map at least doubles when it grows, so up to about twice the
+data), and a disk too full for that raises StoreError instead of crashing later: at open the
+environment is closed again; after a failed growth the map is set back to its old size (LMDB
+truncates the file back) and the store stays usable. A rolled-back transaction may leave the bytes
+it wrote in free pages of the file until they are reused. LMDB's own caveats apply: no nested
+transactions (datafold does not use them), and every process that opens the same database must use
+the same writemap setting; in this process a second open of the same directory with a different
+writemap value raises StoreError.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import threading
@@ -89,7 +107,8 @@ _MAX_C_INT = (1 << 31) - 1
 _MAX_GROW_ATTEMPTS = 40  # doubling each time: far beyond any address space
 _MAX_SNAPSHOT_ATTEMPTS = 20  # retries while new trees keep appearing as a snapshot starts
 
-_OPTIONS = ("map_size", "max_dbs", "max_readers", "resize_timeout", "direct_reads")
+_OPTIONS = ("map_size", "max_dbs", "max_readers", "resize_timeout", "writemap", "direct_reads")
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)})
 # LMDB 0.9's data file format: the one the Rust core's direct reads understand.
 _DIRECT_READ_VERSION = 1
 
@@ -112,23 +131,64 @@ def _int_option(options: dict[str, Any], name: str, default: int, minimum: int, 
     return value
 
 
-def _open_env(path: str, map_size: int, max_dbs: int, max_readers: int) -> lmdb.Environment:
+def _preallocate(path: str, map_size: int) -> None:
+    """Allocate every byte of <path>/data.mdb up to map_size on disk, for writemap: LMDB has
+    ftruncate()d the file to the map size, and a page written into a hole on a full disk would be a
+    SIGBUS. Raises StoreError saying what to do when the file system cannot (full, no fallocate)."""
+    what = f"preallocate the {map_size}-byte LMDB map for writemap=True"
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
+        raise StoreError(f"cannot {what}: this platform has no posix_fallocate; open the database without writemap")
+    data = os.path.join(os.fsencode(path), b"data.mdb")
+    try:
+        fd = os.open(data, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        try:
+            # Refuse before allocating anything when the space is clearly missing: a failed
+            # fallocate may keep the blocks it got, leaving the disk full.
+            st, fs = os.fstat(fd), os.fstatvfs(fd)
+            missing = map_size - st.st_blocks * 512
+            if missing > fs.f_bavail * fs.f_frsize:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            fallocate(fd, 0, map_size)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise StoreError(
+                f"not enough disk space to {what} ({e.strerror}); free space, use a smaller map_size, "
+                "or open without writemap"
+            ) from e
+        raise StoreError(
+            f"cannot {what}: {e.strerror or e}; the file system may not support preallocation: open without writemap"
+        ) from e
+
+
+def _open_env(path: str, map_size: int, max_dbs: int, max_readers: int, writemap: bool) -> lmdb.Environment:
     try:
         # sync/metasync stay on (the defaults): a commit is durable when it returns.
-        return lmdb.open(
+        env = lmdb.open(
             os.fsencode(path),  # bytes: a file name need not be valid UTF-8
             map_size=map_size,
             max_dbs=max_dbs,
             max_readers=max_readers,
             subdir=True,
             create=False,  # the directory was made by LmdbStore.open
-            # No writemap: with it a full disk during a write is a SIGBUS that kills
-            # the process, and an aborted transaction leaves bytes in free pages.
+            # writemap is opt-in (see the module doc): it keeps a big transaction's dirty pages out
+            # of anonymous memory, but makes the data file as large as the map, which must then be
+            # preallocated (a write into a hole on a full disk is a SIGBUS).
+            writemap=writemap,
         )
     except (lmdb.Error, OSError) as e:
         raise StoreError(
             f"cannot open LMDB database {path!r}: {e}; check that it is an LMDB environment directory you may write to"
         ) from e
+    if writemap:
+        try:
+            _preallocate(path, env.info()["map_size"])
+        except BaseException:
+            env.close()
+            raise
+    return env
 
 
 def _identity(path: str) -> tuple[int, int] | None:
@@ -187,11 +247,18 @@ class _SharedEnv:
     """
 
     def __init__(
-        self, env: lmdb.Environment, key: str, resize_timeout: float, path: str, limits: tuple[int, int]
+        self,
+        env: lmdb.Environment,
+        key: str,
+        resize_timeout: float,
+        path: str,
+        limits: tuple[int, int],
+        writemap: bool,
     ) -> None:
         self.env = env
         self.key = key
         self.path, self.limits = path, limits  # (max_dbs, max_readers): to reopen it (_reopen)
+        self.writemap = writemap
         self.refs = 1
         self.resize_timeout = resize_timeout
         self.page_size: int = env.stat()["psize"]
@@ -365,11 +432,29 @@ class _SharedEnv:
                         self.env.set_mapsize(new_size)
                     except lmdb.Error as e:
                         self._reopen(old_size, what, e)
+                    if self.writemap:
+                        self._preallocate_grown(old_size, new_size, what)
             finally:
                 self.growth_pending -= 1
                 self.cond.notify_all()
 
-    def _reopen(self, map_size: int, what: str, error: lmdb.Error) -> None:
+    def _preallocate_grown(self, old_size: int, new_size: int, what: str) -> None:
+        """writemap: allocate the grown map on disk, or set the map back to old_size (LMDB truncates
+        the file back, freeing what was allocated) and raise StoreError; the store stays usable."""
+        try:
+            _preallocate(self.path, self.env.info()["map_size"])
+        except StoreError as e:
+            if new_size == 0:
+                # Adopting the size another process committed: the file is that size for it, so
+                # shrinking it back would cut pages under that process's map.
+                raise StoreError(f"cannot {what}: {e}") from e
+            try:
+                self.env.set_mapsize(old_size)
+            except lmdb.Error as back:
+                self._reopen(old_size, what, back)
+            raise StoreError(f"cannot {what}: {e}; the map stays at {old_size} bytes") from e
+
+    def _reopen(self, map_size: int, what: str, error: BaseException) -> None:
         """After a failed set_mapsize (mmap refused: ENOMEM...) LMDB has unmapped the file and py-lmdb
         refuses every call: close the environment and open it again at the old size, then raise
         StoreError. Runs under the condition with no transaction of this process open, so nothing
@@ -381,7 +466,7 @@ class _SharedEnv:
         with self.dbi_lock:
             self.published.clear()  # handles of the closed environment
         try:
-            self.env = _open_env(self.path, map_size, *self.limits)
+            self.env = _open_env(self.path, map_size, *self.limits, self.writemap)
             self.data_identity = _identity(self.data_file)
         except StoreError as reopen:
             raise StoreError(
@@ -442,6 +527,7 @@ class LmdbStore(Store):
                 f"lmdb option resize_timeout must be a number of seconds between 0 and "
                 f"{threading.TIMEOUT_MAX:.0f}, got {resize_timeout}"
             )
+        writemap = check_bool(options.get("writemap", False), "lmdb option writemap")
 
         path = os.fspath(path)
         if os.path.exists(path) and not os.path.isdir(path):
@@ -464,10 +550,17 @@ class LmdbStore(Store):
         with _registry_lock:
             shared = _registry.get(key)
             if shared is not None:
+                if shared.writemap != writemap:
+                    raise StoreError(
+                        f"cannot open LMDB database {path!r} with writemap={writemap}: it is already open "
+                        f"in this process with writemap={shared.writemap}, and stores on one directory share "
+                        "one LMDB environment (LMDB must not mix writemap and non-writemap handles); "
+                        "open it with the same writemap value, or close the other store first"
+                    )
                 shared.refs += 1
             else:
-                env = _open_env(path, _round_up(map_size, 4096), max_dbs, max_readers)
-                shared = _SharedEnv(env, key, float(resize_timeout), path, (max_dbs, max_readers))
+                env = _open_env(path, _round_up(map_size, 4096), max_dbs, max_readers, writemap)
+                shared = _SharedEnv(env, key, float(resize_timeout), path, (max_dbs, max_readers), writemap)
                 _registry[key] = shared
         return cls(path, shared, direct_reads)
 
@@ -835,10 +928,9 @@ class _LmdbWriteTransaction(WriteTransaction):
 
             if _plain_pairs(items, max_key):
                 # Already a list of (bytes, bytes) with storable keys (what a restore hands over):
-                # straight to LMDB's C loop.
-                batch = items  # type: ignore[assignment]
-                flush()
-                return written, skipped
+                # straight to LMDB's C loop (the caller's list is left as it is).
+                consumed, added = cursor.putmulti(items, overwrite=overwrite)
+                return added, consumed - added
             for pair in items:
                 key, value = check_item(pair)
                 if not 0 < len(key) <= max_key:
