@@ -290,7 +290,7 @@ class EncryptedBackupManager:
         with AtomicFile(path) as out:
             try:
                 writer = self._core.BackupWriter(
-                    meter.writing(out.file),
+                    meter.writing(out.sink),
                     key,
                     header,
                     segment_size=segment_size,
@@ -302,7 +302,7 @@ class EncryptedBackupManager:
                 fill(writer)
                 trailer = writer.finish()
                 meter.end()  # the "backup" phase of create_backup ends with the trailer
-                out.file.flush()
+                out.start_sync()  # the disk syncs while the file is verified from the page cache
                 if verify:
                     out.file.seek(0)
                     _, _, verified = self._scan(meter.reading(out.file, "verify"))

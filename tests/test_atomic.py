@@ -1,0 +1,60 @@
+"""AtomicFile's write-behind: background fdatasync while the backup is written and verified."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from datafold import EncryptedBackupManager, MasterKeyPair, atomic
+from datafold.errors import BackupIOError
+from datafold.stores import DbOperations
+
+
+def test_syncs_run_in_the_background_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(atomic, "WRITE_BEHIND_BYTES", 1 << 16)
+    synced: list[str] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append(threading.current_thread().name)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with atomic.AtomicFile(str(tmp_path / "f")) as out:
+        for _ in range(8):
+            out.sink.write(b"x" * (1 << 16))
+        out.start_sync()
+        out.commit()
+    assert (tmp_path / "f").read_bytes() == b"x" * (8 << 16)
+    assert synced and set(synced) == {"datafold-write-behind"}
+
+
+@pytest.mark.parametrize("core", ["rust", "pure"])
+def test_a_failed_background_sync_fails_the_backup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: str) -> None:
+    """fsync errors are reported once: one lost in the background must not let a later fsync pass."""
+    db = DbOperations.open(tmp_path / "db")
+    db.put_many("t", [(b"k%04d" % i, os.urandom(100)) for i in range(1000)])
+
+    def fdatasync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    target = tmp_path / "b.dfb"
+    with pytest.raises(BackupIOError, match="Input/output error"):
+        EncryptedBackupManager(db, MasterKeyPair.generate(), core=core).create_backup(str(target))
+    assert not target.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(atomic.TEMP_SUFFIX)]
+    assert not [t for t in threading.enumerate() if t.name == "datafold-write-behind"]
+    db.close()
+
+
+def test_discard_stops_the_syncer(tmp_path: Path) -> None:
+    out = atomic.AtomicFile(str(tmp_path / "f"))
+    out.sink.write(b"data")
+    out.start_sync()
+    out.discard()
+    assert not (tmp_path / "f").exists()
+    assert not [t for t in threading.enumerate() if t.name == "datafold-write-behind"]
