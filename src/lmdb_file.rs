@@ -157,6 +157,16 @@ impl DataFile {
         Ok((Page::new(pgno, bytes)?, kind == P_BRANCH))
     }
 
+    /// A page `tree_page` accepted before, without checking it again.
+    fn checked_page(&self, pgno: u64, count: usize) -> Page<'_> {
+        let start = pgno as usize * self.page_size;
+        Page {
+            pgno,
+            bytes: &self.map[start..start + self.page_size],
+            count,
+        }
+    }
+
     /// The `count` overflow pages from `pgno` (count from the first page's header).
     fn overflow(&self, pgno: u64) -> Result<&[u8]> {
         let (head, kind) = self.pages_at(pgno, 1)?;
@@ -267,6 +277,8 @@ impl<'a> Page<'a> {
 pub struct Scan {
     /// (page, index of the next node to visit) from the root down.
     stack: Vec<(u64, usize)>,
+    /// The leaf page being read and its record count, validated on entry.
+    leaf: Option<(u64, usize)>,
     depth: usize,
     prefix: Vec<u8>,
     entries: u64,
@@ -278,6 +290,7 @@ impl Scan {
     pub fn new(file: &DataFile, tree: TreeRoot, prefix: &[u8]) -> Result<Self> {
         let mut scan = Scan {
             stack: Vec::new(),
+            leaf: None,
             depth: (tree.depth as usize).min(MAX_DEPTH),
             prefix: prefix.to_vec(),
             entries: tree.entries,
@@ -352,10 +365,17 @@ impl Scan {
                 }
                 break;
             };
-            let (page, branch) = file.tree_page(pgno)?;
+            let (page, branch) = match self.leaf {
+                // The leaf of the previous record: checked when it was entered.
+                Some((leaf, count)) if leaf == pgno => (file.checked_page(pgno, count), false),
+                _ => file.tree_page(pgno)?,
+            };
             if index >= page.count {
                 self.stack.pop();
                 continue;
+            }
+            if !branch {
+                self.leaf = Some((pgno, page.count));
             }
             self.stack.last_mut().expect("not empty").1 += 1;
             let node = page.node(index)?;
@@ -452,6 +472,14 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Room for `records` records of `bytes` bytes in all (capped: the limits may be huge).
+    pub fn with_capacity(records: usize, bytes: usize) -> Self {
+        Batch {
+            data: Vec::with_capacity(bytes.min(16 << 20)),
+            ends: Vec::with_capacity(records.min(1 << 16)),
+        }
+    }
+
     pub fn push(&mut self, key: &[u8], value: &[u8]) {
         self.data.extend_from_slice(key);
         let key_end = self.data.len();

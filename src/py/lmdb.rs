@@ -90,7 +90,8 @@ impl PyLmdbScan {
             return Ok(None);
         };
         let file = &self.file;
-        let mut batch = Batch::default();
+        // Records stop once max_bytes is reached: the last one may take up to a page more.
+        let mut batch = Batch::with_capacity(max_items, max_bytes.saturating_add(4096));
         let more = py.detach(|| scan.fill(file, &mut batch, max_items, max_bytes))?;
         if more {
             self.scan = Some(scan);
