@@ -67,6 +67,17 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
+#[cfg(unix)]
+fn identity(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+#[cfg(not(unix))]
+fn identity(_meta: &std::fs::Metadata) -> (u64, u64) {
+    (0, 0)
+}
+
 /// A read-only map of an LMDB data file.
 pub struct DataFile {
     map: memmap2::Mmap,
@@ -80,7 +91,16 @@ impl DataFile {
     /// Maps `path` and reads its first meta page. `version()` and `page_size()` tell whether it
     /// is a file this module reads (the caller falls back to LMDB itself otherwise).
     pub fn open(path: &Path) -> Result<Self> {
-        use std::os::unix::fs::MetadataExt;
+        if !cfg!(all(
+            unix,
+            target_pointer_width = "64",
+            target_endian = "little"
+        )) {
+            // LMDB writes its pages in the machine's own layout; this reader knows one.
+            return Err(Error::Store(
+                "direct reads of LMDB files need a 64-bit little-endian Unix machine".into(),
+            ));
+        }
         let io = |e: std::io::Error| {
             Error::Store(format!(
                 "cannot read the LMDB data file {}: {e}",
@@ -107,7 +127,7 @@ impl DataFile {
             map,
             page_size,
             version,
-            identity: (meta.dev(), meta.ino()),
+            identity: identity(&meta),
         })
     }
 
