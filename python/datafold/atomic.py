@@ -119,8 +119,12 @@ class AtomicFile:
             raise BackupIOError(f"cannot write backup to {path}: {e.strerror or e}") from e
         self.file: IO[bytes] = os.fdopen(fd, "w+b")
         self._syncer = _Syncer(fd)
-        self.sink: Any = _Sink(self.file, self._syncer)
         self._done = False
+
+    @property
+    def sink(self) -> Any:
+        """`file` for writing the backup through: what is written counts towards write-behind."""
+        return _Sink(self.file, self._syncer)
 
     def start_sync(self) -> None:
         """Flush and start syncing what was written, in the background (commit() waits for it)."""
