@@ -41,6 +41,28 @@ impl AesGcm {
         Ok(tag.as_ref().try_into().expect("16-byte tag"))
     }
 
+    /// Decrypts `ciphertext` into `out` (of the same length), checking `tag`. `false` means it
+    /// did not authenticate (`out` then holds garbage that must not be used).
+    pub fn open_to(
+        &self,
+        nonce: &[u8; NONCE_LENGTH],
+        aad: &[u8],
+        ciphertext: &[u8],
+        tag: &[u8; TAG_LENGTH],
+        out: &mut [u8],
+    ) -> bool {
+        // The same EVP_AEAD_CTX_open_gather path as `open_detached`, with separate buffers.
+        self.0
+            .open_separate_gather(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(aad),
+                ciphertext,
+                tag,
+                out,
+            )
+            .is_ok()
+    }
+
     /// Decrypts `ciphertext` in place, checking `tag`. `false` means it did not authenticate
     /// (the buffer then holds garbage that must not be used).
     pub fn open_detached(

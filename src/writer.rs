@@ -369,8 +369,13 @@ impl BackupEncoder {
         self.guarded(|s| s.seal(false))
     }
 
+    /// Seals the segments that can be sealed now. The plaintext not yet digested is digested
+    /// meanwhile, on a thread of its own (`parallel::run_beside`): it is all before the blocks
+    /// still open, in the region (stream or tree) the digests are in.
     fn seal(&mut self, finishing: bool) -> Result<()> {
-        self.emit_queued()?;
+        if !self.blocks.full.is_empty() {
+            self.emit_queued()?;
+        }
         let params = self.cipher.params;
         // Cut the plaintext into the segments that can be sealed now.
         let mut pieces: Vec<(u64, bool, std::ops::Range<usize>)> = Vec::new();
@@ -404,10 +409,16 @@ impl BackupEncoder {
             jobs.push((index, last, &self.plain[range], seg));
             dst = rest;
         }
-        let cipher = &self.cipher;
-        parallel::run(jobs, start, self.threads, |(i, last, src, dst)| {
-            cipher.seal_to(i, last, src, dst)
-        })?;
+        let (cipher, digests) = (&self.cipher, &mut self.digests);
+        let unhashed = &self.plain[self.hashed..];
+        parallel::run_beside(
+            jobs,
+            start,
+            self.threads,
+            || digests.absorb(unhashed),
+            |(i, last, src, dst)| cipher.seal_to(i, last, src, dst),
+        )?;
+        self.hashed = self.plain.len();
         self.next_segment = index;
         self.plain.drain(..start);
         self.hashed -= start;
