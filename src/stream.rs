@@ -198,9 +198,10 @@ impl SegmentCipher {
     pub fn seal_to(&self, index: u64, last: bool, plaintext: &[u8], out: &mut [u8]) -> Result<()> {
         let nonce = self.nonce(index, last)?;
         let (body, tag_out) = out.split_at_mut(plaintext.len());
-        body.copy_from_slice(plaintext);
-        tag_out.copy_from_slice(&self.aead.seal(&nonce, &[], body)?);
-        Ok(())
+        let tag: &mut [u8; TAG_LENGTH] = tag_out
+            .try_into()
+            .map_err(|_| Error::invalid("segment output has the wrong length"))?;
+        self.aead.seal_to(&nonce, &[], plaintext, body, tag)
     }
 
     /// Decrypts segment `index` (ciphertext || tag) into `out`, which must be exactly
