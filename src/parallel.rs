@@ -49,6 +49,29 @@ pub fn run<J: Send>(
     })
 }
 
+/// `run`, with `side` (the digest of plaintext, say) running meanwhile on a thread of its own
+/// when the batch is large enough to spread: the jobs then get `threads - 1` threads, so with
+/// two cores one digests while the other seals or opens. Small batches or one thread: `side`
+/// first, then the jobs, on the calling thread.
+pub fn run_beside<J: Send>(
+    jobs: Vec<J>,
+    bytes: usize,
+    threads: usize,
+    side: impl FnOnce() + Send,
+    f: impl Fn(J) -> Result<()> + Sync,
+) -> Result<()> {
+    if threads <= 1 || bytes < MIN_PARALLEL_BYTES {
+        side();
+        return run(jobs, bytes, threads, f);
+    }
+    std::thread::scope(|scope| {
+        let side = scope.spawn(side);
+        let result = run(jobs, bytes, threads - 1, f);
+        side.join().expect("digest worker panicked");
+        result
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +96,28 @@ mod tests {
             }
         });
         assert_eq!(r.unwrap_err().to_string(), "job 3");
+    }
+
+    #[test]
+    fn run_beside_runs_the_side_job_once_whatever_the_size() {
+        for (bytes, threads) in [(0, 1), (0, 4), (1 << 30, 1), (1 << 30, 2), (1 << 30, 3)] {
+            let (count, side) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            let jobs: Vec<usize> = (0..7).collect();
+            run_beside(
+                jobs,
+                bytes,
+                threads,
+                || {
+                    side.fetch_add(1, Ordering::Relaxed);
+                },
+                |_| {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(count.load(Ordering::Relaxed), 7);
+            assert_eq!(side.load(Ordering::Relaxed), 1);
+        }
     }
 }

@@ -56,7 +56,12 @@ pub fn truncated() -> Error {
 
 pub struct BackupDecoder {
     cipher: SegmentCipher,
+    /// The plaintext is `plain[..end]` (the buffer keeps its length: no zeroing per batch).
     plain: Vec<u8>,
+    end: usize,
+    /// The next batch is opened into this buffer while `plain[hashed..pos]` is digested; then
+    /// the two swap.
+    spare: Vec<u8>,
     /// Parse cursor into `plain`; `plain[hashed..pos]` is parsed but not yet digested.
     pos: usize,
     hashed: usize,
@@ -90,7 +95,9 @@ impl BackupDecoder {
             SegmentCipher::from_header(params, key.as_bytes(), &preamble.raw, stream_header)?;
         Ok(BackupDecoder {
             cipher,
-            plain: Vec::with_capacity(2 * params.segment_size),
+            plain: Vec::new(),
+            end: 0,
+            spare: Vec::new(),
             pos: 0,
             hashed: 0,
             next_segment: 0,
@@ -178,24 +185,33 @@ impl BackupDecoder {
                 index += 1;
                 ended = last;
             }
-            // Drop what is parsed (after digesting it) before appending.
-            s.absorb_parsed();
-            s.plain.drain(..s.pos);
-            s.pos = 0;
-            s.hashed = 0;
-            let start = s.plain.len();
-            s.plain.resize(start + total, 0);
+            // The new plaintext goes to the spare buffer, after what is not parsed yet; what is
+            // parsed but not digested is digested meanwhile, then the buffers swap.
+            let start = s.end - s.pos;
+            if s.spare.len() < start + total {
+                s.spare.resize(start + total, 0);
+            }
+            s.spare[..start].copy_from_slice(&s.plain[s.pos..s.end]);
             let mut jobs = Vec::with_capacity(segments.len());
-            let mut dst = &mut s.plain[start..];
+            let mut dst = &mut s.spare[start..start + total];
             for (i, &(segment, last)) in segments.iter().enumerate() {
                 let (out, rest) = dst.split_at_mut(segment.len() - TAG_LENGTH);
                 jobs.push((s.next_segment + i as u64, last, segment, out));
                 dst = rest;
             }
-            let cipher = &s.cipher;
-            crate::parallel::run(jobs, total, threads, |(i, last, seg, out)| {
-                cipher.open_to(i, last, seg, out)
-            })?;
+            let (cipher, digests) = (&s.cipher, &mut s.digests);
+            let parsed = &s.plain[s.hashed..s.pos];
+            crate::parallel::run_beside(
+                jobs,
+                total,
+                threads,
+                || digests.absorb(parsed),
+                |(i, last, seg, out)| cipher.open_to(i, last, seg, out),
+            )?;
+            std::mem::swap(&mut s.plain, &mut s.spare);
+            s.end = start + total;
+            s.pos = 0;
+            s.hashed = 0;
             s.next_segment = index;
             s.ended = ended;
             Ok(())
@@ -203,7 +219,7 @@ impl BackupDecoder {
     }
 
     fn available(&self) -> &[u8] {
-        &self.plain[self.pos..]
+        &self.plain[self.pos..self.end]
     }
 
     /// A length-prefixed record body at the cursor (after its type byte), or NeedMore.
@@ -314,7 +330,7 @@ impl BackupDecoder {
                     ));
                 }
                 self.pos += 5 + n;
-                if self.pos != self.plain.len() || !self.ended {
+                if self.pos != self.end || !self.ended {
                     return Err(Error::integrity("backup has data after its trailer"));
                 }
                 self.trailer = Some(trailer);
@@ -637,6 +653,17 @@ pub type Tree = (String, Vec<(Vec<u8>, Option<Vec<u8>>)>);
 /// A whole backup held in memory, read and checked the way `BackupReader` reads a file: preamble,
 /// key check, every tree and item, trailer. For tests and fuzzing; the binding streams instead.
 pub fn read_all(file: &[u8], key: &[u8]) -> Result<(Vec<u8>, Vec<Tree>, Trailer)> {
+    read_all_batched(file, key, 1, 1)
+}
+
+/// `read_all` pushing `batch` segments at a time (after the first) on `threads` threads, as the
+/// binding does.
+pub fn read_all_batched(
+    file: &[u8],
+    key: &[u8],
+    batch: usize,
+    threads: usize,
+) -> Result<(Vec<u8>, Vec<Tree>, Trailer)> {
     let preamble = Preamble::parse(file)?;
     let mut pos = preamble.raw.len();
     let mut read = |n: usize| -> Result<Vec<u8>> {
@@ -649,10 +676,24 @@ pub fn read_all(file: &[u8], key: &[u8]) -> Result<(Vec<u8>, Vec<Tree>, Trailer)
     let mut dec = BackupDecoder::new(&preamble, key, &header)?;
     let mut feeder = SegmentFeeder::default();
     let mut feed = |dec: &mut BackupDecoder, read: &mut dyn FnMut(usize) -> Result<Vec<u8>>| {
-        let now = dec.next_segment_length();
-        let next = dec.params().segment_size;
-        let (segment, last) = feeder.next(now, next, read)?;
-        dec.push_segment(&segment, last)
+        let want = if dec.next_segment_index() == 0 {
+            1
+        } else {
+            batch
+        };
+        let mut segments = Vec::with_capacity(want);
+        while segments.len() < want {
+            let index = dec.next_segment_index() + segments.len() as u64;
+            let now = dec.params().ciphertext_length(index);
+            let next = dec.params().segment_size;
+            let (segment, last) = feeder.next(now, next, &mut *read)?;
+            segments.push((segment, last));
+            if last {
+                break;
+            }
+        }
+        let refs: Vec<(&[u8], bool)> = segments.iter().map(|(s, l)| (&s[..], *l)).collect();
+        dec.push_segments(&refs, threads)
     };
     let meta = loop {
         match dec.read_header()? {

@@ -198,22 +198,22 @@ impl SegmentCipher {
     pub fn seal_to(&self, index: u64, last: bool, plaintext: &[u8], out: &mut [u8]) -> Result<()> {
         let nonce = self.nonce(index, last)?;
         let (body, tag_out) = out.split_at_mut(plaintext.len());
-        body.copy_from_slice(plaintext);
-        tag_out.copy_from_slice(&self.aead.seal(&nonce, &[], body)?);
-        Ok(())
+        let tag: &mut [u8; TAG_LENGTH] = tag_out
+            .try_into()
+            .map_err(|_| Error::invalid("segment output has the wrong length"))?;
+        self.aead.seal_to(&nonce, &[], plaintext, body, tag)
     }
 
     /// Decrypts segment `index` (ciphertext || tag) into `out`, which must be exactly
-    /// `segment.len() - 16` bytes: one copy, no scratch buffer.
+    /// `segment.len() - 16` bytes: straight from one to the other, no copy first.
     pub fn open_to(&self, index: u64, last: bool, segment: &[u8], out: &mut [u8]) -> Result<()> {
         let n = segment
             .len()
             .checked_sub(TAG_LENGTH)
             .ok_or_else(|| short_segment(index))?;
         let nonce = self.nonce(index, last)?;
-        out.copy_from_slice(&segment[..n]);
         let tag: [u8; TAG_LENGTH] = segment[n..].try_into().expect("16-byte tag");
-        if self.aead.open_detached(&nonce, &[], out, &tag) {
+        if self.aead.open_to(&nonce, &[], &segment[..n], &tag, out) {
             Ok(())
         } else {
             Err(auth_failed(index))

@@ -395,3 +395,91 @@ fn handmade_blocks_decode_and_lies_fail() {
     cut.extend_from_slice(&records[records.len() - 2..]);
     assert!(matches!(bad(cut), Error::Integrity(_)));
 }
+
+/// The digest runs beside the sealing / opening threads (`parallel::run_beside`) on batches over
+/// 1 MiB: the file is byte for byte the one a single thread makes, its digests are those of the
+/// records, and it reads back the same on one thread or several, with or without compression.
+#[test]
+fn digest_beside_sealing_and_opening_matches_the_sequential_one() {
+    use crate::digest::ItemDigester;
+    use crate::keys::derive_digest_key;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    // Small records (into blocks when compressing), values larger than a block, and deletes.
+    let mut trees: Vec<Tree> = Vec::new();
+    for t in 0..3u32 {
+        let items = (0..600u32)
+            .map(|i| {
+                let len = match next() % 10 {
+                    0 => 300_000 + (next() % 200_000) as usize,
+                    1 => return (i.to_be_bytes().to_vec(), None),
+                    _ => (next() % 3000) as usize,
+                };
+                let v: Vec<u8> = (0..len.div_ceil(8))
+                    .flat_map(|_| next().to_le_bytes())
+                    .take(len)
+                    .collect();
+                (i.to_be_bytes().to_vec(), Some(v))
+            })
+            .collect();
+        trees.push((format!("t{t}"), items));
+    }
+    let encode_with = |threads: usize, level: i32| {
+        let opts = EncoderOptions {
+            segment_size: 1 << 20,
+            kdf_id: 0,
+            kdf_params: b"",
+            salt: Some(&[7; 32]),
+            nonce_prefix: Some(&[9; 7]),
+            threads,
+            compression_level: level,
+        };
+        let mut enc = BackupEncoder::new(&KEY, b"{}", &opts).unwrap();
+        let mut file = enc.output().to_vec();
+        enc.clear_output();
+        for (name, items) in &trees {
+            enc.begin_tree(name).unwrap();
+            for (k, v) in items {
+                match v {
+                    Some(v) => enc.put(k, v).unwrap(),
+                    None => enc.delete(k).unwrap(),
+                }
+                if enc.pending() >= 3 << 20 {
+                    enc.seal_ready().unwrap();
+                    file.extend_from_slice(enc.output());
+                    enc.clear_output();
+                }
+            }
+            enc.end_tree().unwrap();
+        }
+        let trailer = enc.finish().unwrap();
+        file.extend_from_slice(enc.output());
+        (file, trailer)
+    };
+    for level in [0, 3] {
+        let (one, trailer) = encode_with(1, level);
+        for threads in [2, 3] {
+            assert!(encode_with(threads, level).0 == one, "level {level}");
+        }
+        for (summary, (_, items)) in trailer.trees.iter().zip(&trees) {
+            let mut d = ItemDigester::new(derive_digest_key(&KEY).as_bytes());
+            for (k, v) in items {
+                d.add(k, v.as_deref()).unwrap();
+            }
+            assert_eq!(d.finish().1, summary.digest);
+        }
+        for (batch, threads) in [(1, 1), (4, 1), (4, 2), (5, 3)] {
+            let (_, read, t) = crate::reader::read_all_batched(&one, &KEY, batch, threads).unwrap();
+            assert!(
+                read == trees,
+                "level {level} batch {batch} threads {threads}"
+            );
+            assert_eq!(t.digest, trailer.digest);
+        }
+    }
+}

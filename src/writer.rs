@@ -43,7 +43,10 @@ pub struct BackupEncoder {
     plain: Vec<u8>,
     hashed: usize,
     next_segment: u64,
+    /// The output is `out[..out_len]`; the buffer keeps its length from batch to batch, so it is
+    /// not zeroed again for every one.
     out: Vec<u8>,
+    out_len: usize,
     bytes_written: u64,
     digests: Digests,
     state: State,
@@ -157,6 +160,7 @@ impl BackupEncoder {
             plain,
             hashed: 0,
             next_segment: 0,
+            out_len: out.len(),
             out,
             bytes_written: 0,
             state: State::Open,
@@ -369,8 +373,13 @@ impl BackupEncoder {
         self.guarded(|s| s.seal(false))
     }
 
+    /// Seals the segments that can be sealed now. The plaintext not yet digested is digested
+    /// meanwhile, on a thread of its own (`parallel::run_beside`): it is all before the blocks
+    /// still open, in the region (stream or tree) the digests are in.
     fn seal(&mut self, finishing: bool) -> Result<()> {
-        self.emit_queued()?;
+        if !self.blocks.full.is_empty() {
+            self.emit_queued()?;
+        }
         let params = self.cipher.params;
         // Cut the plaintext into the segments that can be sealed now.
         let mut pieces: Vec<(u64, bool, std::ops::Range<usize>)> = Vec::new();
@@ -394,20 +403,28 @@ impl BackupEncoder {
             return Ok(());
         }
         // Each segment gets its own slice of the output, so they can be sealed in parallel.
-        let out_start = self.out.len();
-        self.out
-            .resize(out_start + start + pieces.len() * TAG_LENGTH, 0);
+        let out_start = self.out_len;
+        self.out_len += start + pieces.len() * TAG_LENGTH;
+        if self.out.len() < self.out_len {
+            self.out.resize(self.out_len, 0);
+        }
         let mut jobs = Vec::with_capacity(pieces.len());
-        let mut dst = &mut self.out[out_start..];
+        let mut dst = &mut self.out[out_start..self.out_len];
         for (index, last, range) in pieces {
             let (seg, rest) = dst.split_at_mut(range.len() + TAG_LENGTH);
             jobs.push((index, last, &self.plain[range], seg));
             dst = rest;
         }
-        let cipher = &self.cipher;
-        parallel::run(jobs, start, self.threads, |(i, last, src, dst)| {
-            cipher.seal_to(i, last, src, dst)
-        })?;
+        let (cipher, digests) = (&self.cipher, &mut self.digests);
+        let unhashed = &self.plain[self.hashed..];
+        parallel::run_beside(
+            jobs,
+            start,
+            self.threads,
+            || digests.absorb(unhashed),
+            |(i, last, src, dst)| cipher.seal_to(i, last, src, dst),
+        )?;
+        self.hashed = self.plain.len();
         self.next_segment = index;
         self.plain.drain(..start);
         self.hashed -= start;
@@ -446,23 +463,24 @@ impl BackupEncoder {
 
     /// The ciphertext produced since the last `clear_output`.
     pub fn output(&self) -> &[u8] {
-        &self.out
+        &self.out[..self.out_len]
     }
 
     /// Marks the output as written; its buffer is kept for reuse (fresh memory is costly here).
     pub fn clear_output(&mut self) {
-        self.bytes_written += self.out.len() as u64;
-        self.out.clear();
+        self.bytes_written += self.out_len as u64;
+        self.out_len = 0;
     }
 
     /// Gives up the output buffer without freeing it: for when Python code may still read it.
     pub fn leak_output(&mut self) {
-        self.bytes_written += self.out.len() as u64;
+        self.bytes_written += self.out_len as u64;
+        self.out_len = 0;
         let cap = self.out.capacity();
         std::mem::forget(std::mem::replace(&mut self.out, Vec::with_capacity(cap)));
     }
 
     pub fn output_len(&self) -> usize {
-        self.out.len()
+        self.out_len
     }
 }
