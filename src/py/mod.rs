@@ -2,6 +2,10 @@
 
 mod chain;
 mod errors;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod lmdb;
 mod reader;
 mod writer;
