@@ -122,8 +122,9 @@ LMDB_META_BYTES = 2 * 4096  # LMDB's two meta pages: the commit point (root page
 def db_fingerprint(env: Env) -> tuple[Any, dict[str, str]]:
     """The database's content and the bytes that define its committed state: SQLite's file and WAL
     (lock and shared-memory files aside); LMDB's meta pages. (LMDB's whole file: see
-    test_aborted_restore_leaves_the_database_files_byte_identical -- with writemap an aborted
-    transaction leaves bytes in free pages, which no reader sees.)"""
+    test_aborted_restore_leaves_the_database_files_byte_identical, which runs on the default store:
+    with the opt-in writemap=True an aborted transaction leaves bytes in free pages, which no
+    reader sees.)"""
     path = Path(env.db.path)
     if env.backend == "lmdb":
         with open(path / "data.mdb", "rb") as f:
@@ -526,14 +527,6 @@ def test_list_backups_skips_every_damaged_file(victim: Victim) -> None:
         found = env.manager.list_backups(directory)
     assert [m.path for m in found] == [str(directory / "good.dfb")]
     assert len(caught) == len(variants), [str(w.message) for w in caught]
-
-
-WRITEMAP = (
-    "BUG (regression of 46eee1f, stores/lmdb.py lmdb.open(writemap=True)): an aborted restore "
-    "transaction writes its dirty pages straight into data.mdb's free pages, so the database FILE is "
-    "no longer byte-identical after a failed restore (its content and meta pages are). Without "
-    "writemap LMDB keeps dirty pages in memory until commit and the file is untouched"
-)
 
 
 @pytest.mark.parametrize("verify_first", [True, False])

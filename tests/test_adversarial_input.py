@@ -600,8 +600,8 @@ def limits_env(tmp_path: Path, core_name: str) -> Any:
 
 
 def lmdb_file(e: Env) -> bytes:
-    """LMDB's meta pages (the commit point). Not the whole file: with writemap an aborted
-    transaction leaves bytes in free pages (see test_adversarial.py, WRITEMAP)."""
+    """LMDB's meta pages (the commit point). Not the whole file: with the opt-in writemap=True an
+    aborted transaction leaves bytes in free pages (see test_adversarial.py, db_fingerprint)."""
     with open(Path(e.db.path) / "data.mdb", "rb") as f:
         return f.read(2 * 4096)
 
