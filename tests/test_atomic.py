@@ -58,3 +58,47 @@ def test_discard_stops_the_syncer(tmp_path: Path) -> None:
     out.discard()
     assert not (tmp_path / "f").exists()
     assert not [t for t in threading.enumerate() if t.name == "datafold-write-behind"]
+
+
+@pytest.mark.parametrize("core", ["rust", "pure"])
+def test_read_back_beside_a_failing_writer_ends_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, core: str
+) -> None:
+    """The read-back check runs in a thread while the file is written; a writer that fails leaves
+    neither a file nor that thread behind."""
+    from datafold import progress
+    from datafold.errors import StoreError
+
+    db = DbOperations.open(tmp_path / "db")
+    db.put_many("t", [(b"k%05d" % i, os.urandom(200)) for i in range(20_000)])
+
+    def failing(self: object, batches: object) -> object:
+        for n, batch in enumerate(batches):  # type: ignore[attr-defined]
+            if n == 2:
+                raise StoreError("simulated failure while reading the database")
+            yield batch
+
+    monkeypatch.setattr(progress.Meter, "count_batches", failing)
+    target = tmp_path / "b.dfb"
+    with pytest.raises(StoreError, match="simulated"):
+        EncryptedBackupManager(db, MasterKeyPair.generate(), core=core).create_backup(str(target))
+    assert not target.exists()
+    assert not [t for t in threading.enumerate() if t.name in ("datafold-read-back", "datafold-write-behind")]
+    db.close()
+
+
+def test_growing_file_reads_what_is_written_as_it_is_written(tmp_path: Path) -> None:
+    out = atomic.AtomicFile(str(tmp_path / "f"))
+    reader = out.growing()
+    got: list[bytes] = []
+    thread = threading.Thread(target=lambda: got.extend(iter(lambda: reader.read(3), b"")))
+    thread.start()
+    for chunk in (b"ab", b"cdefg", b"h"):
+        out.sink.write(chunk)
+    out.writing_over()
+    thread.join()
+    assert b"".join(got) == b"abcdefgh" and reader.tell() == 8
+    buffer = bytearray(4)
+    again = out.growing()
+    assert again.readinto(buffer) == 4 and buffer == b"abcd"
+    out.discard()

@@ -7,7 +7,8 @@ supported it falls back to a named hidden temporary file that is removed on any 
 
 Write-behind: data written through `sink` is fdatasync()ed by a background thread every
 WRITE_BEHIND_BYTES, and `start_sync()` syncs the rest while the caller goes on (verifying the file
-from the page cache), so the disk works while the CPU does. `commit()` waits for that thread, fails
+from the page cache), so the disk works while the CPU does. `growing()` gives a reader of the file
+as it is written (the read-back check runs beside the writer). `commit()` waits for that thread, fails
 if any of its syncs failed (a failed fsync is reported once: a later one may succeed without the
 data being on disk), and fsyncs once more.
 """
@@ -24,7 +25,7 @@ from typing import IO, Any
 
 from .errors import BackupIOError
 
-__all__ = ["AtomicFile", "TEMP_SUFFIX"]
+__all__ = ["AtomicFile", "GrowingFile", "TEMP_SUFFIX"]
 
 TEMP_SUFFIX = ".dfb-tmp"
 WRITE_BEHIND_BYTES = 32 << 20
@@ -84,19 +85,59 @@ class _Syncer:
 
 
 class _Sink:
-    """The file for the backup writer: writes go on to the file and count towards write-behind."""
+    """The file for the backup writer: writes go on to the file (flushed, so a GrowingFile reader
+    sees them at once) and count towards write-behind."""
 
-    def __init__(self, f: IO[bytes], syncer: _Syncer) -> None:
+    def __init__(self, f: IO[bytes], owner: AtomicFile) -> None:
         self._f = f
-        self._syncer = syncer
+        self._owner = owner
 
     def write(self, data: Any) -> int:
         n = self._f.write(data)
-        self._syncer.wrote(n)
+        self._f.flush()
+        self._owner._wrote(n)
         return n
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._f, name)
+
+
+class GrowingFile:
+    """The AtomicFile as far as it is written, for a reader in another thread (the read-back check
+    running beside the writer). read() and readinto() wait until the bytes they ask for are
+    written, or the writing is over (then they return what there is), so the reader sees an
+    ordinary file. Reads go to the descriptor at their own offset (pread), not through `file`."""
+
+    def __init__(self, owner: AtomicFile) -> None:
+        self._owner = owner
+        self._offset = 0
+
+    def _available(self, want: int) -> int:
+        owner = self._owner
+        with owner._cond:
+            while not owner._writing_over and owner._written < self._offset + want:
+                owner._cond.wait()
+            return max(0, min(want, owner._written - self._offset))
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = self._available(len(view))
+        if n == 0:
+            return 0
+        got = os.preadv(self._owner.file.fileno(), [view[:n]], self._offset)
+        self._offset += got
+        return got
+
+    def tell(self) -> int:
+        return self._offset
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = 1 << 62
+        n = self._available(size)
+        data = os.pread(self._owner.file.fileno(), n, self._offset) if n else b""
+        self._offset += len(data)
+        return data
 
 
 class AtomicFile:
@@ -119,12 +160,31 @@ class AtomicFile:
             raise BackupIOError(f"cannot write backup to {path}: {e.strerror or e}") from e
         self.file: IO[bytes] = os.fdopen(fd, "w+b")
         self._syncer = _Syncer(fd)
+        self._cond = threading.Condition()  # for GrowingFile readers
+        self._written = 0
+        self._writing_over = False
         self._done = False
 
     @property
     def sink(self) -> Any:
         """`file` for writing the backup through: what is written counts towards write-behind."""
-        return _Sink(self.file, self._syncer)
+        return _Sink(self.file, self)
+
+    def _wrote(self, n: int) -> None:
+        self._syncer.wrote(n)
+        with self._cond:
+            self._written += n
+            self._cond.notify_all()
+
+    def growing(self) -> GrowingFile:
+        """A reader of what is written through `sink`, as it is written (see GrowingFile)."""
+        return GrowingFile(self)
+
+    def writing_over(self) -> None:
+        """No more writes: GrowingFile readers get the rest and then the end of the file."""
+        with self._cond:
+            self._writing_over = True
+            self._cond.notify_all()
 
     def start_sync(self) -> None:
         """Flush and start syncing what was written, in the background (commit() waits for it)."""
@@ -175,6 +235,7 @@ class AtomicFile:
     def discard(self) -> None:
         """Drops the file. Never raises: it runs while another error is on its way out (closing
         flushes the buffer, which fails again on a full disk)."""
+        self.writing_over()
         self._syncer.stop()  # before the descriptor closes under it
         if not self.file.closed:
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -58,6 +59,33 @@ def _open_backup(path: str) -> Iterator[IO[bytes]]:
             raise
         except OSError as e:
             raise BackupIOError(f"reading backup {path} failed: {e.strerror or e}") from e
+
+
+class _ReadBack:
+    """The read-back check of a file being written: scan(source) in a thread; result() waits for
+    it and returns the trailer read back, or raises what the scan raised."""
+
+    def __init__(self, scan: Callable[[Any], tuple[Any, bytes, Trailer]], source: Any) -> None:
+        self._trailer: Trailer | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(scan, source), name="datafold-read-back", daemon=True)
+        self._thread.start()
+
+    def _run(self, scan: Callable[[Any], tuple[Any, bytes, Trailer]], source: Any) -> None:
+        try:
+            self._trailer = scan(source)[2]
+        except BaseException as e:  # handed to the writing thread by result()
+            self._error = e
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Trailer:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._trailer is not None
+        return self._trailer
 
 
 class EncryptedBackupManager:
@@ -288,6 +316,10 @@ class EncryptedBackupManager:
         )
         key, kdf_id, kdf_params = self._write_key()
         with AtomicFile(path) as out:
+            # The read-back check reads the file as it is written, in a thread beside the writer
+            # (both cores busy); with a progress callback it runs after the writer instead, so its
+            # progress is reported as its own phase.
+            beside = _ReadBack(self._scan, out.growing()) if verify and not meter.active else None
             try:
                 writer = self._core.BackupWriter(
                     meter.writing(out.sink),
@@ -302,10 +334,14 @@ class EncryptedBackupManager:
                 fill(writer)
                 trailer = writer.finish()
                 meter.end()  # the "backup" phase of create_backup ends with the trailer
+                out.writing_over()
                 out.start_sync()  # the disk syncs while the file is verified from the page cache
                 if verify:
-                    out.file.seek(0)
-                    _, _, verified = self._scan(meter.reading(out.file, "verify"))
+                    if beside is not None:
+                        verified = beside.result()
+                    else:
+                        out.file.seek(0)
+                        verified = self._scan(meter.reading(out.file, "verify"))[2]
                     if verified != trailer:
                         raise BackupIOError(
                             f"the backup written to {path} does not read back as written; the disk may be failing"
@@ -314,6 +350,10 @@ class EncryptedBackupManager:
                 raise
             except OSError as e:
                 raise BackupIOError(f"writing backup {path} failed: {e.strerror or e}") from e
+            finally:
+                if beside is not None:
+                    out.writing_over()  # a failed writer: the check reads to the end and stops
+                    beside.join()
             out.commit()
         preamble = self._core.parse_preamble(writer.preamble)
         return BackupMetadata.from_parts(header, trailer, preamble, path=path, file_size=writer.bytes_written)

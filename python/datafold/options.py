@@ -127,7 +127,9 @@ class BackupOptions(_PrefixMixin):
     compression_level: 0 (no compression, the default) or a zstd level 1-22, applied per block of
         records before encryption (docs/FORMAT.md §7); restoring needs no option. The pure core
         needs the zstandard package for it (pip install 'datafold[zstd]').
-    verify_during_creation: re-read and verify the finished file before it is put in place.
+    verify_during_creation: read the file back and verify it (a full authenticated pass) before
+        it is put in place. It reads the file as it is being written, in a thread beside the
+        writer (after the writer when a progress callback is given, to report it as its own phase).
     segment_size: the Tink ciphertext segment size (docs/FORMAT.md).
     threads: threads that seal segments, 0 = all cores (the Rust core; the pure core uses one).
     """
