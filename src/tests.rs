@@ -21,7 +21,18 @@ fn encode_at(trees: &[Tree], segment_size: u32, compression_level: i32) -> (Vec<
         threads: 2,
         compression_level,
     };
-    let mut enc = BackupEncoder::new(&KEY, b"{\"m\":1}", &opts).unwrap();
+    encode_with(trees, b"{\"m\":1}", &opts, 0)
+}
+
+/// A backup of `trees`, sealed whenever `seal_at` or more plaintext bytes are pending (0: after
+/// every record).
+fn encode_with(
+    trees: &[Tree],
+    header: &[u8],
+    opts: &EncoderOptions<'_>,
+    seal_at: usize,
+) -> (Vec<u8>, Trailer) {
+    let mut enc = BackupEncoder::new(&KEY, header, opts).unwrap();
     let mut file = enc.output().to_vec();
     enc.clear_output();
     for (name, items) in trees {
@@ -31,9 +42,11 @@ fn encode_at(trees: &[Tree], segment_size: u32, compression_level: i32) -> (Vec<
                 Some(v) => enc.put(k, v).unwrap(),
                 None => enc.delete(k).unwrap(),
             }
-            enc.seal_ready().unwrap();
-            file.extend_from_slice(enc.output());
-            enc.clear_output();
+            if enc.pending() >= seal_at {
+                enc.seal_ready().unwrap();
+                file.extend_from_slice(enc.output());
+                enc.clear_output();
+            }
         }
         enc.end_tree().unwrap();
     }
@@ -429,7 +442,7 @@ fn digest_beside_sealing_and_opening_matches_the_sequential_one() {
             .collect();
         trees.push((format!("t{t}"), items));
     }
-    let encode_with = |threads: usize, level: i32| {
+    let encode_on = |threads: usize, level: i32| {
         let opts = EncoderOptions {
             segment_size: 1 << 20,
             kdf_id: 0,
@@ -439,32 +452,12 @@ fn digest_beside_sealing_and_opening_matches_the_sequential_one() {
             threads,
             compression_level: level,
         };
-        let mut enc = BackupEncoder::new(&KEY, b"{}", &opts).unwrap();
-        let mut file = enc.output().to_vec();
-        enc.clear_output();
-        for (name, items) in &trees {
-            enc.begin_tree(name).unwrap();
-            for (k, v) in items {
-                match v {
-                    Some(v) => enc.put(k, v).unwrap(),
-                    None => enc.delete(k).unwrap(),
-                }
-                if enc.pending() >= 3 << 20 {
-                    enc.seal_ready().unwrap();
-                    file.extend_from_slice(enc.output());
-                    enc.clear_output();
-                }
-            }
-            enc.end_tree().unwrap();
-        }
-        let trailer = enc.finish().unwrap();
-        file.extend_from_slice(enc.output());
-        (file, trailer)
+        encode_with(&trees, b"{}", &opts, 3 << 20)
     };
     for level in [0, 3] {
-        let (one, trailer) = encode_with(1, level);
+        let (one, trailer) = encode_on(1, level);
         for threads in [2, 3] {
-            assert!(encode_with(threads, level).0 == one, "level {level}");
+            assert!(encode_on(threads, level).0 == one, "level {level}");
         }
         for (summary, (_, items)) in trailer.trees.iter().zip(&trees) {
             let mut d = ItemDigester::new(derive_digest_key(&KEY).as_bytes());
