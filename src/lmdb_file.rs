@@ -390,6 +390,10 @@ impl Scan {
                 Some((leaf, count)) if leaf == pgno => (file.checked_page(pgno, count), false),
                 _ => file.tree_page(pgno)?,
             };
+            if page.count == 0 && self.stack.len() > 1 {
+                // Only an empty tree's root may be empty (LMDB gives that one no page at all).
+                return Err(damaged(format!("page {pgno} is empty")));
+            }
             if index >= page.count {
                 self.stack.pop();
                 continue;
@@ -400,12 +404,7 @@ impl Scan {
             self.stack.last_mut().expect("not empty").1 += 1;
             let node = page.node(index)?;
             if branch {
-                let child = node.child();
-                let (below, _) = file.tree_page(child)?;
-                if below.count == 0 {
-                    return Err(damaged(format!("page {child} is empty")));
-                }
-                self.push(child, 0)?;
+                self.push(node.child(), 0)?;
                 continue;
             }
             if !self.prefix.is_empty() && !node.key.starts_with(&self.prefix) {
@@ -701,13 +700,7 @@ mod tests {
         // Damage the pages after the meta pages: each scan (whole tree and by prefix) ends in Ok
         // or Err, never a panic or an endless walk. Rounds alternate between bytes anywhere,
         // bytes in page headers and node pointers (the structure), and whole pages of noise.
-        let mut rng = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = crate::test_support::xorshift(0x2545_F491_4F6C_DD1D);
         let pages = data.len() / page_size;
         for round in 0..600 {
             let mut bad = data.clone();

@@ -18,3 +18,14 @@ pub fn load_vectors(name: &str) -> Value {
 pub fn unhex(v: &Value, k: &str) -> Vec<u8> {
     hex::decode(v[k].as_str().unwrap()).unwrap()
 }
+
+/// A seeded xorshift64 generator: deterministic test data without a dependency.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}

@@ -416,13 +416,7 @@ fn handmade_blocks_decode_and_lies_fail() {
 fn digest_beside_sealing_and_opening_matches_the_sequential_one() {
     use crate::digest::ItemDigester;
     use crate::keys::derive_digest_key;
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = crate::test_support::xorshift(0x2545_f491_4f6c_dd1d);
     // Small records (into blocks when compressing), values larger than a block, and deletes.
     let mut trees: Vec<Tree> = Vec::new();
     for t in 0..3u32 {
