@@ -1182,6 +1182,32 @@ def test_plain_pairs(core: ModuleType, items: object, max_key: int, plain: bool)
     assert core.plain_pairs(items, max_key) is plain
 
 
+
+@pytest.mark.parametrize(
+    ("items", "after", "ascending"),
+    [
+        ([(b"a", b"1"), (b"ab", b""), (b"b", b"")], None, True),
+        ([(b"a", b"1"), (b"ab", b"")], b"", True),
+        ([(b"a", b"1"), (b"ab", b"")], b"a", False),  # not after `after`
+        ([(b"b", b"1"), (b"a", b"")], None, False),
+        ([(b"a", b"1"), (b"a", b"2")], None, False),  # strictly
+        ([(b"ab", b"1"), (b"a\xff", b"")], None, True),  # byte order, shorter first: b"ab" < b"a\xff"
+        ([(b"a\xff", b"1"), (b"b", b"")], b"a\xfe\xff", True),
+        ([], b"z", True),
+        (((b"a", b"1"),), None, False),  # a tuple, not a list
+        ([[b"a", b"1"]], None, False),
+        ([(bytearray(b"a"), b"1")], None, False),
+        ([(b"a",)], None, False),
+    ],
+)
+def test_keys_ascending(core: ModuleType, items: object, after: bytes | None, ascending: bool) -> None:
+    assert core.keys_ascending(items, after) is ascending
+
+
+def test_keys_ascending_arguments(core: ModuleType) -> None:
+    with pytest.raises(ArgumentTypeError, match="after must be bytes or None"):
+        core.keys_ascending([(b"a", b"1")], "a")
+
 def test_plain_pairs_arguments(core: ModuleType) -> None:
     with pytest.raises(InvalidArgumentError, match="max_key must be at least 0"):
         core.plain_pairs([(b"a", b"1")], -1)

@@ -398,6 +398,73 @@ def test_sqlite_accepts_empty_key(tmp_path: Path) -> None:
         assert list(db.items("t")) == [(b"", b"empty key")]
 
 
+
+# --- LMDB appends -----------------------------------------------------------------------------
+
+
+def lmdb_tree_pages(path: Path, tree: str) -> int:
+    """Leaf + branch + overflow pages of one tree, read with py-lmdb after the store is closed."""
+    import lmdb
+
+    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=8)
+    try:
+        with env.begin() as txn:
+            info = txn.stat(env.open_db(tree.encode(), txn=txn, create=False))
+        return int(info["leaf_pages"] + info["branch_pages"] + info["overflow_pages"])
+    finally:
+        env.close()
+
+
+def ascending_records(n: int) -> list[tuple[bytes, bytes]]:
+    return [(b"key-%08d" % i, b"value %d " % i * 8) for i in range(n)]
+
+
+def test_lmdb_put_many_appends_and_fills_pages(tmp_path: Path) -> None:
+    """Batches whose keys ascend past the tree's end go in with MDB_APPEND, which fills each page:
+    the same records written out of order take far more pages (LMDB splits pages in half)."""
+    records = ascending_records(20_000)
+    batches = [records[i : i + 4096] for i in range(0, len(records), 4096)]
+    for name, order in (("appended", batches), ("reversed", batches[::-1])):
+        with DbOperations.open(tmp_path / name, "lmdb") as db:
+            with db.write_transaction() as txn:
+                assert [txn.put_many("t", batch) for batch in order] == [(len(b), 0) for b in order]
+            assert list(db.items("t")) == records
+    appended, reversed_ = lmdb_tree_pages(tmp_path / "appended", "t"), lmdb_tree_pages(tmp_path / "reversed", "t")
+    payload_pages = sum(len(k) + len(v) + 8 for k, v in records) / 4096
+    assert appended <= 1.1 * payload_pages + 4
+    assert reversed_ >= 1.5 * appended
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_lmdb_put_many_mixes_appends_and_inserts(tmp_path: Path, overwrite: bool) -> None:
+    """Any order of batches gives the same tree and counts, appended or not."""
+    with DbOperations.open(tmp_path / "db", "lmdb") as db:
+        with db.write_transaction() as txn:
+            assert txn.put_many("t", [(b"b", b"1"), (b"d", b"2")], overwrite) == (2, 0)  # appended
+            assert txn.put_many("t", [(b"e", b"3"), (b"f", b"4")], overwrite) == (2, 0)  # appended
+            assert txn.put_many("t", [(b"a", b"5"), (b"c", b"6")], overwrite) == (2, 0)  # before the end
+            written = (3, 0) if overwrite else (1, 2)
+            assert txn.put_many("t", [(b"f", b"7"), (b"g", b"8"), (b"g", b"9")], overwrite) == written
+            assert txn.put_many("t", [(b"z", b"10")], overwrite) == (1, 0)
+        want = {b"a": b"5", b"b": b"1", b"c": b"6", b"d": b"2", b"e": b"3", b"f": b"7" if overwrite else b"4"}
+        want |= {b"g": b"9" if overwrite else b"8", b"z": b"10"}
+        assert dict(db.items("t")) == want
+
+
+def test_lmdb_refused_append_fails_the_transaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If LMDB ever refuses an append (a key order other than keys_ascending's), the transaction
+    fails and rolls back instead of dropping records."""
+    from datafold.stores import lmdb as lmdb_store
+
+    with DbOperations.open(tmp_path / "db", "lmdb") as db:
+        db.put("t", b"m", b"before")
+        monkeypatch.setattr(lmdb_store.core, "keys_ascending", lambda pairs, after: True)
+        with pytest.raises(StoreError, match="refused keys appended in ascending order"):
+            with db.write_transaction() as txn:
+                txn.put_many("t", [(b"x", b"1"), (b"a", b"2")])
+        monkeypatch.undo()
+        assert list(db.items("t")) == [(b"m", b"before")]
+
 # --- LMDB map growth --------------------------------------------------------------------------
 
 

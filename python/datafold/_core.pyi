@@ -188,6 +188,11 @@ def plain_pairs(items: object, max_key: int) -> bool:
     """True for a non-empty list (exactly a list) of 2-tuples of bytes (exact types) whose keys
     are 1..max_key bytes long: a batch a store may hand to its C loop without checking each pair."""
 
+def keys_ascending(items: object, after: bytes | None = None) -> bool:
+    """True when the pairs of `items` (a list) have bytes keys in strictly ascending byte order,
+    every one after `after` (None: no bound): a batch LMDB can append (MDB_APPEND) at a tree's end.
+    False for anything else (not a list, a pair that is not a 2-tuple with a bytes key)."""
+
 # --- LMDB direct reads (the lmdb store's snapshots) ------------------------------------------
 # Rust core only: a store accelerator, not part of the shared interface. Without it (the pure
 # core selected, or no extension) the lmdb store reads through py-lmdb.

@@ -407,6 +407,44 @@ fn plain_pairs(items: &Bound<'_, PyAny>, max_key: IntArg<'_>) -> PyResult<bool> 
     Ok(true)
 }
 
+/// True when the pairs of `items` (a list) have bytes keys in strictly ascending byte order,
+/// every one after `after` (None: no bound): a batch LMDB can append (MDB_APPEND) at a tree's end.
+#[pyfunction]
+#[pyo3(signature = (items, after=None))]
+fn keys_ascending(items: &Bound<'_, PyAny>, after: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+    let mut previous = match after {
+        None => None,
+        Some(a) => Some(a.downcast_exact::<PyBytes>().cloned().map_err(|_| {
+            errors::ArgumentTypeError::new_err(format!(
+                "after must be bytes or None, not {}",
+                type_name(a)
+            ))
+        })?),
+    };
+    let Ok(list) = items.downcast_exact::<PyList>() else {
+        return Ok(false);
+    };
+    for item in list.iter() {
+        let Some(key) = item
+            .downcast_exact::<PyTuple>()
+            .ok()
+            .filter(|t| t.len() == 2)
+            .and_then(|t| t.get_item(0).ok())
+            .and_then(|k| k.downcast_exact::<PyBytes>().ok().cloned())
+        else {
+            return Ok(false);
+        };
+        if previous
+            .as_ref()
+            .is_some_and(|p| p.as_bytes() >= key.as_bytes())
+        {
+            return Ok(false);
+        }
+        previous = Some(key);
+    }
+    Ok(true)
+}
+
 #[pyfunction]
 #[pyo3(signature = (segment_size, key_id, kdf_id=IntArg::Default(0), kdf_params=None))]
 fn encode_preamble<'py>(
@@ -447,6 +485,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_preamble, m)?)?;
     m.add_function(wrap_pyfunction!(take_batch, m)?)?;
     m.add_function(wrap_pyfunction!(plain_pairs, m)?)?;
+    m.add_function(wrap_pyfunction!(keys_ascending, m)?)?;
     m.add_class::<reader::PyPreamble>()?;
     m.add_class::<writer::PyBackupWriter>()?;
     m.add_class::<reader::PyBackupReader>()?;

@@ -6,7 +6,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import keys as _keys
-from .backup import BackupReader, BackupWriter, _check_key, digest_batches, digest_items, plain_pairs, take_batch
+from .backup import (
+    BackupReader,
+    BackupWriter,
+    _check_key,
+    digest_batches,
+    digest_items,
+    keys_ascending,
+    plain_pairs,
+    take_batch,
+)
 from .chain import ChainMerge
 from .format import (
     DEFAULT_SEGMENT_SIZE,
@@ -47,6 +56,7 @@ __all__ = [
     "BackupWriter",
     "BackupReader",
     "ChainMerge",
+    "keys_ascending",
     "plain_pairs",
     "take_batch",
 ]

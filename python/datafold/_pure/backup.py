@@ -60,7 +60,15 @@ from .stream import MAX_SEGMENTS, NONCE_PREFIX_LENGTH, TAG_LENGTH, SegmentCipher
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["BackupWriter", "BackupReader", "digest_items", "digest_batches", "plain_pairs", "take_batch"]
+__all__ = [
+    "BackupWriter",
+    "BackupReader",
+    "digest_items",
+    "digest_batches",
+    "keys_ascending",
+    "plain_pairs",
+    "take_batch",
+]
 
 KEY_LENGTH = 32
 SALT_LENGTH = 32
@@ -529,6 +537,25 @@ def plain_pairs(items: object, max_key: int) -> bool:
     lengths = list(map(len, map(operator.itemgetter(0), items)))
     return 0 < min(lengths) and max(lengths) <= max_key
 
+
+
+def keys_ascending(items: object, after: bytes | None = None) -> bool:
+    """True when the pairs of `items` (a list) have bytes keys in strictly ascending byte order,
+    every one after `after` (None: no bound): a batch LMDB can append at a tree's end. C loops here."""
+    if after is not None and type(after) is not bytes:
+        raise ArgumentTypeError(f"after must be bytes or None, not {type(after).__name__}")
+    if type(items) is not list:
+        return False
+    if not items:
+        return True
+    if set(map(type, items)) != {tuple} or set(map(len, items)) != {2}:
+        return False
+    keys = list(map(operator.itemgetter(0), items))
+    if set(map(type, keys)) != {bytes}:
+        return False
+    if after is not None:
+        keys.insert(0, after)
+    return all(map(operator.lt, keys, itertools.islice(keys, 1, None)))
 
 _R_LOCKED, _R_READY, _R_IN_TREE, _R_TREE_END, _R_DONE, _R_SUMMARY, _R_POISONED = range(7)
 _R_STATE_NAMES = {
