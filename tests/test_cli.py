@@ -302,6 +302,19 @@ def test_restore_options(setup: Setup) -> None:
     assert setup.read_db(target) == {"users": [(b"alice", b"changed")], **{t: [] for t in setup.data if t != "users"}}
 
 
+
+def test_restore_writemap(setup: Setup) -> None:
+    target = setup.new_db("restore-writemap")
+    if setup.backend != "lmdb":
+        expect(run("restore", setup.backup, target, "--key", setup.key, "--writemap"), EXIT_USAGE, "LMDB option")
+        assert not target.exists()
+        return
+    expect(run("restore", setup.backup, target, "--key", setup.key, "--writemap", "-q"), EXIT_OK)
+    assert setup.read_db(target) == expected(setup.data)
+    # MDB_WRITEMAP sized the data file to the map, and the store preallocated it (not sparse)
+    data = (target / "data.mdb").stat()
+    assert data.st_blocks * 512 >= data.st_size
+
 def test_list(setup: Setup) -> None:
     directory = setup.tmp / f"listing-{setup.backend}"
     directory.mkdir()

@@ -660,9 +660,13 @@ def cmd_restore(args: argparse.Namespace, out: Output, ctx: Context) -> int:
     key = key_source(args, creating=False, backup=args.backup)
     check_key(key, preamble, args.backup)  # before the database is opened (and perhaps created)
     backend = backend_for(args.db, args.db_backend)
+    if args.writemap and backend != "lmdb":
+        raise UsageError(
+            f"--writemap is an LMDB option and {args.db} is a {backend} database", "leave --writemap out"
+        )
     is_new = not os.path.lexists(args.db)
     try:
-        with DbOperations.open(args.db, backend) as db:
+        with DbOperations.open(args.db, backend, **({"writemap": True} if args.writemap else {})) as db:
             stats = EncryptedBackupManager(db, key).restore_backup(
                 args.backup, options, progress=out.progress("restore")
             )
@@ -1086,6 +1090,7 @@ examples:
   {PROG} restore nightly.dfb restored.lmdb --key master.pem
   {PROG} restore nightly.dfb state.lmdb --key master.pem --overwrite --safety-backup
   {PROG} restore app.dfb app.sqlite --passphrase-file pass.txt --tree users
+  {PROG} restore big.dfb fresh.lmdb --key master.pem --writemap   # flat memory for a large restore
 """,
     "verify": f"""\
 examples:
@@ -1199,6 +1204,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-verify", action="store_true", help="skip the full check before writing (the check after stays)"
     )
     p.add_argument("--safety-backup", action="store_true", help="first back up what the restore will change")
+    p.add_argument(
+        "--writemap",
+        action="store_true",
+        help="LMDB: write pages straight into the file mapping (MDB_WRITEMAP), so memory stays flat however "
+        "large the restore; the data file is preallocated to the whole map (about 3x the data), and no "
+        "other process may have the database open without writemap meanwhile",
+    )
     p.add_argument(
         "--continue-on-errors", action="store_true", help="collect record-level store errors instead of aborting"
     )
