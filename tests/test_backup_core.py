@@ -6,6 +6,7 @@ and each core must read the other's files. Tampering of any kind must raise a Ba
 
 from __future__ import annotations
 
+import gc
 import io
 import itertools
 import json
@@ -260,6 +261,23 @@ def test_add_items_is_lazy(core: ModuleType, backup_key: bytes) -> None:
         count += len(batch)
     assert count == total
 
+
+
+def test_read_items_pairs_are_plain_tuples_the_gc_need_not_track(core: ModuleType, backup_key: bytes) -> None:
+    """The Rust core hands out its pairs untracked by the garbage collector (they hold only bytes
+    or None, so they cannot be in a cycle; CPython would untrack them at its next collection)."""
+    trees = [("t", [(b"k%04d" % i, b"v" * (i % 7)) for i in range(300)] + [(b"zz", None)])]
+    data, _, _ = write_backup(core, backup_key, trees)
+    reader = core.BackupReader(io.BytesIO(data))
+    reader.unlock(backup_key)
+    assert reader.next_tree() == "t"
+    batch = reader.read_items(1000)
+    assert batch == as_tree_dict(trees)["t"]
+    assert all(type(pair) is tuple and len(pair) == 2 for pair in batch)
+    if core.__name__ == "datafold._core":
+        assert not any(map(gc.is_tracked, batch))
+    gc.collect()  # and the collector is fine with them
+    assert batch[-1] == (b"zz", None) and batch[5] == (b"k0005", b"vvvvv")
 
 def test_delete_records(cores: tuple[ModuleType, ModuleType], backup_key: bytes) -> None:
     writer, reader = cores

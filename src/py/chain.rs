@@ -8,7 +8,7 @@ use super::errors::{BackupError, InvalidArgumentError};
 use super::lmdb::PyRecordBatch;
 use super::reader::PyBackupReader;
 use super::writer::PyBackupWriter;
-use super::{batch_limit, pair, with_bytes, IntArg};
+use super::{batch_limit, pair, untracked_pair, with_bytes, IntArg};
 use crate::chain::{ChainMerge, Record, RecordSource};
 use crate::error::Error;
 
@@ -115,8 +115,11 @@ impl PyChainMerge {
                     break;
                 };
                 bytes += key.len() + value.map_or(0, <[u8]>::len);
-                let value = value.map(|v| PyBytes::new(py, v));
-                list.append((PyBytes::new(py, key), value))?;
+                let value = match value {
+                    Some(v) => PyBytes::new(py, v).into_any(),
+                    None => py.None().into_bound(py),
+                };
+                list.append(untracked_pair(PyBytes::new(py, key).into_any(), value)?)?;
             }
             Ok(list)
         })

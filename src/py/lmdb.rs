@@ -8,7 +8,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
-use super::{batch_limit, with_bytes, IntArg};
+use super::{batch_limit, untracked_pair, with_bytes, IntArg};
 use crate::lmdb_file::{Batch, DataFile, Scan, TreeRoot};
 
 #[pyclass(module = "datafold._core", name = "LmdbDataFile", frozen)]
@@ -117,7 +117,10 @@ impl PyRecordBatch {
         let (k, v) = self.batch.get(i).ok_or_else(|| {
             pyo3::exceptions::PyIndexError::new_err("RecordBatch index out of range")
         })?;
-        PyTuple::new(py, [PyBytes::new(py, k), PyBytes::new(py, v)])
+        untracked_pair(
+            PyBytes::new(py, k).into_any(),
+            PyBytes::new(py, v).into_any(),
+        )
     }
 }
 
@@ -175,6 +178,10 @@ impl PyRecordBatchIter {
     fn __next__<'py>(&mut self, py: Python<'py>) -> Option<Bound<'py, PyTuple>> {
         let (k, v) = self.batch.get(self.next)?;
         self.next += 1;
-        PyTuple::new(py, [PyBytes::new(py, k), PyBytes::new(py, v)]).ok()
+        untracked_pair(
+            PyBytes::new(py, k).into_any(),
+            PyBytes::new(py, v).into_any(),
+        )
+        .ok()
     }
 }

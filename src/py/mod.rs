@@ -374,6 +374,20 @@ fn take_batch<'py>(
     Ok((batch, false))
 }
 
+/// A (key, value) tuple the garbage collector does not track: it holds only bytes (or None), so
+/// it can never be part of a cycle. CPython would untrack it at its first collection anyway; a
+/// restore creates millions, and tracked ones make every young-generation collection walk them.
+pub(crate) fn untracked_pair<'py>(
+    key: Bound<'py, PyAny>,
+    value: Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let pair = PyTuple::new(key.py(), [key, value])?;
+    // SAFETY: a tuple we just made and no one else has seen; untracking a GC object is always
+    // allowed, and it is only sound to leave it untracked because its items are atomic objects.
+    unsafe { pyo3::ffi::PyObject_GC_UnTrack(pair.as_ptr().cast()) };
+    Ok(pair)
+}
+
 /// True for a non-empty list of 2-tuples of bytes (exact types) with keys of 1..=max_key bytes:
 /// a batch a store may hand to its C loop unchecked. One pass, no Python object created.
 #[pyfunction]

@@ -11,7 +11,7 @@ use pyo3::types::{PyBytes, PyList};
 
 use super::errors::{BackupError, FormatError, InvalidArgumentError};
 use super::writer::trailer_tuple;
-use super::{batch_limit, secret_arg, IntArg, PyResultExt};
+use super::{batch_limit, secret_arg, untracked_pair, IntArg, PyResultExt};
 use crate::chain::Record;
 use crate::format::{Preamble, Trailer};
 use crate::reader::{
@@ -400,10 +400,10 @@ impl PyBackupReader {
                 batch_limit(&max_bytes, "max_bytes")?,
             );
             let mut bytes = 0usize;
-            let list = PyList::empty(py);
-            while list.len() < max_items && bytes < max_bytes {
+            let mut pairs = Vec::new();
+            while pairs.len() < max_items && bytes < max_bytes {
                 let dec = s.decoder()?;
-                let pair = match dec.next_item()? {
+                let (key, value) = match dec.next_item()? {
                     Step::NeedMore => {
                         s.feed(py)?;
                         continue;
@@ -411,16 +411,16 @@ impl PyBackupReader {
                     Step::Done(None) => break,
                     Step::Done(Some(Item::Put(k, v))) => {
                         bytes += k.len() + v.len();
-                        (PyBytes::new(py, k), Some(PyBytes::new(py, v)))
+                        (PyBytes::new(py, k), PyBytes::new(py, v).into_any())
                     }
                     Step::Done(Some(Item::Delete(k))) => {
                         bytes += k.len();
-                        (PyBytes::new(py, k), None)
+                        (PyBytes::new(py, k), py.None().into_bound(py))
                     }
                 };
-                list.append(pair)?;
+                pairs.push(untracked_pair(key.into_any(), value)?);
             }
-            Ok(list)
+            PyList::new(py, pairs)
         })
     }
 
