@@ -303,6 +303,21 @@ def test_restore_options(setup: Setup) -> None:
 
 
 
+
+def test_create_no_direct_reads(setup: Setup) -> None:
+    out = setup.tmp / f"no-direct-{setup.backend}.dfb"
+    args = ("create", setup.db, out, "--key", setup.key, "--no-direct-reads", "-q")
+    if setup.backend != "lmdb":
+        expect(run(*args), EXIT_USAGE, "LMDB option")
+        assert not out.exists()
+        return
+    expect(run(*args), EXIT_OK)
+    # The same records either way: the same digests as the fixture's backup made with direct reads.
+    def trees(backup: Path) -> object:
+        return expect(run("inspect", backup, "--key", setup.key, "--json"), EXIT_OK).summary()["trees"]
+
+    assert trees(out) == trees(setup.backup)
+
 def test_restore_writemap(setup: Setup) -> None:
     target = setup.new_db("restore-writemap")
     if setup.backend != "lmdb":

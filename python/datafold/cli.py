@@ -485,8 +485,12 @@ def backend_for(path: str, choice: str) -> str:
     return "sqlite" if path.lower().endswith(SQLITE_SUFFIXES) else "lmdb"
 
 
-def open_existing_db(path: str, choice: str) -> DbOperations:
+def open_existing_db(path: str, choice: str, *, direct_reads: bool = True) -> DbOperations:
     backend = backend_for(path, choice)
+    if not direct_reads and backend != "lmdb":
+        raise UsageError(
+            f"--no-direct-reads is an LMDB option and {path} is a {backend} database", "leave --no-direct-reads out"
+        )
     if not os.path.exists(path):
         raise CliError(
             f"database {path} does not exist", "check the path: create backs up an existing database", code=EXIT_IO
@@ -497,7 +501,7 @@ def open_existing_db(path: str, choice: str) -> DbOperations:
             "check the path, or give --db-backend sqlite for a SQLite file",
             code=EXIT_IO,
         )
-    return DbOperations.open(path, backend)
+    return DbOperations.open(path, backend, **({} if direct_reads else {"direct_reads": False}))
 
 
 class _ReadOnlyManager:
@@ -617,7 +621,7 @@ def cmd_create(args: argparse.Namespace, out: Output, ctx: Context) -> int:
         verify_during_creation=not args.no_verify,
     )
     key = key_source(args, creating=True)
-    with open_existing_db(args.db, args.db_backend) as db:
+    with open_existing_db(args.db, args.db_backend, direct_reads=not args.no_direct_reads) as db:
         mgr = EncryptedBackupManager(db, key)
         result = mgr.create_backup(args.backup, options, progress=out.progress("create"))
         backend = db.backend
@@ -1188,6 +1192,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="zstd level 1-22 applied per block before encryption; 0 (default) = off",
     )
     p.add_argument("--no-verify", action="store_true", help="do not read the file back before putting it in place")
+    p.add_argument(
+        "--no-direct-reads",
+        action="store_true",
+        help="LMDB: read the records through py-lmdb instead of from data.mdb's pages in Rust (slower; for "
+        "comparison, or if direct reads ever refuse a database LMDB itself reads)",
+    )
     p.add_argument(
         "--parent",
         metavar="BACKUP",
