@@ -175,6 +175,34 @@ def test_damaged_page_is_a_store_error(tmp_path: Path) -> None:
     db.close()
 
 
+
+def walk_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "datafold-lmdb-walk"]
+
+
+def test_walk_ahead_thread_ends_with_its_batches_or_its_snapshot(tmp_path: Path) -> None:
+    """A direct scan is walked by a thread a few batches ahead; it never outlives the generator
+    or the snapshot, and a generator resumed after its snapshot ended raises instead of waiting."""
+    db = DbOperations.open(tmp_path / "db")
+    records = [(b"k%06d" % i, b"v" * 200) for i in range(30_000)]  # ~6 MiB: several 1 MiB batches
+    db.put_many("t", records)
+    with db.snapshot() as snap:
+        whole = [pair for batch in snap.batches("t") for pair in batch]
+        assert whole == records
+        assert walk_threads() == []  # exhausted: the thread is gone
+        abandoned = snap.batches("t")
+        assert len(next(abandoned)) > 0
+        abandoned.close()
+        assert walk_threads() == []
+        suspended = snap.batches("t")
+        first = next(suspended)
+        assert walk_threads() != []
+    assert walk_threads() == []  # the snapshot's end stopped it
+    with pytest.raises(StoreError, match="snapshot is over"):
+        next(suspended)
+    assert first[0] == records[0]
+    db.close()
+
 def test_replaced_data_file_falls_back_to_py_lmdb(tmp_path: Path) -> None:
     db = DbOperations.open(tmp_path / "db")
     db.put_many("t", [(b"a", b"1")])

@@ -37,7 +37,10 @@ environment (the file is mapped read-only, LMDB locks only lock.mdb); the snapsh
 transaction is open the whole time and each tree is walked from its root as that transaction sees it
 (the tree's record in the main database), and LMDB never rewrites a page a live reader can see. The
 file must be the one the environment opened (same inode) and in LMDB 0.9's format, else batches()
-reads through py-lmdb as with direct_reads=False.
+reads through py-lmdb as with direct_reads=False. A thread walks the pages up to two batches ahead
+of the consumer (the walk runs in Rust without the GIL, so it overlaps what the consumer does: an
+incremental backup's diff against its parent, for one); the snapshot stops and joins its walks
+before its read transaction ends, so no walk reads a page LMDB may reuse.
 
 writemap (opt-in, off by default): LMDB's MDB_WRITEMAP. Without it LMDB keeps every page a write
 transaction dirties in malloc'd memory until the commit, so one big transaction (a restore is one)
@@ -62,6 +65,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -1006,6 +1010,7 @@ class _LmdbSnapshot(ReadSnapshot):
         self._names = sorted(dbs)
         self._lock = threading.Lock()  # an LMDB transaction must not be used by two threads at once
         self._data_file: Any = None  # direct reads: core.LmdbDataFile, False when unusable, None before the first
+        self._walks: set[_WalkAhead] = set()  # the direct scans' threads running now
 
     def _txn(self) -> lmdb.Transaction[bytes]:
         """The transaction, or StoreError once the snapshot is over; call with _lock held."""
@@ -1018,6 +1023,8 @@ class _LmdbSnapshot(ReadSnapshot):
         with self._lock:
             if self._handle.done:
                 return
+            for walk in self._walks:  # no walk reads the pages once the transaction is over
+                walk.stop()
             with _errors("end snapshot"):
                 self._shared.end(self._handle, commit=True)
 
@@ -1068,31 +1075,101 @@ class _LmdbSnapshot(ReadSnapshot):
     def batches(self, tree: str, prefix: Buffer = b"") -> Iterator[Sequence[tuple[bytes, bytes]]]:
         tree = check_tree(tree)
         prefix = as_bytes(prefix, "prefix")
-        scan: Iterator[tuple[bytes, bytes]] | None = None
-        direct: Any = None
+        with self._lock, _errors("items"):
+            txn = self._txn()
+            db = self._dbs.get(tree)
+            if db is None:
+                return
+            direct = self._direct_scan(txn, tree, prefix)
+            scan = _scan(txn, db, prefix, self._shared.max_key_size) if direct is None else None
+        if direct is not None:
+            # A thread walks the pages this transaction keeps in place (in Rust, without the GIL) a
+            # few batches ahead of the consumer, so the walk overlaps what the consumer does. The
+            # snapshot stops its walks before its transaction ends (_finish).
+            walk = _WalkAhead(direct)
+            with self._lock:
+                self._walks.add(walk)
+            try:
+                for batch in walk.batches():
+                    # A batch handed out was read while the snapshot was open: it still is now.
+                    self._check_live()
+                    yield batch
+            except StoreError:
+                self._check_live()  # a snapshot that ended meanwhile is the reason to give
+                raise
+            finally:
+                walk.stop()
+                with self._lock:
+                    self._walks.discard(walk)
+            return
+        assert scan is not None
         while True:
             with self._lock, _errors("items"):
-                txn = self._txn()  # checked at every batch: the snapshot may have ended meanwhile
-                if scan is None and direct is None:
-                    db = self._dbs.get(tree)
-                    if db is None:
-                        return
-                    direct = self._direct_scan(txn, tree, prefix)
-                    if direct is None:
-                        scan = _scan(txn, db, prefix, self._shared.max_key_size)
-                if direct is not None:
-                    # Read from the pages this transaction keeps in place, without the GIL.
-                    batch: Sequence[tuple[bytes, bytes]] | None = direct.take(SNAPSHOT_BATCH, SNAPSHOT_BATCH_BYTES)
-                    more = batch is not None
-                else:
-                    assert scan is not None
-                    # Copies of a batch of records per lock round trip (per record it costs 5x).
-                    batch, more = take_batch(scan)
+                self._txn()  # checked at every batch: the snapshot may have ended meanwhile
+                # Copies of a batch of records per lock round trip (per record it costs 5x).
+                batch, more = take_batch(scan)
             if batch:
                 yield batch
             if not more:
                 return
 
+
+class _Failed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _WalkAhead:
+    """A thread that takes the batches of a direct scan (core.LmdbScan) up to `depth` batches
+    ahead of the consumer; only that thread calls scan.take(). An error in it is raised in the
+    consumer, after the batches taken before it. stop() ends the thread and waits for it."""
+
+    def __init__(self, scan: Any, depth: int = 2) -> None:
+        self._scan = scan
+        self._ready: queue.Queue[Any] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._end = object()
+        self._thread = threading.Thread(target=self._walk, name="datafold-lmdb-walk", daemon=True)
+        self._thread.start()
+
+    def _hand_over(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _walk(self) -> None:
+        try:
+            while (batch := self._scan.take(SNAPSHOT_BATCH, SNAPSHOT_BATCH_BYTES)) is not None:
+                if not self._hand_over(batch):
+                    return
+            self._hand_over(self._end)
+        except BaseException as e:  # raised in the consumer
+            self._hand_over(_Failed(e))
+
+    def batches(self) -> Iterator[Any]:
+        while True:
+            try:
+                item = self._ready.get(timeout=0.05)
+            except queue.Empty:
+                if self._stop.is_set():  # stopped by the snapshot's end while the consumer waits
+                    raise StoreError("the snapshot is over (its with block has exited)") from None
+                continue
+            if item is self._end:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            if item:
+                yield item
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 def _open_data_file(shared: _SharedEnv) -> Any:
     """The environment's data file mapped by the Rust core, or False when direct reads cannot
