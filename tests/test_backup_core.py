@@ -262,7 +262,6 @@ def test_add_items_is_lazy(core: ModuleType, backup_key: bytes) -> None:
     assert count == total
 
 
-
 def test_read_items_pairs_are_plain_tuples_the_gc_need_not_track(core: ModuleType, backup_key: bytes) -> None:
     """The Rust core hands out its pairs untracked by the garbage collector (they hold only bytes
     or None, so they cannot be in a cycle; CPython would untrack them at its next collection)."""
@@ -278,6 +277,7 @@ def test_read_items_pairs_are_plain_tuples_the_gc_need_not_track(core: ModuleTyp
         assert not any(map(gc.is_tracked, batch))
     gc.collect()  # and the collector is fine with them
     assert batch[-1] == (b"zz", None) and batch[5] == (b"k0005", b"vvvvv")
+
 
 def test_delete_records(cores: tuple[ModuleType, ModuleType], backup_key: bytes) -> None:
     writer, reader = cores
@@ -1200,7 +1200,6 @@ def test_plain_pairs(core: ModuleType, items: object, max_key: int, plain: bool)
     assert core.plain_pairs(items, max_key) is plain
 
 
-
 @pytest.mark.parametrize(
     ("items", "after", "ascending"),
     [
@@ -1225,6 +1224,7 @@ def test_keys_ascending(core: ModuleType, items: object, after: bytes | None, as
 def test_keys_ascending_arguments(core: ModuleType) -> None:
     with pytest.raises(ArgumentTypeError, match="after must be bytes or None"):
         core.keys_ascending([(b"a", b"1")], "a")
+
 
 def test_plain_pairs_arguments(core: ModuleType) -> None:
     with pytest.raises(InvalidArgumentError, match="max_key must be at least 0"):

@@ -302,8 +302,6 @@ def test_restore_options(setup: Setup) -> None:
     assert setup.read_db(target) == {"users": [(b"alice", b"changed")], **{t: [] for t in setup.data if t != "users"}}
 
 
-
-
 def test_create_no_direct_reads(setup: Setup) -> None:
     out = setup.tmp / f"no-direct-{setup.backend}.dfb"
     args = ("create", setup.db, out, "--key", setup.key, "--no-direct-reads", "-q")
@@ -312,11 +310,13 @@ def test_create_no_direct_reads(setup: Setup) -> None:
         assert not out.exists()
         return
     expect(run(*args), EXIT_OK)
+
     # The same records either way: the same digests as the fixture's backup made with direct reads.
     def trees(backup: Path) -> object:
         return expect(run("inspect", backup, "--key", setup.key, "--json"), EXIT_OK).summary()["trees"]
 
     assert trees(out) == trees(setup.backup)
+
 
 def test_restore_writemap(setup: Setup) -> None:
     target = setup.new_db("restore-writemap")
@@ -329,6 +329,7 @@ def test_restore_writemap(setup: Setup) -> None:
     # MDB_WRITEMAP sized the data file to the map, and the store preallocated it (not sparse)
     data = (target / "data.mdb").stat()
     assert data.st_blocks * 512 >= data.st_size
+
 
 def test_list(setup: Setup) -> None:
     directory = setup.tmp / f"listing-{setup.backend}"

@@ -175,7 +175,6 @@ def test_damaged_page_is_a_store_error(tmp_path: Path) -> None:
     db.close()
 
 
-
 def walk_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "datafold-lmdb-walk"]
 
@@ -202,6 +201,7 @@ def test_walk_ahead_thread_ends_with_its_batches_or_its_snapshot(tmp_path: Path)
         next(suspended)
     assert first[0] == records[0]
     db.close()
+
 
 def test_replaced_data_file_falls_back_to_py_lmdb(tmp_path: Path) -> None:
     db = DbOperations.open(tmp_path / "db")

@@ -398,7 +398,6 @@ def test_sqlite_accepts_empty_key(tmp_path: Path) -> None:
         assert list(db.items("t")) == [(b"", b"empty key")]
 
 
-
 # --- LMDB appends -----------------------------------------------------------------------------
 
 
@@ -464,6 +463,7 @@ def test_lmdb_refused_append_fails_the_transaction(tmp_path: Path, monkeypatch: 
                 txn.put_many("t", [(b"x", b"1"), (b"a", b"2")])
         monkeypatch.undo()
         assert list(db.items("t")) == [(b"m", b"before")]
+
 
 # --- LMDB map growth --------------------------------------------------------------------------
 

@@ -665,9 +665,7 @@ def cmd_restore(args: argparse.Namespace, out: Output, ctx: Context) -> int:
     check_key(key, preamble, args.backup)  # before the database is opened (and perhaps created)
     backend = backend_for(args.db, args.db_backend)
     if args.writemap and backend != "lmdb":
-        raise UsageError(
-            f"--writemap is an LMDB option and {args.db} is a {backend} database", "leave --writemap out"
-        )
+        raise UsageError(f"--writemap is an LMDB option and {args.db} is a {backend} database", "leave --writemap out")
     is_new = not os.path.lexists(args.db)
     try:
         with DbOperations.open(args.db, backend, **({"writemap": True} if args.writemap else {})) as db:

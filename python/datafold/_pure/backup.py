@@ -538,7 +538,6 @@ def plain_pairs(items: object, max_key: int) -> bool:
     return 0 < min(lengths) and max(lengths) <= max_key
 
 
-
 def keys_ascending(items: object, after: bytes | None = None) -> bool:
     """True when the pairs of `items` (a list) have bytes keys in strictly ascending byte order,
     every one after `after` (None: no bound): a batch LMDB can append at a tree's end. C loops here."""
@@ -556,6 +555,7 @@ def keys_ascending(items: object, after: bytes | None = None) -> bool:
     if after is not None:
         keys.insert(0, after)
     return all(map(operator.lt, keys, itertools.islice(keys, 1, None)))
+
 
 _R_LOCKED, _R_READY, _R_IN_TREE, _R_TREE_END, _R_DONE, _R_SUMMARY, _R_POISONED = range(7)
 _R_STATE_NAMES = {

@@ -840,22 +840,20 @@ def _plain_pairs(items: object, max_key: int) -> bool:
     return type(items) is list and len(items) <= PUT_BATCH and bool(core.plain_pairs(items, max_key))
 
 
-
-
 def _put_batch(cursor: lmdb.Cursor, pairs: list[tuple[bytes, bytes]], overwrite: bool) -> tuple[int, int]:
     """(added, consumed) of one putmulti of checked pairs. A batch whose keys ascend past the
     tree's last key is appended (MDB_APPEND, as LMDB's own bulk loads do): LMDB then fills each
-    page instead of splitting it in half, so a restore into an empty tree takes about half the pages."""
+    page to the end (a restored "small" takes 3% fewer pages than with plain puts, and keys put
+    out of order would leave pages about half full)."""
     last = cursor.key() if cursor.last() else None
     append = bool(core.keys_ascending(pairs, last))
     consumed, added = cursor.putmulti(pairs, overwrite=overwrite, append=append)
     if append and added != consumed:
         # Cannot happen with LMDB's default key order, which keys_ascending follows; an lmdb.Error
         # so that the transaction is marked failed (part of the batch may be in it).
-        raise lmdb.Error(
-            "LMDB refused keys appended in ascending order (does the tree sort its keys another way?)"
-        )
+        raise lmdb.Error("LMDB refused keys appended in ascending order (does the tree sort its keys another way?)")
     return added, consumed
+
 
 class _LmdbWriteTransaction(WriteTransaction):
     def __init__(self, store: LmdbStore, handle: _Handle) -> None:
@@ -1170,6 +1168,7 @@ class _WalkAhead:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
 
 def _open_data_file(shared: _SharedEnv) -> Any:
     """The environment's data file mapped by the Rust core, or False when direct reads cannot
