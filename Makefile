@@ -20,6 +20,7 @@ lint: dev
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
 	$(VENV)/bin/ruff check python tests benches examples
+	$(VENV)/bin/ruff format --check python tests benches examples
 	$(VENV)/bin/mypy python/datafold
 
 # Full size: the suites (DATAFOLD_BENCH_SCALE, default 0.25) take about a minute, compare.py

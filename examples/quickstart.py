@@ -26,8 +26,10 @@ def main(workdir: Path) -> None:
     keys = MasterKeyPair.generate()  # Ed25519 master key pair; keep keys.private_bytes() safe
     mgr = EncryptedBackupManager(db, keys)
     result = mgr.create_backup(workdir / "nightly.dfb", BackupOptions(mode=BackupMode.FULL))
-    print(f"core={datafold.CORE} backed up {result.stats.items_backed_up} items "
-          f"in {result.stats.trees_backed_up} trees, {result.stats.bytes_written} bytes")
+    print(
+        f"core={datafold.CORE} backed up {result.stats.items_backed_up} items "
+        f"in {result.stats.trees_backed_up} trees, {result.stats.bytes_written} bytes"
+    )
 
     meta = mgr.verify_backup(workdir / "nightly.dfb")
     print(f"verified backup {meta.backup_id}: {meta.total_items} items, checksum {meta.checksum[:16]}")

@@ -1105,8 +1105,9 @@ def test_threads_do_not_change_the_bytes(core: ModuleType, backup_key: bytes, th
     trees: Trees = [("t", [(b"%06d" % i, bytes([i % 251]) * 3000) for i in range(3000)])]
     one = write_backup(core, backup_key, trees, segment_size=65536)
     sink = io.BytesIO()
-    writer = core.BackupWriter(sink, backup_key, HEADER, segment_size=65536, salt=SALT, nonce_prefix=PREFIX,
-                               threads=threads)
+    writer = core.BackupWriter(
+        sink, backup_key, HEADER, segment_size=65536, salt=SALT, nonce_prefix=PREFIX, threads=threads
+    )
     writer.begin_tree("t")
     writer.add_items(trees[0][1])
     writer.end_tree()
@@ -1186,7 +1187,7 @@ def test_a_sink_that_keeps_its_argument_never_sees_reused_memory(core: ModuleTyp
         ([(b"a", b"1"), (b"bbb", b"")], 2, False),  # a key too long
         ([(b"", b"1")], 2, False),  # an empty key
         ([], 2, False),
-        ((( b"a", b"1"),), 2, False),  # a tuple, not a list
+        (((b"a", b"1"),), 2, False),  # a tuple, not a list
         ([[b"a", b"1"]], 2, False),  # a list pair
         ([(b"a", b"1", b"2")], 2, False),
         ([(b"a", bytearray(b"1"))], 2, False),

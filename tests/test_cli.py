@@ -288,8 +288,16 @@ def test_restore_options(setup: Setup) -> None:
     assert setup.read_db(target) == {"users": [(b"alice", b"changed")]}  # kept without --overwrite
     r = expect(
         run(
-            "restore", setup.backup, target, "--key", setup.key, "--overwrite", "--safety-backup",
-            "--no-verify", "--continue-on-errors", "--json",
+            "restore",
+            setup.backup,
+            target,
+            "--key",
+            setup.key,
+            "--overwrite",
+            "--safety-backup",
+            "--no-verify",
+            "--continue-on-errors",
+            "--json",
         ),
         EXIT_OK,
     )
@@ -491,8 +499,19 @@ def test_json_progress_and_quiet(setup: Setup) -> None:
     events = expect(run("create", setup.db, out, "--key", setup.key, "--json"), EXIT_OK).json_lines()
     progress = [e for e in events if e["type"] == "progress"]
     assert {e["phase"] for e in progress} == {"backup", "verify"}
-    fields = {"command", "phase", "items", "total_items", "bytes", "total_bytes", "percent", "elapsed_s",
-              "bytes_per_s", "eta_s", "done"}
+    fields = {
+        "command",
+        "phase",
+        "items",
+        "total_items",
+        "bytes",
+        "total_bytes",
+        "percent",
+        "elapsed_s",
+        "bytes_per_s",
+        "eta_s",
+        "done",
+    }
     assert all(fields <= e.keys() for e in progress)
     done = [e for e in progress if e["done"]]
     total = sum(map(len, setup.data.values()))

@@ -117,8 +117,7 @@ def _hint(exc: BaseException, ctx: Context) -> str | None:
             return f"{f} needs the passphrase it was made with (--passphrase-file FILE or ${PASSPHRASE_ENV})"
         if ctx.key_kind == "master-key":
             return (
-                f"{f} needs the master key file it was made with (--key KEYFILE); "
-                f"`{PROG} inspect {f}` shows its key id"
+                f"{f} needs the master key file it was made with (--key KEYFILE); `{PROG} inspect {f}` shows its key id"
             )
         return f"check --key / --passphrase-file / ${PASSPHRASE_ENV}; `{PROG} inspect {f}` shows which key it needs"
     if isinstance(exc, BackupFileNotFoundError):
@@ -568,8 +567,10 @@ def cmd_keygen(args: argparse.Namespace, out: Output, ctx: Context) -> int:
         key_id=key_id,
         protected=passphrase is not None,
     )
-    out.text(f"wrote an Ed25519 master key to {path} (PKCS#8 PEM, mode 0600"
-             f"{', protected by a passphrase' if passphrase else ''})")
+    out.text(
+        f"wrote an Ed25519 master key to {path} (PKCS#8 PEM, mode 0600"
+        f"{', protected by a passphrase' if passphrase else ''})"
+    )
     out.text(f"key id of its backups: {key_id}")
     out.text("Keep a copy of this file somewhere safe: without it no backup made with it can be read.")
     return EXIT_OK

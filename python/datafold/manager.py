@@ -146,9 +146,7 @@ class EncryptedBackupManager:
         """The backup key of a file with this preamble; EncryptionKeyError if it needs the other kind of key."""
         if preamble.kdf_id == KDF_ARGON2ID:
             if self._passphrase is None:
-                raise EncryptionKeyError(
-                    "this backup is protected by a passphrase (Argon2id), not by a master key"
-                )
+                raise EncryptionKeyError("this backup is protected by a passphrase (Argon2id), not by a master key")
             return self._derived_key(bytes(preamble.kdf_params))
         if self._backup_key is None:
             raise EncryptionKeyError("this backup was made with a master key, not with a passphrase")
@@ -360,9 +358,7 @@ class EncryptedBackupManager:
 
     # ------------------------------------------------------------------ read
 
-    def _scan(
-        self, f: IO[bytes], visit: Callable[[str, Any], None] | None = None
-    ) -> tuple[Any, bytes, Trailer]:
+    def _scan(self, f: IO[bytes], visit: Callable[[str, Any], None] | None = None) -> tuple[Any, bytes, Trailer]:
         """A full authenticated pass; `visit(tree, reader)` may read the tree's items. A file from
         Meter.reading() reports the pass as progress."""
         meter = f.meter if isinstance(f, MeteredFile) else None
@@ -584,9 +580,7 @@ class EncryptedBackupManager:
         if os.path.abspath(safety) == os.path.abspath(path) or (
             os.path.exists(safety) and os.path.samefile(safety, path)
         ):
-            raise InvalidArgumentError(
-                f"safety_backup_path {safety} is the backup being restored; choose another path"
-            )
+            raise InvalidArgumentError(f"safety_backup_path {safety} is the backup being restored; choose another path")
         scan_prefix = prefix or b""
 
         def fill(writer: Any) -> None:
@@ -689,7 +683,6 @@ def _check_options(options: Any, cls: type, name: str) -> Any:
     if not isinstance(options, cls):
         raise ArgumentTypeError(f"{name} must be a {cls.__name__}, not {type(options).__name__}")
     return options
-
 
 
 def _filter_doc(options: BackupOptions) -> dict[str, Any]:

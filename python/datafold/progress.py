@@ -138,7 +138,6 @@ class Meter:
             self.begin(phase, source=f)
         return MeteredFile(f, self)
 
-
     def writing(self, f: IO[bytes]) -> Any:
         """`f` with the bytes written to it counted."""
         if self._callback is None:
