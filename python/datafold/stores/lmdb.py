@@ -1112,23 +1112,16 @@ class _LmdbSnapshot(ReadSnapshot):
                 return
 
 
-class _Failed:
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
 class _WalkAhead:
     """A thread that takes the batches of a direct scan (core.LmdbScan) up to `depth` batches
-    ahead of the consumer; only that thread calls scan.take(). An error in it is raised in the
-    consumer, after the batches taken before it. stop() ends the thread and waits for it."""
+    ahead of the consumer; only that thread calls scan.take(). It hands over each batch, then None
+    at the end or the exception that stopped it, which the consumer raises after the batches taken
+    before it. stop() ends the thread and waits for it."""
 
     def __init__(self, scan: Any, depth: int = 2) -> None:
         self._scan = scan
         self._ready: queue.Queue[Any] = queue.Queue(depth)
         self._stop = threading.Event()
-        self._end = object()
         self._thread = threading.Thread(target=self._walk, name="datafold-lmdb-walk", daemon=True)
         self._thread.start()
 
@@ -1143,12 +1136,12 @@ class _WalkAhead:
 
     def _walk(self) -> None:
         try:
-            while (batch := self._scan.take(SNAPSHOT_BATCH, SNAPSHOT_BATCH_BYTES)) is not None:
-                if not self._hand_over(batch):
+            while True:
+                batch = self._scan.take(SNAPSHOT_BATCH, SNAPSHOT_BATCH_BYTES)  # None at the end
+                if not self._hand_over(batch) or batch is None:
                     return
-            self._hand_over(self._end)
         except BaseException as e:  # raised in the consumer
-            self._hand_over(_Failed(e))
+            self._hand_over(e)
 
     def batches(self) -> Iterator[Any]:
         while True:
@@ -1158,10 +1151,10 @@ class _WalkAhead:
                 if self._stop.is_set():  # stopped by the snapshot's end while the consumer waits
                     raise StoreError("the snapshot is over (its with block has exited)") from None
                 continue
-            if item is self._end:
+            if item is None:
                 return
-            if isinstance(item, _Failed):
-                raise item.error
+            if isinstance(item, BaseException):
+                raise item
             if item:
                 yield item
 
