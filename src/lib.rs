@@ -9,6 +9,7 @@ pub mod error;
 pub mod format;
 pub mod keys;
 pub mod lmdb_file;
+pub mod lmdb_write;
 pub mod parallel;
 pub mod reader;
 pub mod stream;

@@ -203,23 +203,56 @@ def segment_offset(path: Path, segment_size: int, index: int) -> int:
     return stream + (40 if index == 0 else index * segment_size)
 
 
-class WriteSpy:
-    """Wraps DbOperations.write_transaction: records whether a write transaction was entered and
-    counts the records put through it."""
+class NativeSpy:
+    """Wraps DbOperations._native_writer (the LMDB store's native restores): counts the writers
+    handed out and the records put or deleted through them."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.entered = 0
-        self.puts = 0
+        self.writers = 0
+        self.records = 0
+        original = DbOperations._native_writer
+        spy = self
+
+        @contextmanager
+        def native_writer(db: DbOperations) -> Iterator[Any]:
+            with original(db) as writer:
+                if writer is not None:
+                    spy.writers += 1
+                try:
+                    yield writer
+                finally:
+                    if writer is not None:
+                        spy.records += writer.records
+
+        monkeypatch.setattr(DbOperations, "_native_writer", native_writer)
+
+
+class WriteSpy:
+    """Wraps DbOperations.write_transaction and the LMDB store's native writer (a restore's other
+    way in): records whether a write transaction was entered and counts the records put through it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.transactions = 0
+        self.transaction_puts = 0
+        self.native = NativeSpy(monkeypatch)
         original = DbOperations.write_transaction
         spy = self
 
         @contextmanager
         def write_transaction(db: DbOperations) -> Iterator[Any]:
-            spy.entered += 1
+            spy.transactions += 1
             with original(db) as txn:
                 yield _CountingTxn(txn, spy)
 
         monkeypatch.setattr(DbOperations, "write_transaction", write_transaction)
+
+    @property
+    def entered(self) -> int:
+        return self.transactions + self.native.writers
+
+    @property
+    def puts(self) -> int:
+        return self.transaction_puts + self.native.records
 
 
 class _CountingTxn:
@@ -228,12 +261,12 @@ class _CountingTxn:
         self._spy = spy
 
     def put(self, *args: Any, **kwargs: Any) -> bool:
-        self._spy.puts += 1
+        self._spy.transaction_puts += 1
         return bool(self._txn.put(*args, **kwargs))
 
     def put_many(self, tree: str, items: Any, overwrite: bool = True) -> tuple[int, int]:
         items = list(items)
-        self._spy.puts += len(items)
+        self._spy.transaction_puts += len(items)
         return tuple(self._txn.put_many(tree, items, overwrite))  # type: ignore[return-value]
 
     def __getattr__(self, name: str) -> Any:

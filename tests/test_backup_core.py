@@ -1068,8 +1068,9 @@ def test_interface_names(core: ModuleType) -> None:
     names = _pyi_names()
     assert {"BackupWriter", "BackupReader", "encrypt_stream", "CORE_NAME", "Trailer"} <= names
     aliases = {"TreeSummary", "Trailer"}  # typing aliases: only the pure core can export them
-    # The LMDB store's direct reads: a Rust-only accelerator, outside the shared interface.
-    rust_only = {"LmdbDataFile", "LmdbScan", "RecordBatch"}
+    # The LMDB store's direct reads and native restores: Rust-only accelerators, outside the
+    # shared interface (so is BackupReader.write_items).
+    rust_only = {"LmdbDataFile", "LmdbScan", "RecordBatch", "LmdbWriter"}
     assert rust_only <= names
     shared = names - rust_only
     missing = sorted(n for n in (names if core.CORE_NAME == "rust" else shared) - aliases if not hasattr(core, n))

@@ -64,6 +64,7 @@ open(marker + ".finished", "w").close()
 
 RESTORE_CHILD = """
 import os, sys, time
+from contextlib import contextmanager
 from datafold import DbOperations, EncryptedBackupManager, MasterKeyPair, RestoreOptions
 from datafold.stores.lmdb import _LmdbWriteTransaction
 from datafold.stores.sqlite import _SqliteWriteTransaction
@@ -96,11 +97,34 @@ def slow_put_many(self, tree, items, overwrite=True):
     return written_here, 0
 
 
+native_original = DbOperations._native_writer
+native = False
+
+
+@contextmanager
+def native_writer(db):
+    global native
+    with native_original(db) as writer:
+        native = writer is not None
+        yield writer
+
+
+def progress(event):
+    # A native LMDB restore (Rust core) writes without put(): once it has read (and so written)
+    # half the backup, signal and stop there.
+    if native and event.phase == "restore" and event.total_bytes and 2 * event.bytes >= event.total_bytes:
+        open(marker + ".native", "w").close()
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(600)
+
+
 txn_class.put = slow_put
 txn_class.put_many = slow_put_many
+DbOperations._native_writer = native_writer
 with DbOperations.open(db_path, backend) as db:
     manager = EncryptedBackupManager(db, MasterKeyPair.from_private_bytes(bytes(range(32))))
-    manager.restore_backup(backup, RestoreOptions(overwrite_existing=True))
+    manager.restore_backup(backup, RestoreOptions(overwrite_existing=True), progress=progress)
 open(marker + ".finished", "w").close()
 """
 
@@ -221,6 +245,9 @@ def test_killed_restore_leaves_the_database_unchanged(
     finally:
         kill(child)
     assert not (tmp_path / "under-way.finished").exists()
+    # With the Rust core an LMDB restore is a native one (tests/test_lmdb_native.py): killed
+    # inside the core's LMDB transaction, its lock file left in that LMDB's format.
+    assert (tmp_path / "under-way.native").exists() == (backend == "lmdb" and core_name == "rust")
 
     with DbOperations.open(target_path, backend) as target:
         assert snapshot(target) == before

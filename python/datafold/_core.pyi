@@ -149,6 +149,14 @@ class BackupReader:
         DELETE; the batch also ends once its keys and values reach max_bytes (at least one record
         is returned), so memory stays bounded with large values. [] once the tree's TREE_END was
         read and its count, bytes and digest checked. A limit < 1 is an InvalidArgumentError."""
+    def write_items(
+        self, writer: LmdbWriter, tree: int, *, prefix: bytes | None = None, overwrite: bool, max_items: int = 65536
+    ) -> tuple[int, int, int, list[bytes], bool]:
+        """Rust core only (the pure core's reader has no such method): read_items, but the records go
+        straight into writer's tree (an index from LmdbWriter.open_tree), up to max_items of them.
+        Records whose key lacks prefix are read and checked, not written; overwrite=False keeps
+        existing values. Returns (written, skipped, deleted, skipped keys, whether the tree's
+        TREE_END was read and checked). A failed write fails the writer and the reader."""
     @property
     def trailer(self) -> Trailer | None: ...  # set once next_tree() returned None
     def read_summary(self) -> Trailer:
@@ -229,3 +237,23 @@ class LmdbDataFile:
     def identity(self) -> tuple[int, int]: ...  # (st_dev, st_ino) of the mapped file
     def scan(self, db_record: Buffer, prefix: Buffer | None = None) -> LmdbScan:
         """A scan of the tree whose 48-byte record (its value in the main database) is db_record."""
+
+class LmdbWriter:
+    """An LMDB environment opened by the core's own LMDB (src/lmdb_write.rs) with one write
+    transaction, which BackupReader.write_items fills. Only the lmdb store makes one, after it has
+    closed its py-lmdb environment (two LMDB builds must not have one environment open in one
+    process). Bound to the thread that made it; leaving it uncommitted rolls back."""
+
+    def __init__(self, path: bytes, *, map_size: int, max_dbs: int, max_readers: int, writemap: bool) -> None:
+        """Opens the environment directory path (os.fsencode); StoreError if LMDB refuses, as it does
+        when another process has the environment open (py-lmdb's lock file format differs)."""
+    def open_tree(self, name: str) -> tuple[int, bool]:
+        """Opens (creates) a tree: (its index for write_items, whether it had no record)."""
+    @property
+    def records(self) -> int: ...  # records put or deleted so far (skipped ones not counted)
+    @property
+    def max_key_size(self) -> int: ...
+    def commit(self) -> None:
+        """Commits durably (fsync) and closes the environment; StoreError after a failed write."""
+    def close(self) -> None:
+        """Rolls back unless committed, and closes the environment; idempotent."""

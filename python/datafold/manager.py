@@ -9,7 +9,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import datetime, timezone
 from typing import IO, Any
 
@@ -489,17 +489,32 @@ class EncryptedBackupManager:
         )
         if meter.active:
             meter.total_bytes = sum(m.file_size or 0 for m in chain) or None
-        with self._db.write_transaction() as txn:
+        # A single backup (Rust core, errors abort) goes to the LMDB store's native writer when it
+        # has one: the records never become Python objects (stores/lmdb.py, native_restore).
+        native = len(chain) == 1 and not options.continue_on_errors and hasattr(self._core, "LmdbWriter")
+        with self._db._native_writer() if native else nullcontext(None) as writer:
+            if writer is not None:
 
-            def restore(name: str, source: Any) -> None:
-                # A chain's tree deleted since (and not in the database): nothing to delete there.
-                gone = name not in newest.trees and name not in txn.tree_names()
-                if wanted(name) and not gone:  # a reader skips (and checks) the trees not visited
-                    outcome[name] = self._restore_tree(txn, source, name, prefix, options, stats)
-                    stats.trees_restored += 1
+                def restore_native(name: str, source: Any) -> None:
+                    if wanted(name):  # a reader skips (and checks) the trees not visited
+                        outcome[name] = _restore_tree_native(writer, source, name, prefix, options, stats)
+                        stats.trees_restored += 1
 
-            # The whole backup (chain) checked out when scan() returns: now the transaction commits.
-            trailer = scan(restore)
+                # The whole backup checked out when scan() returns: now the transaction commits.
+                trailer = scan(restore_native)
+                writer.commit()
+        if writer is None:
+            with self._db.write_transaction() as txn:
+
+                def restore(name: str, source: Any) -> None:
+                    # A chain's tree deleted since (and not in the database): nothing to delete there.
+                    gone = name not in newest.trees and name not in txn.tree_names()
+                    if wanted(name) and not gone:  # a reader skips (and checks) the trees not visited
+                        outcome[name] = self._restore_tree(txn, source, name, prefix, options, stats)
+                        stats.trees_restored += 1
+
+                # The whole backup (chain) checked out when scan() returns: now the transaction commits.
+                trailer = scan(restore)
         meter.end()
 
         if options.verify_after_restore:
@@ -665,6 +680,24 @@ class EncryptedBackupManager:
                             )
 
             scan(visit)
+
+
+def _restore_tree_native(
+    writer: Any, reader: Any, name: str, prefix: bytes | None, options: RestoreOptions, stats: RestoreStats
+) -> _TreeOutcome:
+    """_restore_tree through a core.LmdbWriter: the Rust reader writes the records itself."""
+    index, was_empty = writer.open_tree(name)
+    result = _TreeOutcome(was_empty=was_empty)
+    while True:
+        written, skipped, deleted, skipped_keys, ended = reader.write_items(
+            writer, index, prefix=prefix, overwrite=options.overwrite_existing
+        )
+        stats.items_restored += written + deleted
+        stats.items_skipped += skipped
+        result.unchecked.update(skipped_keys)
+        result.had_deletes |= deleted > 0
+        if ended:
+            return result
 
 
 class _TreeOutcome:

@@ -1,7 +1,9 @@
 //! `LmdbDataFile`, `LmdbScan` and `RecordBatch`: crate::lmdb_file for the LMDB store's snapshots.
 //! A batch copies records out of the map once; the BackupWriter and digest_batches read it in
 //! Rust, any other consumer sees a sequence of (key, value) bytes pairs.
+//! `LmdbWriter`: crate::lmdb_write, the write transaction `BackupReader.write_items` fills.
 
+use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -10,6 +12,7 @@ use pyo3::types::{PyBytes, PyTuple};
 
 use super::{batch_limit, untracked_pair, with_bytes, IntArg};
 use crate::lmdb_file::{Batch, DataFile, Scan, TreeRoot};
+use crate::lmdb_write::{EnvOptions, Tree, Writer};
 
 #[pyclass(module = "datafold._core", name = "LmdbDataFile", frozen)]
 pub struct PyLmdbDataFile {
@@ -183,5 +186,114 @@ impl PyRecordBatchIter {
             PyBytes::new(py, v).into_any(),
         )
         .ok()
+    }
+}
+
+/// An LMDB environment opened by the core's own LMDB with one write transaction. The LMDB store
+/// hands its environment over first (python/datafold/stores/lmdb.py); `unsendable`: an LMDB write
+/// transaction belongs to the thread that began it.
+#[pyclass(module = "datafold._core", name = "LmdbWriter", unsendable)]
+pub struct PyLmdbWriter {
+    /// None once committed or closed.
+    writer: Option<Writer>,
+    trees: Vec<Tree>,
+    /// Records of a writer committed or closed.
+    records: u64,
+}
+
+impl PyLmdbWriter {
+    /// The writer and the tree `index` (from open_tree) for one write_items call.
+    pub(crate) fn parts(&mut self, index: usize) -> PyResult<(&mut Writer, &mut Tree)> {
+        let writer = self.writer.as_mut().ok_or_else(closed)?;
+        let tree = self.trees.get_mut(index).ok_or_else(|| {
+            crate::error::Error::invalid(format!("no tree {index} in this writer"))
+        })?;
+        Ok((writer, tree))
+    }
+}
+
+fn closed() -> PyErr {
+    crate::error::Error::Store("this LMDB write transaction is committed or closed".into()).into()
+}
+
+#[pymethods]
+impl PyLmdbWriter {
+    /// `path`: the environment directory as bytes (os.fsencode: any file name).
+    #[new]
+    #[pyo3(signature = (path, *, map_size, max_dbs, max_readers, writemap))]
+    fn new(
+        py: Python<'_>,
+        path: Vec<u8>,
+        map_size: usize,
+        max_dbs: u32,
+        max_readers: u32,
+        writemap: bool,
+    ) -> PyResult<Self> {
+        let options = EnvOptions {
+            map_size,
+            max_dbs,
+            max_readers,
+            writemap,
+        };
+        let path = PathBuf::from(std::ffi::OsString::from_vec(path));
+        let writer = py
+            .detach(|| Writer::open(&path, options).map(AssertSend))?
+            .0;
+        Ok(PyLmdbWriter {
+            writer: Some(writer),
+            trees: Vec::new(),
+            records: 0,
+        })
+    }
+
+    /// Opens (creates) a tree: (its index for write_items, whether it had no record).
+    fn open_tree(&mut self, name: &str) -> PyResult<(usize, bool)> {
+        let writer = self.writer.as_mut().ok_or_else(closed)?;
+        let tree = writer.open_tree(name.as_bytes())?;
+        let was_empty = tree.was_empty;
+        self.trees.push(tree);
+        Ok((self.trees.len() - 1, was_empty))
+    }
+
+    /// Records put or deleted in this transaction so far (skipped ones not counted).
+    #[getter]
+    fn records(&self) -> u64 {
+        self.writer.as_ref().map_or(self.records, |w| w.records)
+    }
+
+    /// The largest key LMDB stores.
+    #[getter]
+    fn max_key_size(&self) -> PyResult<usize> {
+        Ok(self.writer.as_ref().ok_or_else(closed)?.max_key_size())
+    }
+
+    /// Commits durably and closes the environment.
+    fn commit(&mut self, py: Python<'_>) -> PyResult<()> {
+        let writer = self.writer.take().ok_or_else(closed)?;
+        self.records = writer.records;
+        let mut job = AssertSend(writer);
+        // The environment closes inside too: its last fsync is done, the unmap may take a while.
+        Ok(py.detach(move || job.run(|w| w.commit()))?)
+    }
+
+    /// Aborts the transaction if it is still open and closes the environment.
+    fn close(&mut self) {
+        if let Some(w) = self.writer.take() {
+            self.records = w.records;
+        }
+        self.trees.clear();
+    }
+}
+
+/// Moves a value into a `py.detach` closure that runs on this same thread.
+pub(crate) struct AssertSend<T>(pub T);
+
+// SAFETY: `py.detach` runs its closure on the calling thread; only the GIL is released, so an
+// LMDB transaction inside never changes threads.
+unsafe impl<T> Send for AssertSend<T> {}
+
+impl<T> AssertSend<T> {
+    pub(crate) fn run<R>(&mut self, f: impl FnOnce(&mut T) -> R) -> R {
+        f(&mut self.0)
     }
 }

@@ -507,5 +507,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<lmdb::PyLmdbDataFile>()?;
     m.add_class::<lmdb::PyLmdbScan>()?;
     m.add_class::<lmdb::PyRecordBatch>()?;
+    m.add_class::<lmdb::PyLmdbWriter>()?;
     Ok(())
 }

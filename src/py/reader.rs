@@ -10,10 +10,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
 use super::errors::{BackupError, FormatError, InvalidArgumentError};
+use super::lmdb::{AssertSend, PyLmdbWriter};
 use super::writer::trailer_tuple;
 use super::{batch_limit, secret_arg, untracked_pair, IntArg, PyResultExt};
 use crate::chain::Record;
 use crate::format::{Preamble, Trailer};
+use crate::lmdb_write::{write_records, Written};
 use crate::reader::{
     check_key, parse_tail_trailer, trailer_record_length, truncated, BackupDecoder, Item, Layout,
     SegmentReader, Step,
@@ -422,6 +424,56 @@ impl PyBackupReader {
             }
             PyList::new(py, pairs)
         })
+    }
+
+    /// Writes up to `max_items` records of the current tree into `writer`'s tree `tree` (an
+    /// index from LmdbWriter.open_tree), without a Python object per record. Records whose key
+    /// lacks `prefix` are read and checked but not written. Returns (written, skipped, deleted,
+    /// skipped keys, tree ended); overwrite=False keeps existing values (those keys are skipped).
+    #[pyo3(signature = (writer, tree, *, prefix=None, overwrite, max_items=IntArg::Default(65536)))]
+    #[allow(clippy::type_complexity)]
+    fn write_items<'py>(
+        &mut self,
+        py: Python<'py>,
+        writer: &Bound<'py, PyLmdbWriter>,
+        tree: usize,
+        prefix: Option<Vec<u8>>,
+        overwrite: bool,
+        max_items: IntArg<'py>,
+    ) -> PyResult<(u64, u64, u64, Vec<Bound<'py, PyBytes>>, bool)> {
+        let max_items = batch_limit(&max_items, "max_items")? as u64;
+        let prefix = prefix.unwrap_or_default();
+        let prefix = &prefix[..];
+        let mut target = writer.try_borrow_mut()?;
+        let done = self.guarded(py, |s, py| {
+            let (w, t) = target.parts(tree)?;
+            let mut done = Written::default();
+            loop {
+                let mut job = AssertSend((s.decoder()?, &mut *w, &mut *t, &mut done));
+                let step = py.detach(move || {
+                    job.run(|(dec, w, t, done)| {
+                        write_records(dec, w, t, prefix, overwrite, max_items, done)
+                    })
+                })?;
+                match step {
+                    Step::NeedMore => s.feed(py)?,
+                    Step::Done(()) => break,
+                }
+            }
+            Ok(done)
+        })?;
+        let keys = done
+            .skipped_keys
+            .iter()
+            .map(|k| PyBytes::new(py, k))
+            .collect();
+        Ok((
+            done.written,
+            done.skipped,
+            done.deleted,
+            keys,
+            done.tree_done,
+        ))
     }
 
     #[getter]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -259,6 +259,11 @@ class Store(ABC):
     def snapshot(self) -> AbstractContextManager[ReadSnapshot]:
         """A ReadSnapshot held open for the with block; released on exit."""
 
+    def native_writer(self) -> AbstractContextManager[Any | None]:
+        """A writer of the Rust core that takes a restore's records without Python objects, for the
+        with block, or None (the default: write through write_transaction())."""
+        return nullcontext(None)
+
     def reserve(self, nbytes: int, *, records: int = 0) -> None:
         """Make room for nbytes more of keys+values; a no-op for backends that grow by themselves."""
         check_nbytes(nbytes)
@@ -371,6 +376,10 @@ class DbOperations:
         the same thread while this one is open raises StoreError.
         """
         return self._live().write_transaction()
+
+    def _native_writer(self) -> AbstractContextManager[Any | None]:
+        """The backup manager's restore path: Store.native_writer()."""
+        return self._live().native_writer()
 
     def snapshot(self) -> AbstractContextManager[ReadSnapshot]:
         """A consistent read view of all trees at one point in time, for the duration of the with block.

@@ -42,6 +42,18 @@ of the consumer (the walk runs in Rust without the GIL, so it overlaps what the 
 incremental backup's diff against its parent, for one); the snapshot stops and joins its walks
 before its read transaction ends, so no walk reads a page LMDB may reuse.
 
+Native restores (option native_restore, default True, with the Rust core): the backup manager writes
+a restore through native_writer(), a core.LmdbWriter (src/lmdb_write.rs) that the Rust reader fills
+directly (BackupReader.write_items). The core links its own LMDB (mdb.master from lmdb-master-sys,
+data format 1, as py-lmdb's LMDB 0.9); two LMDB builds must not have one environment open in one
+process (LMDB's locks are per process), so _SharedEnv.hand_over waits for every transaction of this
+process to end, closes the py-lmdb environment, lets the core open it for the one write transaction,
+and opens it with py-lmdb again afterwards; other threads wait meanwhile, the handing thread gets
+StoreError. The two builds' lock-file formats differ (LMDB's MDB_LOCK_FORMAT), so the core's LMDB
+refuses an environment another process has open (the restore then goes through py-lmdb), and a
+process opening it during a native restore gets LMDB's version-mismatch error instead of sharing a
+lock table it does not understand.
+
 writemap (opt-in, off by default): LMDB's MDB_WRITEMAP. Without it LMDB keeps every page a write
 transaction dirties in malloc'd memory until the commit, so one big transaction (a restore is one)
 grows the process's anonymous memory by about the size of what it writes; with it the pages are
@@ -116,7 +128,7 @@ _MAX_C_INT = (1 << 31) - 1
 _MAX_GROW_ATTEMPTS = 40  # doubling each time: far beyond any address space
 _MAX_SNAPSHOT_ATTEMPTS = 20  # retries while new trees keep appearing as a snapshot starts
 
-_OPTIONS = ("map_size", "max_dbs", "max_readers", "resize_timeout", "writemap", "direct_reads")
+_OPTIONS = ("map_size", "max_dbs", "max_readers", "resize_timeout", "writemap", "direct_reads", "native_restore")
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)})
 # LMDB 0.9's data file format: the one the Rust core's direct reads understand.
 _DIRECT_READ_VERSION = 1
@@ -279,6 +291,7 @@ class _SharedEnv:
         self.active = 0
         self.growth_pending = 0
         self.writer: int | None = None  # thread holding the write transaction
+        self.native: int | None = None  # thread the environment is handed over to (hand_over)
         # mdb_dbi_open is not thread-safe in read transactions; serialize all of them.
         self.dbi_lock = threading.Lock()
         # Handles opened by a committed transaction: valid in every transaction started later.
@@ -288,9 +301,11 @@ class _SharedEnv:
 
     def _enter(self, me: int) -> None:
         with self.cond:
+            self._check_not_handed_to(me)
             # Let a pending grow go first, unless this thread already holds a transaction (the grow
-            # is waiting for it, so blocking here would only delay the grow's timeout).
-            while self.growth_pending and not self.threads.get(me):
+            # is waiting for it, so blocking here would only delay the grow's timeout). While the
+            # environment is handed over (a native restore), wait for it to come back.
+            while (self.growth_pending and not self.threads.get(me)) or self.native is not None:
                 self.cond.wait()
             self.threads[me] = self.threads.get(me, 0) + 1
             self.active += 1
@@ -424,10 +439,11 @@ class _SharedEnv:
                     f"cannot {what}: this thread has an open transaction, items() iterator or snapshot on "
                     "the database; finish or close it first (or call reserve() before starting)"
                 )
+            self._check_not_handed_to(me)
             self.growth_pending += 1
             try:
                 deadline = time.monotonic() + self.resize_timeout
-                while self.active:
+                while self.active or self.native is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise StoreError(
@@ -468,20 +484,99 @@ class _SharedEnv:
         refuses every call: close the environment and open it again at the old size, then raise
         StoreError. Runs under the condition with no transaction of this process open, so nothing
         holds the old environment or a handle (dbi) opened in it."""
+        self._close()
         try:
-            self.env.close()
-        except lmdb.Error:
-            pass  # closed already: only the reopen matters
-        with self.dbi_lock:
-            self.published.clear()  # handles of the closed environment
-        try:
-            self.env = _open_env(self.path, map_size, *self.limits, self.writemap)
-            self.data_identity = _identity(self.data_file)
+            self._open_again(map_size)
         except StoreError as reopen:
             raise StoreError(
                 f"cannot {what}: {error}; reopening the database after that failed too ({reopen}); close and reopen it"
             ) from error
         raise StoreError(f"cannot {what}: {error}; the map stays at {map_size} bytes") from error
+
+    def _close(self) -> None:
+        """Close the environment (no transaction of this process open) and forget its handles."""
+        try:
+            self.env.close()
+        except lmdb.Error:
+            pass  # closed already: only a reopen matters
+        with self.dbi_lock:
+            self.published.clear()  # handles of the closed environment
+
+    def _open_again(self, map_size: int) -> None:
+        self.env = _open_env(self.path, map_size, *self.limits, self.writemap)
+        self.data_identity = _identity(self.data_file)
+
+    # --- native restore ---
+
+    def _check_not_handed_to(self, me: int) -> None:
+        if self.native == me:
+            raise StoreError(
+                "this thread has handed the database to a native restore; it is usable again once the restore ends"
+            )
+
+    def _take_over(self) -> bool:
+        """Wait (up to resize_timeout) until no transaction of this process is open and hold new ones
+        back; False (nothing held back) when this thread holds one itself or the wait times out."""
+        me = threading.get_ident()
+        with self.cond:
+            if self.threads.get(me) or self.native is not None:
+                return False
+            self.native = me
+            deadline = time.monotonic() + self.resize_timeout
+            while self.active:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.native = None
+                    self.cond.notify_all()
+                    return False
+                self.cond.wait(remaining)
+            return True
+
+    @contextmanager
+    def hand_over(self) -> Iterator[Any | None]:
+        """Close the py-lmdb environment and open it with the Rust core's LMDB (core.LmdbWriter: one
+        write transaction) for the with block, then open it with py-lmdb again.
+
+        Two LMDB builds must not have the environment open in one process at once (their locks are
+        per process), so no transaction of this process may be open meanwhile: others wait, as they
+        wait for a grow of the map. Yields None, with nothing closed, when this thread has a
+        transaction open, other threads keep theirs open for resize_timeout, or the core's LMDB
+        cannot open the environment (another process has it open: the two LMDB versions' lock files
+        differ, and LMDB refuses to share them); the caller then writes through py-lmdb.
+        """
+        if not self._take_over():
+            yield None
+            return
+        try:
+            map_size = self.env.info()["map_size"]
+            self._close()
+            try:
+                try:
+                    writer = core.LmdbWriter(
+                        os.fsencode(self.path),
+                        map_size=map_size,
+                        max_dbs=self.limits[0],
+                        max_readers=self.limits[1],
+                        writemap=self.writemap,
+                    )
+                except StoreError:
+                    writer = None
+                try:
+                    yield writer
+                finally:
+                    if writer is not None:
+                        writer.close()  # aborts unless committed; closes the environment
+            finally:
+                try:
+                    self._open_again(map_size)
+                except StoreError as e:
+                    raise StoreError(
+                        f"the database could not be opened again after a native restore ({e}); close and reopen it"
+                    ) from e
+        finally:
+            with self.cond:
+                self.native = None
+                self.cond.notify_all()
 
     def usage(self) -> tuple[int, int]:
         """(map size, bytes used by the last committed transaction)."""
@@ -511,12 +606,14 @@ class LmdbStore(Store):
 
     backend = "lmdb"
 
-    def __init__(self, path: str, shared: _SharedEnv, direct_reads: bool = True) -> None:
+    def __init__(self, path: str, shared: _SharedEnv, direct_reads: bool = True, native_restore: bool = True) -> None:
         self.path = path
         self._shared = shared
         self._closed = False
         # Snapshots read records from the data file's pages in the Rust core (module doc).
         self._direct_reads = direct_reads and hasattr(core, "LmdbDataFile")
+        # Restores write through the Rust core's LMDB (module doc).
+        self._native_restore = native_restore and hasattr(core, "LmdbWriter")
 
     @classmethod
     def open(cls, path: str, **options: Any) -> LmdbStore:
@@ -527,6 +624,7 @@ class LmdbStore(Store):
         max_dbs = _int_option(options, "max_dbs", DEFAULT_MAX_DBS, 1, _MAX_C_INT)
         max_readers = _int_option(options, "max_readers", DEFAULT_MAX_READERS, 1, _MAX_C_INT)
         direct_reads = check_bool(options.get("direct_reads", True), "lmdb option direct_reads")
+        native_restore = check_bool(options.get("native_restore", True), "lmdb option native_restore")
         resize_timeout = options.get("resize_timeout", DEFAULT_RESIZE_TIMEOUT)
         if not isinstance(resize_timeout, (int, float)) or isinstance(resize_timeout, bool):
             raise ArgumentTypeError(f"lmdb option resize_timeout must be a number, not {type(resize_timeout).__name__}")
@@ -571,7 +669,7 @@ class LmdbStore(Store):
                 env = _open_env(path, _round_up(map_size, 4096), max_dbs, max_readers, writemap)
                 shared = _SharedEnv(env, key, float(resize_timeout), path, (max_dbs, max_readers), writemap)
                 _registry[key] = shared
-        return cls(path, shared, direct_reads)
+        return cls(path, shared, direct_reads, native_restore)
 
     # --- plumbing ---
 
@@ -763,6 +861,18 @@ class LmdbStore(Store):
             txn._finish(commit=False)
             raise
         txn._finish(commit=True)
+
+    @contextmanager
+    def native_writer(self) -> Iterator[Any | None]:
+        """The environment handed to the Rust core's LMDB for one write transaction: a
+        core.LmdbWriter (commit it inside the block; leaving it otherwise rolls back), or None when
+        that is off (native_restore=False, the pure core) or cannot be had now (_SharedEnv.hand_over)."""
+        self._check_open()
+        if not self._native_restore:
+            yield None
+            return
+        with self._shared.hand_over() as writer:
+            yield writer
 
     def reserve(self, nbytes: int, *, records: int = 0) -> None:
         """Grow the map now so that nbytes more of keys+values (in `records` records, if known) fit.

@@ -1,0 +1,261 @@
+"""Native restores: with the Rust core, a restore of one backup into an LMDB store writes its records
+through the core's own LMDB (src/lmdb_write.rs) after the store hands its environment over, and must
+leave exactly what the py-lmdb path leaves, with the same stats and the same errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+from datafold import EncryptedBackupManager, MasterKeyPair, RestoreOptions
+from datafold.core import load_core
+from datafold.errors import ArgumentTypeError, IntegrityError, StoreError
+from datafold.stores import DbOperations
+from helpers import SEED, NativeSpy, flip_byte, sample_data, segment_offset, snapshot, text_items
+
+rust = pytest.importorskip("datafold._core")
+pytestmark = pytest.mark.skipif(load_core().CORE_NAME != "rust", reason="native restores need the Rust core")
+
+MiB = 1 << 20
+KEYS = MasterKeyPair.from_private_bytes(SEED)
+
+
+def manager(db: DbOperations) -> EncryptedBackupManager:
+    return EncryptedBackupManager(db, KEYS, core="rust")
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    """A backup of sample_data() plus a tree of 100,000 text records."""
+    with DbOperations.open(tmp_path / "src") as db:
+        for tree, records in sample_data().items():
+            db.put_many(tree, records.items())
+        db.put_many("text", text_items(100_000))
+        manager(db).create_backup(tmp_path / "src.dfb")
+    return tmp_path / "src.dfb"
+
+
+def restore_both(tmp_path: Path, backup: Path, options: RestoreOptions, prepare: Any = None) -> list[Any]:
+    """Restores `backup` into two databases, natively and through py-lmdb; (stats, content) of each."""
+    out = []
+    for native in (True, False):
+        path = tmp_path / f"target-{native}"
+        with DbOperations.open(path, native_restore=native) as db:
+            if prepare is not None:
+                prepare(db)
+            stats = manager(db).restore_backup(backup, options)
+            out.append((stats.items_restored, stats.items_skipped, stats.trees_restored, snapshot(db)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        RestoreOptions(),
+        RestoreOptions(verify_before_restore=False, verify_after_restore=False),
+        RestoreOptions(overwrite_existing=True),
+        RestoreOptions(key_prefix_filter=b"user:00000001"),
+        RestoreOptions(tree_filter=["text"]),
+    ],
+    ids=["defaults", "no-verify", "overwrite", "prefix", "tree-filter"],
+)
+@pytest.mark.parametrize("into", ["empty", "non-empty"])
+def test_native_restore_equals_the_py_lmdb_path(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch, options: RestoreOptions, into: str
+) -> None:
+    def prepare(db: DbOperations) -> None:
+        if into == "non-empty":
+            # Some keys the backup has (kept unless overwrite), some it has not, out of order.
+            db.put_many("text", [(b"user:000000000005", b"old"), (b"zzz", b"mine"), (b"a", b"first")])
+            db.put_many("other", [(b"k", b"v")])
+
+    spy = NativeSpy(monkeypatch)
+    native, plain = restore_both(tmp_path, source, options, prepare)
+    assert native == plain
+    assert spy.writers == 1 and spy.records == native[0] > 0
+    if into == "non-empty" and options.tree_filter is None and options.key_prefix_filter is None:
+        assert native[1] == (0 if options.overwrite_existing else 1)  # user:...05 kept or overwritten
+
+
+def test_native_restore_applies_deletes(tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A safety backup holds DELETE records (keys the database lacked); restoring it puts them back."""
+    with DbOperations.open(tmp_path / "target") as db:
+        db.put_many("text", [(b"user:000000000005", b"old")])
+        before = snapshot(db)
+        stats = manager(db).restore_backup(source, RestoreOptions(overwrite_existing=True, backup_before_restore=True))
+        assert stats.safety_backup_path
+        spy = NativeSpy(monkeypatch)
+        manager(db).restore_backup(stats.safety_backup_path, RestoreOptions(overwrite_existing=True))
+        assert spy.writers == 1
+        # Every key back as it was (the trees the restore created stay, empty).
+        assert {tree: items for tree, items in snapshot(db).items() if items} == before
+
+
+def test_damage_met_mid_restore_leaves_the_database_unchanged(tmp_path: Path, source: Path) -> None:
+    with DbOperations.open(tmp_path / "target") as db:
+        db.put_many("text", [(b"a", b"first")])
+        before = snapshot(db)
+        data = tmp_path / "target" / "data.mdb"
+        raw = data.read_bytes()
+        flip_byte(source, segment_offset(source, 1 << 20, 1) + 100)
+        with pytest.raises(IntegrityError):
+            manager(db).restore_backup(source, RestoreOptions(verify_before_restore=False))
+        assert snapshot(db) == before
+        assert data.read_bytes()[: 2 * 4096] == raw[: 2 * 4096]  # the meta pages: nothing committed
+
+
+def test_unstorable_keys_fail_like_the_py_lmdb_path(tmp_path: Path) -> None:
+    """A SQLite database may hold a key LMDB cannot store: StoreError, nothing written."""
+    with DbOperations.open(tmp_path / "src.sqlite", "sqlite") as db:
+        db.put_many("t", [(b"a", b"1"), (b"k" * 600, b"2")])
+        manager(db).create_backup(tmp_path / "long.dfb")
+    errors = []
+    for native in (True, False):
+        with DbOperations.open(tmp_path / f"target-{native}", native_restore=native) as db:
+            with pytest.raises(StoreError, match="key is 600 bytes; LMDB keys are at most 511 bytes") as e:
+                manager(db).restore_backup(tmp_path / "long.dfb")
+            errors.append(e)
+            assert db.tree_names() == []
+
+
+def test_writemap_store(tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = NativeSpy(monkeypatch)
+    with DbOperations.open(tmp_path / "wm", writemap=True) as db:
+        manager(db).restore_backup(source)
+        got = snapshot(db)
+    with DbOperations.open(tmp_path / "plain", native_restore=False) as db:
+        manager(db).restore_backup(source)
+        assert snapshot(db) == got
+    assert spy.writers == 1
+
+
+def test_the_store_works_after_a_native_restore(tmp_path: Path, source: Path) -> None:
+    """The store reopened its py-lmdb environment: reads, writes, snapshots, and another process."""
+    path = tmp_path / "target"
+    with DbOperations.open(path) as db, DbOperations.open(path) as second:
+        manager(db).restore_backup(source)
+        assert db.get("text", b"user:000000000005") is not None
+        second.put("text", b"new", b"v")
+        with db.snapshot() as snap:
+            assert snap.get("text", b"new") == b"v"
+        code = f"""
+            import lmdb
+            env = lmdb.open({os.fspath(path)!r}, max_dbs=8, map_size=1 << 30)
+            with env.begin(write=True) as t:
+                db = env.open_db(b"text", txn=t)
+                assert t.get(b"new", db=db) == b"v"
+                t.put(b"other", b"process", db=db)
+            """
+        subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True)
+        assert db.get("text", b"other") == b"process"
+    with DbOperations.open(path) as db:
+        assert db.get("text", b"other") == b"process"
+
+
+def test_another_process_holding_the_environment_means_py_lmdb(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The two LMDB builds' lock files differ: the core's LMDB refuses an environment another process
+    has open, and the restore goes through py-lmdb instead."""
+    path = tmp_path / "target"
+    DbOperations.open(path).close()
+    code = f"""
+        import lmdb, sys
+        env = lmdb.open({os.fspath(path)!r}, max_dbs=8)
+        print("open", flush=True)
+        sys.stdin.read()
+        """
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        spy = NativeSpy(monkeypatch)
+        with DbOperations.open(path) as db:
+            stats = manager(db).restore_backup(source)
+            assert stats.verified and spy.writers == 0
+            assert db.count("text") == 100_000
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert holder.returncode == 0
+
+
+def test_hand_over_waits_for_or_skips_open_transactions(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with DbOperations.open(path, resize_timeout=0.2) as db:
+        db.put("t", b"k", b"v")
+        # This thread holds a snapshot: no hand-over.
+        with db.snapshot(), db._native_writer() as writer:
+            assert writer is None
+        # Another thread holds one past resize_timeout: no hand-over either.
+        started, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with db.snapshot():
+                started.set()
+                release.wait(10)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        started.wait(10)
+        with db._native_writer() as writer:
+            assert writer is None
+        release.set()
+        t.join()
+        # Handed over: this thread may not use the store meanwhile; another thread waits for it.
+        seen: list[bytes | None] = []
+        with db._native_writer() as writer:
+            assert isinstance(writer, rust.LmdbWriter)
+            with pytest.raises(StoreError, match="handed the database to a native restore"):
+                db.get("t", b"k")
+            # Another process opening it meanwhile is refused, not handed a lock table it misreads.
+            code = f"""
+                import lmdb
+                try:
+                    lmdb.open({os.fspath(path)!r}, max_dbs=8)
+                except lmdb.VersionMismatchError:
+                    print("refused")
+                """
+            run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
+            assert run.stdout == "refused\n", run.stderr
+            reader = threading.Thread(target=lambda: seen.append(db.get("t", b"k2")))
+            reader.start()
+            time.sleep(0.2)
+            assert seen == []  # waiting
+            index, was_empty = writer.open_tree("t")
+            assert not was_empty
+            writer.commit()
+        reader.join(10)
+        assert seen == [None]
+        # A writer left without commit rolls back.
+        with db._native_writer() as writer:
+            assert writer is not None
+            writer.open_tree("new")
+        assert db.tree_names() == ["t"]
+
+
+def test_option_native_restore_is_a_bool(tmp_path: Path) -> None:
+    with pytest.raises(ArgumentTypeError, match="native_restore"):
+        DbOperations.open(tmp_path / "db", native_restore="yes")
+
+
+def test_a_native_restore_is_read_back_by_py_lmdb(tmp_path: Path, source: Path) -> None:
+    """Page by page what the core's LMDB wrote is a database py-lmdb reads (and checks with mdb_stat)."""
+    with DbOperations.open(tmp_path / "target") as db:
+        manager(db).restore_backup(source, RestoreOptions(verify_after_restore=False))
+    env = lmdb.open(os.fspath(tmp_path / "target"), max_dbs=8, readonly=True)
+    with env.begin() as txn:
+        db = env.open_db(b"text", txn=txn)
+        assert txn.stat(db)["entries"] == 100_000
+        assert list(txn.cursor(db)) == text_items(100_000)
+    env.close()
