@@ -12,8 +12,9 @@ contender backs up. For each dataset one table, the median of --repeat runs per 
 
 - datafold's EncryptedBackupManager with the Rust core and with the pure-Python core (defaults:
   create_backup fsyncs and re-reads the file; restore_backup verifies first, writes one fsynced
-  LMDB transaction into a fresh database, then checks the tree digests), and the Rust core with the
-  verify passes off;
+  LMDB transaction into a fresh database, then checks the tree digests), the Rust core with the
+  verify passes off, and the Rust core's restore into a database opened with native_restore=False
+  (records handed to py-lmdb as Python objects instead of written by the core's own LMDB);
 - `mdb_copy -c DB | age -r KEY -o out` + fsync of out; restore `age -d -o data.mdb` + fsync; verify
   `age -d > /dev/null`;
 - `restic backup` / `restore` / `check --read-data`, `borg create` / `extract` / `check
@@ -77,6 +78,7 @@ CHART_NAME = "benchmarks.png"  # beside the docs file
 # Row names (the bars look rows up by these).
 RUST = "datafold, Rust core"
 RUST_FAST = "datafold, Rust core, verify passes off"
+RUST_PY_LMDB = "datafold, Rust core, restore through py-lmdb"
 PURE = "datafold, pure-Python core"
 AGE = "mdb_copy -c | age; age -d"
 RESTIC = "restic"
@@ -257,12 +259,14 @@ def keyed_manager(db: Any, core: str = "rust") -> Any:
     return EncryptedBackupManager(db, MasterKeyPair.from_private_bytes(MASTER_SEED), core=core)
 
 
-def restore_fresh(backup: Path, target: Path, core: str = "rust", options: Any = None) -> tuple[float, Any]:
-    """(seconds, RestoreStats) of restore_backup(backup) into `target` made an empty LMDB database;
-    opening the target is not timed."""
+def restore_fresh(
+    backup: Path, target: Path, core: str = "rust", options: Any = None, native: bool = True
+) -> tuple[float, Any]:
+    """(seconds, RestoreStats) of restore_backup(backup) into `target` made an empty LMDB database
+    (opened with native_restore=native); opening the target is not timed."""
     from datafold import DbOperations
 
-    with DbOperations.open(fresh(target)) as db:
+    with DbOperations.open(fresh(target), native_restore=native) as db:
         return timed(keyed_manager(db, core).restore_backup, backup, options)
 
 
@@ -339,6 +343,27 @@ def datafold_row(bench: Bench, core: str, name: str, verify_passes: bool) -> Row
                 if i == 0 and bench.repeat > 1 and took > bench.pure_budget:
                     row.note += f"; timed once: one run took {took:.0f} s (> --pure-budget {bench.pure_budget:.0f} s)"
                     break
+
+    return attempt(row, body)
+
+
+def py_lmdb_restore_row(bench: Bench) -> Row:
+    """The Rust core's default restore with the store's native_restore=False: every record handed
+    to py-lmdb as Python objects (how restores ran before native restores)."""
+    from datafold import DbOperations
+
+    row = Row(RUST_PY_LMDB, "defaults, but the LMDB store opened with native_restore=False (records go to py-lmdb)")
+
+    def body() -> None:
+        backup = bench.tmp / "datafold-py-lmdb.dfb"
+        with DbOperations.open(bench.source) as source:
+            keyed_manager(source).create_backup(backup)
+        target = bench.tmp / "datafold-py-lmdb-restore"
+        for _ in range(bench.repeat):
+            stats = row.add("restore", restore_fresh(backup, target, native=False))
+            assert stats.items_restored == bench.records
+            shutil.rmtree(target)
+        backup.unlink()
 
     return attempt(row, body)
 
@@ -531,6 +556,7 @@ def bench_dataset(name: str, scale: float, tmp: Path, repeat: int, pure_budget: 
     result = Result(name, src.records, src.nbytes, bench.data_file.stat().st_size)
     result.rows.append(datafold_row(bench, "rust", RUST, True))
     result.rows.append(datafold_row(bench, "rust", RUST_FAST, False))
+    result.rows.append(py_lmdb_restore_row(bench))
     if with_pure:
         result.rows.append(datafold_row(bench, "pure", PURE, True))
     for make in (age_row, restic_row, borg_row, dd_row, aes_row, bulk_row):
@@ -565,6 +591,9 @@ def within_bar(result: Result, op: str, label: str, ours: str, limit: str, most:
     fast = result.time(RUST_FAST, op)
     if ours == RUST and fast is not None:
         detail += f"; with the verify passes off {fast / b:.2f}x"
+    py_lmdb = result.time(RUST_PY_LMDB, op)
+    if ours == RUST and py_lmdb is not None:
+        detail += f"; through py-lmdb (native_restore=False) {py_lmdb / b:.2f}x"
     return Bar(full, "PASS" if a / b <= most else "MISS", detail)
 
 

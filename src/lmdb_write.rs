@@ -307,6 +307,35 @@ impl Written {
     }
 }
 
+/// Applies one record (value None: a DELETE) unless its key lacks `prefix`.
+pub fn write_record(
+    writer: &mut Writer,
+    tree: &mut Tree,
+    key: &[u8],
+    value: Option<&[u8]>,
+    prefix: &[u8],
+    overwrite: bool,
+    into: &mut Written,
+) -> Result<()> {
+    if !key.starts_with(prefix) {
+        return Ok(());
+    }
+    match value {
+        Some(v) => match writer.put(tree, key, v, overwrite)? {
+            Put::Written => into.written += 1,
+            Put::Skipped => {
+                into.skipped += 1;
+                into.skipped_keys.push(key.to_vec());
+            }
+        },
+        None => {
+            writer.delete(tree, key)?;
+            into.deleted += 1;
+        }
+    }
+    Ok(())
+}
+
 /// Writes the current tree's records from `dec` into `tree` until `limit` records were handled,
 /// the tree ends (`tree_done`) or the decoder needs another segment (`Step::NeedMore`: feed it
 /// and call again with the same `into`). Records whose key lacks `prefix` are read and checked
@@ -321,32 +350,16 @@ pub fn write_records(
     into: &mut Written,
 ) -> Result<Step<()>> {
     while into.records() < limit {
-        match dec.next_item()? {
+        let (key, value) = match dec.next_item()? {
             Step::NeedMore => return Ok(Step::NeedMore),
             Step::Done(None) => {
                 into.tree_done = true;
                 break;
             }
-            Step::Done(Some(Item::Put(k, v))) => {
-                if !k.starts_with(prefix) {
-                    continue;
-                }
-                match writer.put(tree, k, v, overwrite)? {
-                    Put::Written => into.written += 1,
-                    Put::Skipped => {
-                        into.skipped += 1;
-                        into.skipped_keys.push(k.to_vec());
-                    }
-                }
-            }
-            Step::Done(Some(Item::Delete(k))) => {
-                if !k.starts_with(prefix) {
-                    continue;
-                }
-                writer.delete(tree, k)?;
-                into.deleted += 1;
-            }
-        }
+            Step::Done(Some(Item::Put(k, v))) => (k, Some(v)),
+            Step::Done(Some(Item::Delete(k))) => (k, None),
+        };
+        write_record(writer, tree, key, value, prefix, overwrite, into)?;
     }
     Ok(Step::Done(()))
 }

@@ -339,6 +339,16 @@ def test_restore_writemap(setup: Setup) -> None:
     assert data.st_blocks * 512 >= data.st_size
 
 
+def test_restore_no_native(setup: Setup) -> None:
+    target = setup.new_db("restore-no-native")
+    if setup.backend != "lmdb":
+        expect(run("restore", setup.backup, target, "--key", setup.key, "--no-native"), EXIT_USAGE, "LMDB option")
+        assert not target.exists()
+        return
+    expect(run("restore", setup.backup, target, "--key", setup.key, "--no-native", "-q"), EXIT_OK)
+    assert setup.read_db(target) == expected(setup.data)
+
+
 def test_list(setup: Setup) -> None:
     directory = setup.tmp / f"listing-{setup.backend}"
     directory.mkdir()

@@ -259,3 +259,48 @@ def test_a_native_restore_is_read_back_by_py_lmdb(tmp_path: Path, source: Path) 
         assert txn.stat(db)["entries"] == 100_000
         assert list(txn.cursor(db)) == text_items(100_000)
     env.close()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_native_chain_restore_equals_the_py_lmdb_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overwrite: bool
+) -> None:
+    """A full backup and two incrementals: deleted keys, a deleted tree, a tree that came back."""
+    from datafold import BackupMode, BackupOptions
+
+    src = tmp_path / "src"
+    with DbOperations.open(src) as db:
+        db.put_many("text", text_items(20_000))
+        db.put_many("gone", [(b"a", b"1"), (b"b", b"2")])
+        manager(db).create_backup(tmp_path / "0.dfb")
+        db.delete("text", b"user:000000000007")
+        db.put("text", b"user:000000000008", b"changed")
+        manager(db).create_backup(
+            tmp_path / "1.dfb", BackupOptions(mode=BackupMode.INCREMENTAL, parent=tmp_path / "0.dfb")
+        )
+    raw = lmdb.open(os.fspath(src), max_dbs=8)
+    with raw.begin(write=True) as txn:
+        txn.drop(raw.open_db(b"gone", txn=txn), delete=True)
+    raw.close()
+    with DbOperations.open(src) as db:
+        db.put("text", b"new", b"key")
+        manager(db).create_backup(
+            tmp_path / "2.dfb", BackupOptions(mode=BackupMode.INCREMENTAL, parent=tmp_path / "1.dfb")
+        )
+        want = snapshot(db)
+
+    def prepare(db: DbOperations) -> None:
+        db.put_many("text", [(b"user:000000000007", b"mine"), (b"user:000000000009", b"old"), (b"zzz", b"kept")])
+        db.put_many("gone", [(b"a", b"target's")])
+
+    spy = NativeSpy(monkeypatch)
+    native, plain = restore_both(tmp_path, tmp_path / "2.dfb", RestoreOptions(overwrite_existing=overwrite), prepare)
+    assert native == plain
+    assert spy.writers == 1 and spy.records > 0
+    content = native[3]
+    assert dict(content["text"])[b"new"] == b"key"
+    assert b"user:000000000007" not in dict(content["text"])  # the chain deleted it
+    assert dict(content["text"])[b"zzz"] == b"kept"
+    assert dict(content["text"])[b"user:000000000009"] == (
+        dict(want["text"])[b"user:000000000009"] if overwrite else b"old"
+    )

@@ -178,6 +178,11 @@ class ChainMerge:
         """The merged state in key order, as BackupReader.read_items: (key, value) where the
         newest member holds a PUT, (key, None) where it holds a DELETE. [] at the end, once every
         member's TREE_END was read and checked."""
+    def write_items(
+        self, writer: LmdbWriter, tree: int, *, prefix: bytes | None = None, overwrite: bool, max_items: int = 65536
+    ) -> tuple[int, int, int, list[bytes], bool]:
+        """Rust core only: BackupReader.write_items for the merged state (PUT where the newest
+        member holds one, DELETE where it deletes the key)."""
     def diff(self, items: Iterable[tuple[Buffer, Buffer]], writer: BackupWriter) -> int:
         """Consumes the database's next (key, value) pairs (strictly ascending keys, across calls
         too) and writes to `writer`'s open tree, in key order, the records that turn the chain's

@@ -665,11 +665,18 @@ def cmd_restore(args: argparse.Namespace, out: Output, ctx: Context) -> int:
     key = key_source(args, creating=False, backup=args.backup)
     check_key(key, preamble, args.backup)  # before the database is opened (and perhaps created)
     backend = backend_for(args.db, args.db_backend)
-    if args.writemap and backend != "lmdb":
-        raise UsageError(f"--writemap is an LMDB option and {args.db} is a {backend} database", "leave --writemap out")
+    store_options: dict[str, bool] = {}
+    for flag, given, option in (
+        ("--writemap", args.writemap, "writemap"),
+        ("--no-native", args.no_native, "native_restore"),
+    ):
+        if given:
+            if backend != "lmdb":
+                raise UsageError(f"{flag} is an LMDB option and {args.db} is a {backend} database", f"leave {flag} out")
+            store_options[option] = flag == "--writemap"  # writemap=True, native_restore=False
     is_new = not os.path.lexists(args.db)
     try:
-        with DbOperations.open(args.db, backend, **({"writemap": True} if args.writemap else {})) as db:
+        with DbOperations.open(args.db, backend, **store_options) as db:
             stats = EncryptedBackupManager(db, key).restore_backup(
                 args.backup, options, progress=out.progress("restore")
             )
@@ -1219,6 +1226,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="LMDB: write pages straight into the file mapping (MDB_WRITEMAP), so memory stays flat however "
         "large the restore; the data file is preallocated to the whole map (about 3x the data), and no "
         "other process may have the database open without writemap meanwhile",
+    )
+    p.add_argument(
+        "--no-native",
+        action="store_true",
+        help="LMDB: write through py-lmdb instead of the Rust core's own LMDB (native_restore=False)",
     )
     p.add_argument(
         "--continue-on-errors", action="store_true", help="collect record-level store errors instead of aborting"

@@ -489,18 +489,21 @@ class EncryptedBackupManager:
         )
         if meter.active:
             meter.total_bytes = sum(m.file_size or 0 for m in chain) or None
-        # A single backup (Rust core, errors abort) goes to the LMDB store's native writer when it
-        # has one: the records never become Python objects (stores/lmdb.py, native_restore).
-        native = len(chain) == 1 and not options.continue_on_errors and hasattr(self._core, "LmdbWriter")
+        # With the Rust core (errors abort) the LMDB store's native writer takes the records when it
+        # can: they never become Python objects (stores/lmdb.py, native_restore).
+        native = not options.continue_on_errors and hasattr(self._core, "LmdbWriter")
+        # The trees of the database, for a chain's deleted trees (read before the hand-over).
+        existing = set(self._db.tree_names()) if native and len(chain) > 1 else set()
         with self._db._native_writer() if native else nullcontext(None) as writer:
             if writer is not None:
 
                 def restore_native(name: str, source: Any) -> None:
-                    if wanted(name):  # a reader skips (and checks) the trees not visited
+                    gone = name not in newest.trees and name not in existing
+                    if wanted(name) and not gone:  # a reader skips (and checks) the trees not visited
                         outcome[name] = _restore_tree_native(writer, source, name, prefix, options, stats)
                         stats.trees_restored += 1
 
-                # The whole backup checked out when scan() returns: now the transaction commits.
+                # The whole backup (chain) checked out when scan() returns: now the transaction commits.
                 trailer = scan(restore_native)
                 writer.commit()
         if writer is None:

@@ -5,12 +5,13 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
 use super::errors::{BackupError, InvalidArgumentError};
-use super::lmdb::PyRecordBatch;
+use super::lmdb::{PyLmdbWriter, PyRecordBatch, WrittenTuple};
 use super::reader::PyBackupReader;
 use super::writer::PyBackupWriter;
 use super::{batch_limit, pair, untracked_pair, with_bytes, IntArg};
 use crate::chain::{ChainMerge, Record, RecordSource};
 use crate::error::Error;
+use crate::lmdb_write::{write_record, Written};
 
 struct ReaderSource<'py> {
     reader: PyRefMut<'py, PyBackupReader>,
@@ -123,6 +124,36 @@ impl PyChainMerge {
             }
             Ok(list)
         })
+    }
+
+    /// BackupReader.write_items for the merged state: up to `max_items` records (PUT where the
+    /// newest member holds one, DELETE where it deletes the key) into `writer`'s tree `tree`.
+    #[pyo3(signature = (writer, tree, *, prefix=None, overwrite, max_items=IntArg::Default(65536)))]
+    fn write_items<'py>(
+        &mut self,
+        py: Python<'py>,
+        writer: &Bound<'py, PyLmdbWriter>,
+        tree: usize,
+        prefix: Option<Vec<u8>>,
+        overwrite: bool,
+        max_items: IntArg<'py>,
+    ) -> PyResult<WrittenTuple<'py>> {
+        let max_items = batch_limit(&max_items, "max_items")? as u64;
+        let prefix = prefix.unwrap_or_default();
+        let mut target = writer.try_borrow_mut()?;
+        let done = self.with_sources(py, |merge, sources| {
+            let (w, t) = target.parts(tree)?;
+            let mut done = Written::default();
+            while done.records() < max_items {
+                let Some((key, value)) = merge.next(sources)? else {
+                    done.tree_done = true;
+                    break;
+                };
+                write_record(w, t, key, value, &prefix, overwrite, &mut done)?;
+            }
+            Ok(done)
+        })?;
+        Ok(done.into_tuple(py))
     }
 
     fn diff(

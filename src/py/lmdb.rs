@@ -12,7 +12,7 @@ use pyo3::types::{PyBytes, PyTuple};
 
 use super::{batch_limit, untracked_pair, with_bytes, IntArg};
 use crate::lmdb_file::{Batch, DataFile, Scan, TreeRoot};
-use crate::lmdb_write::{EnvOptions, Tree, Writer};
+use crate::lmdb_write::{EnvOptions, Tree, Writer, Written};
 
 #[pyclass(module = "datafold._core", name = "LmdbDataFile", frozen)]
 pub struct PyLmdbDataFile {
@@ -295,5 +295,25 @@ unsafe impl<T> Send for AssertSend<T> {}
 impl<T> AssertSend<T> {
     pub(crate) fn run<R>(&mut self, f: impl FnOnce(&mut T) -> R) -> R {
         f(&mut self.0)
+    }
+}
+
+/// What write_items returns: (written, skipped, deleted, skipped keys, tree ended).
+pub(crate) type WrittenTuple<'py> = (u64, u64, u64, Vec<Bound<'py, PyBytes>>, bool);
+
+impl Written {
+    pub(crate) fn into_tuple(self, py: Python<'_>) -> WrittenTuple<'_> {
+        let keys = self
+            .skipped_keys
+            .iter()
+            .map(|k| PyBytes::new(py, k))
+            .collect();
+        (
+            self.written,
+            self.skipped,
+            self.deleted,
+            keys,
+            self.tree_done,
+        )
     }
 }

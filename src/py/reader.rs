@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
 use super::errors::{BackupError, FormatError, InvalidArgumentError};
-use super::lmdb::{AssertSend, PyLmdbWriter};
+use super::lmdb::{AssertSend, PyLmdbWriter, WrittenTuple};
 use super::writer::trailer_tuple;
 use super::{batch_limit, secret_arg, untracked_pair, IntArg, PyResultExt};
 use crate::chain::Record;
@@ -431,7 +431,6 @@ impl PyBackupReader {
     /// lacks `prefix` are read and checked but not written. Returns (written, skipped, deleted,
     /// skipped keys, tree ended); overwrite=False keeps existing values (those keys are skipped).
     #[pyo3(signature = (writer, tree, *, prefix=None, overwrite, max_items=IntArg::Default(65536)))]
-    #[allow(clippy::type_complexity)]
     fn write_items<'py>(
         &mut self,
         py: Python<'py>,
@@ -440,7 +439,7 @@ impl PyBackupReader {
         prefix: Option<Vec<u8>>,
         overwrite: bool,
         max_items: IntArg<'py>,
-    ) -> PyResult<(u64, u64, u64, Vec<Bound<'py, PyBytes>>, bool)> {
+    ) -> PyResult<WrittenTuple<'py>> {
         let max_items = batch_limit(&max_items, "max_items")? as u64;
         let prefix = prefix.unwrap_or_default();
         let prefix = &prefix[..];
@@ -462,18 +461,7 @@ impl PyBackupReader {
             }
             Ok(done)
         })?;
-        let keys = done
-            .skipped_keys
-            .iter()
-            .map(|k| PyBytes::new(py, k))
-            .collect();
-        Ok((
-            done.written,
-            done.skipped,
-            done.deleted,
-            keys,
-            done.tree_done,
-        ))
+        Ok(done.into_tuple(py))
     }
 
     #[getter]
