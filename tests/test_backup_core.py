@@ -1080,6 +1080,38 @@ def test_interface_names(core: ModuleType) -> None:
         assert set(core.__all__) == shared
 
 
+def test_skip_items_counts_what_read_items_would_hand_out(core: ModuleType, backup_key: bytes) -> None:
+    sink = io.BytesIO()
+    writer = core.BackupWriter(sink, backup_key, b"{}", segment_size=4096)
+    for name, n in (("a", 10_000), ("b", 0), ("c", 3)):
+        writer.begin_tree(name)
+        writer.add_items((b"%06d" % i, b"v" * (i % 50)) for i in range(n))
+        writer.end_tree()
+    writer.finish()
+    data = sink.getvalue()
+    reader = core.BackupReader(io.BytesIO(data))
+    reader.unlock(backup_key)
+    assert reader.next_tree() == "a"
+    assert reader.skip_items(4000) == 4000
+    assert len(reader.read_items(1000)) == 1000
+    assert reader.skip_items(100_000) == 5000
+    assert reader.skip_items() == 0
+    assert reader.next_tree() == "b" and reader.skip_items() == 0
+    assert reader.next_tree() == "c" and reader.skip_items() == 3
+    assert reader.next_tree() is None and reader.trailer is not None
+    # A damaged segment is met while skipping: IntegrityError, and the reader stays failed.
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 1
+    reader = core.BackupReader(io.BytesIO(bytes(damaged)))
+    reader.unlock(backup_key)
+    reader.next_tree()
+    with pytest.raises(IntegrityError):
+        while reader.skip_items():
+            pass
+    with pytest.raises(BackupError):
+        reader.skip_items()
+
+
 def test_read_items_batches_are_bounded_by_bytes(core: ModuleType, backup_key: bytes) -> None:
     """A batch ends once its keys and values reach max_bytes, but always holds one record."""
     sink = io.BytesIO()

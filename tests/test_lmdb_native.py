@@ -229,14 +229,17 @@ def test_hand_over_waits_for_or_skips_open_transactions(tmp_path: Path) -> None:
             run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
             assert run.stdout == "refused\n", run.stderr
             reader = threading.Thread(target=lambda: seen.append(db.get("t", b"k2")))
+            sizer = threading.Thread(target=lambda: seen.append(db.reserve(1 << 20) is None))
             reader.start()
+            sizer.start()
             time.sleep(0.2)
-            assert seen == []  # waiting
+            assert seen == []  # both waiting
             index, was_empty = writer.open_tree("t")
             assert not was_empty
             writer.commit()
         reader.join(10)
-        assert seen == [None]
+        sizer.join(10)
+        assert sorted(seen, key=repr) == [None, True]
         # A writer left without commit rolls back.
         with db._native_writer() as writer:
             assert writer is not None

@@ -149,6 +149,10 @@ class BackupReader:
         DELETE; the batch also ends once its keys and values reach max_bytes (at least one record
         is returned), so memory stays bounded with large values. [] once the tree's TREE_END was
         read and its count, bytes and digest checked. A limit < 1 is an InvalidArgumentError."""
+    def skip_items(self, max_items: int = 4096) -> int:
+        """read_items without the records (no Python object per record): reads and checks up to
+        max_items records of the current tree and returns how many; 0 once its TREE_END was read
+        and checked. For counting (a verify's progress)."""
     def write_items(
         self, writer: LmdbWriter, tree: int, *, prefix: bytes | None = None, overwrite: bool, max_items: int = 65536
     ) -> tuple[int, int, int, list[bytes], bool]:

@@ -368,8 +368,8 @@ class EncryptedBackupManager:
             if visit is not None:
                 visit(name, reader)
             elif meter is not None:  # count the records (next_tree alone would skip them unseen)
-                while batch := reader.read_items(READ_BATCH):
-                    meter.add_items(len(batch))
+                while count := reader.skip_items(READ_BATCH):
+                    meter.add_items(count)
         if meter is not None:
             meter.end()
         return reader.preamble, header, reader.trailer

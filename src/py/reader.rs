@@ -426,6 +426,35 @@ impl PyBackupReader {
         })
     }
 
+    /// read_items without the records: reads and checks up to `max_items` records of the current
+    /// tree and returns how many (0 once its TREE_END was read and checked). For counting.
+    #[pyo3(signature = (max_items=IntArg::Default(4096)))]
+    fn skip_items(&mut self, py: Python<'_>, max_items: IntArg<'_>) -> PyResult<usize> {
+        let max_items = batch_limit(&max_items, "max_items")?;
+        self.guarded(py, |s, py| {
+            let mut count = 0;
+            loop {
+                let mut job = AssertSend((s.decoder()?, &mut count));
+                let step = py.detach(move || {
+                    job.run(|(dec, count)| -> crate::error::Result<Step<()>> {
+                        while **count < max_items {
+                            match dec.next_item()? {
+                                Step::NeedMore => return Ok(Step::NeedMore),
+                                Step::Done(None) => break,
+                                Step::Done(Some(_)) => **count += 1,
+                            }
+                        }
+                        Ok(Step::Done(()))
+                    })
+                })?;
+                match step {
+                    Step::NeedMore => s.feed(py)?,
+                    Step::Done(()) => return Ok(count),
+                }
+            }
+        })
+    }
+
     /// Writes up to `max_items` records of the current tree into `writer`'s tree `tree` (an
     /// index from LmdbWriter.open_tree), without a Python object per record. Records whose key
     /// lacks `prefix` are read and checked but not written. Returns (written, skipped, deleted,

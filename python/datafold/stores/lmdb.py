@@ -579,8 +579,13 @@ class _SharedEnv:
                 self.cond.notify_all()
 
     def usage(self) -> tuple[int, int]:
-        """(map size, bytes used by the last committed transaction)."""
-        info = self.env.info()
+        """(map size, bytes used by the last committed transaction); waits while the environment is
+        handed over (hand_over: there is no py-lmdb environment meanwhile)."""
+        with self.cond:
+            self._check_not_handed_to(threading.get_ident())
+            while self.native is not None:
+                self.cond.wait()
+            info = self.env.info()
         return info["map_size"], (info["last_pgno"] + 1) * self.page_size
 
     def grow(self, nbytes: int, records: int, double: bool, action: str) -> None:
