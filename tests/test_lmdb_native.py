@@ -307,3 +307,47 @@ def test_native_chain_restore_equals_the_py_lmdb_path(
     assert dict(content["text"])[b"user:000000000009"] == (
         dict(want["text"])[b"user:000000000009"] if overwrite else b"old"
     )
+
+
+def test_opening_during_another_process_native_restore_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    DbOperations.open(path).close()
+    code = f"""
+        import os, sys
+        from datafold import _core
+        path = os.fsencode({os.fspath(path)!r})
+        writer = _core.LmdbWriter(path, map_size=1 << 26, max_dbs=8, max_readers=16, writemap=False)
+        print("open", flush=True)
+        sys.stdin.read()
+        writer.close()
+        """
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        with pytest.raises(StoreError, match="another process has it open with a different LMDB build"):
+            DbOperations.open(path)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert holder.returncode == 0
+    DbOperations.open(path).close()
+
+
+def test_a_path_that_is_not_utf8_and_too_few_max_dbs(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = NativeSpy(monkeypatch)
+    odd = os.fsdecode(os.fsencode(tmp_path) + b"/db-\xff")
+    with DbOperations.open(odd) as db:
+        manager(db).restore_backup(source)
+        assert db.count("text") == 100_000
+    assert spy.writers == 1
+    # More trees than max_dbs allows: StoreError saying which option, nothing written.
+    for native in (True, False):
+        with DbOperations.open(tmp_path / f"few-{native}", max_dbs=2, native_restore=native) as db:
+            with pytest.raises(StoreError, match="max_dbs"):
+                manager(db).restore_backup(source)
+            assert db.tree_names() == []

@@ -261,6 +261,8 @@ class LmdbWriter:
     @property
     def records(self) -> int: ...  # records put or deleted so far (skipped ones not counted)
     @property
+    def committed(self) -> bool: ...
+    @property
     def max_key_size(self) -> int: ...
     def commit(self) -> None:
         """Commits durably (fsync) and closes the environment; StoreError after a failed write."""

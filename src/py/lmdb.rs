@@ -199,6 +199,7 @@ pub struct PyLmdbWriter {
     trees: Vec<Tree>,
     /// Records of a writer committed or closed.
     records: u64,
+    committed: bool,
 }
 
 impl PyLmdbWriter {
@@ -243,6 +244,7 @@ impl PyLmdbWriter {
             writer: Some(writer),
             trees: Vec::new(),
             records: 0,
+            committed: false,
         })
     }
 
@@ -253,6 +255,12 @@ impl PyLmdbWriter {
         let was_empty = tree.was_empty;
         self.trees.push(tree);
         Ok((self.trees.len() - 1, was_empty))
+    }
+
+    /// The transaction was committed.
+    #[getter]
+    fn committed(&self) -> bool {
+        self.committed
     }
 
     /// Records put or deleted in this transaction so far (skipped ones not counted).
@@ -273,7 +281,9 @@ impl PyLmdbWriter {
         self.records = writer.records;
         let mut job = AssertSend(writer);
         // The environment closes inside too: its last fsync is done, the unmap may take a while.
-        Ok(py.detach(move || job.run(|w| w.commit()))?)
+        py.detach(move || job.run(|w| w.commit()))?;
+        self.committed = true;
+        Ok(())
     }
 
     /// Aborts the transaction if it is still open and closes the environment.

@@ -199,6 +199,12 @@ def _open_env(path: str, map_size: int, max_dbs: int, max_readers: int, writemap
             # preallocated (a write into a hole on a full disk is a SIGBUS).
             writemap=writemap,
         )
+    except lmdb.VersionMismatchError as e:
+        raise StoreError(
+            f"cannot open LMDB database {path!r}: {e}; another process has it open with a different LMDB "
+            "build (a datafold native restore, while it runs: see native_restore), or it was made by an "
+            "incompatible LMDB version; retry once that process is done"
+        ) from e
     except (lmdb.Error, OSError) as e:
         raise StoreError(
             f"cannot open LMDB database {path!r}: {e}; check that it is an LMDB environment directory you may write to"
@@ -567,16 +573,30 @@ class _SharedEnv:
                     if writer is not None:
                         writer.close()  # aborts unless committed; closes the environment
             finally:
-                try:
-                    self._open_again(map_size)
-                except StoreError as e:
-                    raise StoreError(
-                        f"the database could not be opened again after a native restore ({e}); close and reopen it"
-                    ) from e
+                self._open_after_hand_over(map_size, writer)
         finally:
             with self.cond:
                 self.native = None
                 self.cond.notify_all()
+
+    def _open_after_hand_over(self, map_size: int, writer: Any) -> None:
+        """Open the py-lmdb environment again. Another process's native restore (the core's LMDB)
+        may have opened the environment meanwhile: py-lmdb's LMDB refuses it until that one is
+        done, so that is retried for up to resize_timeout."""
+        deadline = time.monotonic() + self.resize_timeout
+        while True:
+            try:
+                self._open_again(map_size)
+                return
+            except StoreError as e:
+                if isinstance(e.__cause__, lmdb.VersionMismatchError) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                done = "committed" if writer is not None and writer.committed else "rolled back"
+                raise StoreError(
+                    f"the native restore was {done}, but the database could not be opened again "
+                    f"afterwards ({e}); close and reopen it"
+                ) from e
 
     def usage(self) -> tuple[int, int]:
         """(map size, bytes used by the last committed transaction); waits while the environment is
