@@ -7,7 +7,8 @@ Default options throughout, as a user gets them: create_backup re-reads and veri
 before renaming it into place (verify_during_creation=True) and fsyncs it; verify_backup makes one
 authenticated pass; restore_backup makes a full authenticated pass first (verify_before_restore),
 writes everything into a fresh LMDB database in one transaction and then checks each restored
-tree's digest (verify_after_restore). Both cores get the same databases.
+tree's digest (verify_after_restore); with the Rust core both through its own LMDB (the default,
+"native") and through py-lmdb (native_restore=False). Both cores get the same databases.
 """
 
 from __future__ import annotations
@@ -104,8 +105,13 @@ def test_verify_backup(measure: Any, databases: Databases, core: ModuleType, dat
     path.unlink()
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "py-lmdb"])
 @pytest.mark.parametrize("dataset", DATASETS)
-def test_restore_backup(measure: Any, databases: Databases, core: ModuleType, dataset: str) -> None:
+def test_restore_backup(measure: Any, databases: Databases, core: ModuleType, dataset: str, native: bool) -> None:
+    """native: the LMDB store's default native restore (Rust core only); py-lmdb: the target opened
+    with native_restore=False, every record handed to py-lmdb (the pure core's only way)."""
+    if native and core.CORE_NAME != "rust":
+        pytest.skip("native restores need the Rust core; the pure core's restore is the py-lmdb case")
     db, records, nbytes = databases.source(dataset)
     path = databases.fresh_path("backup").with_suffix(".dfb")
     EncryptedBackupManager(db, MASTER, core=core.CORE_NAME).create_backup(path)
@@ -121,7 +127,7 @@ def test_restore_backup(measure: Any, databases: Databases, core: ModuleType, da
         # Each round restores into a new, empty database; the previous one is removed first.
         drop_targets()
         target_path = databases.fresh_path("restore")
-        target = DbOperations.open(target_path)
+        target = DbOperations.open(target_path, native_restore=native)
         targets.append((target, target_path))
         return (EncryptedBackupManager(target, MASTER, core=core.CORE_NAME), path), {}
 

@@ -320,6 +320,11 @@ def test_chain_merge_across_cores(core: ModuleType, reader_core: str, backup_key
     merge = rc.ChainMerge(_readers(rc, backup_key, [full, incr]), stale=1)
     assert merge.read_items() == [(b"a", None), (b"b", b"2"), (b"c", None), (b"d", b"2")]
 
+    merge = rc.ChainMerge(_readers(rc, backup_key, [full, incr]))
+    assert merge.skip_items(3) == 3  # a (deleted), b, c: what read_items would hand out
+    assert merge.read_items() == [(b"d", b"2")]
+    assert merge.skip_items() == 0
+
     sink = io.BytesIO()
     w = rc.BackupWriter(sink, backup_key, b"{}", segment_size=4096)
     w.begin_tree("t")

@@ -182,6 +182,9 @@ class ChainMerge:
         """The merged state in key order, as BackupReader.read_items: (key, value) where the
         newest member holds a PUT, (key, None) where it holds a DELETE. [] at the end, once every
         member's TREE_END was read and checked."""
+    def skip_items(self, max_items: int = 4096) -> int:
+        """read_items without the records: merges up to max_items keys and returns how many; 0 at
+        the end, once every member's TREE_END was read and checked."""
     def write_items(
         self, writer: LmdbWriter, tree: int, *, prefix: bytes | None = None, overwrite: bool, max_items: int = 65536
     ) -> tuple[int, int, int, list[bytes], bool]:

@@ -114,7 +114,7 @@ def chain_trees(
         deleted_at = max((j for j, m in enumerate(chain) if name in m.deleted_trees), default=-1)
         merge = core.ChainMerge([readers[i] for i in holders], stale=sum(i < deleted_at for i in holders))
         yield name, merge
-        while merge.read_items():
+        while merge.skip_items():
             pass
     for i, reader in enumerate(readers):  # the rest of each file: skipped trees are read and checked
         while (extra := reader.next_tree()) is not None:

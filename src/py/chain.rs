@@ -126,6 +126,20 @@ impl PyChainMerge {
         })
     }
 
+    /// read_items without the records: merges up to `max_items` keys and returns how many (0 at
+    /// the end, once every member's TREE_END was read and checked).
+    #[pyo3(signature = (max_items=IntArg::Default(4096)))]
+    fn skip_items(&mut self, py: Python<'_>, max_items: IntArg<'_>) -> PyResult<usize> {
+        let max_items = batch_limit(&max_items, "max_items")?;
+        self.with_sources(py, |merge, sources| {
+            let mut count = 0;
+            while count < max_items && merge.next(sources)?.is_some() {
+                count += 1;
+            }
+            Ok(count)
+        })
+    }
+
     /// BackupReader.write_items for the merged state: up to `max_items` records (PUT where the
     /// newest member holds one, DELETE where it deletes the key) into `writer`'s tree `tree`.
     #[pyo3(signature = (writer, tree, *, prefix=None, overwrite, max_items=IntArg::Default(65536)))]
