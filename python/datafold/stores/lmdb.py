@@ -46,13 +46,15 @@ Native restores (option native_restore, default True, with the Rust core): the b
 a restore through native_writer(), a core.LmdbWriter (src/lmdb_write.rs) that the Rust reader fills
 directly (BackupReader.write_items). The core links its own LMDB (mdb.master from lmdb-master-sys,
 data format 1, as py-lmdb's LMDB 0.9); two LMDB builds must not have one environment open in one
-process (LMDB's locks are per process), so _SharedEnv.hand_over waits for every transaction of this
-process to end, closes the py-lmdb environment, lets the core open it for the one write transaction,
-and opens it with py-lmdb again afterwards; other threads wait meanwhile, the handing thread gets
-StoreError. The two builds' lock-file formats differ (LMDB's MDB_LOCK_FORMAT), so the core's LMDB
-refuses an environment another process has open (the restore then goes through py-lmdb), and a
-process opening it during a native restore gets LMDB's version-mismatch error instead of sharing a
-lock table it does not understand.
+process (LMDB's locks are per process), so _SharedEnv.hand_over, when no transaction of this process
+is open, closes the py-lmdb environment, lets the core open it for the one write transaction, and
+opens it with py-lmdb again afterwards. Transactions other threads start meanwhile wait for it; the
+handing thread's get StoreError. If a transaction of this process is open when the restore starts
+(another thread's snapshot, say), the restore goes through py-lmdb beside it instead. The two
+builds' lock-file formats differ (LMDB's MDB_LOCK_FORMAT), so the core's LMDB refuses an environment
+another process has open (the restore then goes through py-lmdb too), and a process opening it
+during a native restore gets LMDB's version-mismatch error instead of sharing a lock table it does
+not understand.
 
 writemap (opt-in, off by default): LMDB's MDB_WRITEMAP. Without it LMDB keeps every page a write
 transaction dirties in malloc'd memory until the commit, so one big transaction (a restore is one)
@@ -521,21 +523,12 @@ class _SharedEnv:
             )
 
     def _take_over(self) -> bool:
-        """Wait (up to resize_timeout) until no transaction of this process is open and hold new ones
-        back; False (nothing held back) when this thread holds one itself or the wait times out."""
-        me = threading.get_ident()
+        """Hold new transactions of this process back, if none is open now (a restore never waits for
+        another thread's reader: it writes through py-lmdb beside it instead)."""
         with self.cond:
-            if self.threads.get(me) or self.native is not None:
+            if self.active or self.native is not None or self.growth_pending:
                 return False
-            self.native = me
-            deadline = time.monotonic() + self.resize_timeout
-            while self.active:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.native = None
-                    self.cond.notify_all()
-                    return False
-                self.cond.wait(remaining)
+            self.native = threading.get_ident()
             return True
 
     @contextmanager
@@ -544,11 +537,12 @@ class _SharedEnv:
         write transaction) for the with block, then open it with py-lmdb again.
 
         Two LMDB builds must not have the environment open in one process at once (their locks are
-        per process), so no transaction of this process may be open meanwhile: others wait, as they
-        wait for a grow of the map. Yields None, with nothing closed, when this thread has a
-        transaction open, other threads keep theirs open for resize_timeout, or the core's LMDB
-        cannot open the environment (another process has it open: the two LMDB versions' lock files
-        differ, and LMDB refuses to share them); the caller then writes through py-lmdb.
+        per process), so no transaction of this process may be open meanwhile: transactions other
+        threads start wait, as they wait for a grow of the map. Yields None, with nothing closed,
+        when a transaction (items() iterator, snapshot) of this process is open at that moment or a
+        grow is pending, or when the core's LMDB cannot open the environment (another process has
+        it open: the two LMDB versions' lock files differ, and LMDB refuses to share them); the
+        caller then writes through py-lmdb.
         """
         if not self._take_over():
             yield None
