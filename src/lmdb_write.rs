@@ -1,10 +1,11 @@
-//! One LMDB write transaction through the LMDB C library, fed straight from a `BackupDecoder`:
-//! a restore that writes its records here never makes a Python object per record.
+//! One LMDB write transaction through the LMDB C library, fed straight from a `BackupDecoder`
+//! (or a backup chain's merge): a restore that writes its records here never makes a Python
+//! object per record.
 //!
 //! The LMDB store opens its environment with py-lmdb, which links its own LMDB. Two LMDB builds
 //! must never have one environment open in one process at once (the locks are per process), so
 //! the store closes its py-lmdb environment before it opens a `Writer` and reopens it after the
-//! writer is gone (python/datafold/stores/lmdb.py, `native_write`). The bundled LMDB (mdb.master)
+//! writer is gone (python/datafold/stores/lmdb.py, `_SharedEnv.hand_over`). The bundled LMDB (mdb.master)
 //! writes data format 1, as py-lmdb's LMDB 0.9 does, and a different lock-file format: if any
 //! other process has the environment open, `Writer::open` fails with a version mismatch instead
 //! of sharing the lock table, and the store keeps writing through py-lmdb.
