@@ -489,35 +489,40 @@ class EncryptedBackupManager:
         )
         if meter.active:
             meter.total_bytes = sum(m.file_size or 0 for m in chain) or None
+
+        def restorer(write_tree: Callable[[str, Any], _TreeOutcome], in_db: Callable[[str], bool]) -> Any:
+            def restore(name: str, source: Any) -> None:
+                # A chain's tree deleted since (and not in the database): nothing to delete there.
+                gone = name not in newest.trees and not in_db(name)
+                if wanted(name) and not gone:  # a reader skips (and checks) the trees not visited
+                    outcome[name] = write_tree(name, source)
+                    stats.trees_restored += 1
+
+            return restore
+
         # With the Rust core (errors abort) the LMDB store's native writer takes the records when it
         # can: they never become Python objects (stores/lmdb.py, native_restore).
         native = not options.continue_on_errors and hasattr(self._core, "LmdbWriter")
         # The trees of the database, for a chain's deleted trees (read before the hand-over).
         existing = set(self._db.tree_names()) if native and len(chain) > 1 else set()
+        # The whole backup (chain) checked out when scan() returns: then the transaction commits.
         with self._db._native_writer() if native else nullcontext(None) as writer:
             if writer is not None:
-
-                def restore_native(name: str, source: Any) -> None:
-                    gone = name not in newest.trees and name not in existing
-                    if wanted(name) and not gone:  # a reader skips (and checks) the trees not visited
-                        outcome[name] = _restore_tree_native(writer, source, name, prefix, options, stats)
-                        stats.trees_restored += 1
-
-                # The whole backup (chain) checked out when scan() returns: now the transaction commits.
-                trailer = scan(restore_native)
+                trailer = scan(
+                    restorer(
+                        lambda name, source: _restore_tree_native(writer, source, name, prefix, options, stats),
+                        existing.__contains__,
+                    )
+                )
                 writer.commit()
         if writer is None:
             with self._db.write_transaction() as txn:
-
-                def restore(name: str, source: Any) -> None:
-                    # A chain's tree deleted since (and not in the database): nothing to delete there.
-                    gone = name not in newest.trees and name not in txn.tree_names()
-                    if wanted(name) and not gone:  # a reader skips (and checks) the trees not visited
-                        outcome[name] = self._restore_tree(txn, source, name, prefix, options, stats)
-                        stats.trees_restored += 1
-
-                # The whole backup (chain) checked out when scan() returns: now the transaction commits.
-                trailer = scan(restore)
+                trailer = scan(
+                    restorer(
+                        lambda name, source: self._restore_tree(txn, source, name, prefix, options, stats),
+                        lambda name: name in txn.tree_names(),
+                    )
+                )
         meter.end()
 
         if options.verify_after_restore:
