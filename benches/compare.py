@@ -657,8 +657,9 @@ TABLE_NOTES = """\
   faster, 0.50 that this row is twice as fast.
 - datafold rows: EncryptedBackupManager on the LMDB database, default options unless said:
   create_backup writes, fsyncs and re-reads (verifies) the file before its rename; verify_backup is
-  one authenticated pass; restore_backup verifies the file, writes into a fresh LMDB database in
-  one fsynced transaction, then checks each tree's digest.
+  one authenticated pass; restore_backup verifies the file, writes into a fresh LMDB database (the
+  Rust core: a new data file committed every 16 MiB, fsynced and renamed over data.mdb; all or
+  nothing like one transaction), then checks each tree's digest.
 - Peers restore into a fresh directory; restic and borg get a fresh repository per run (init not
   timed). Every output (age file, repository, restored files) is fsynced inside the timed region.
   Wall time of the whole command, process start and key derivation included.
@@ -890,7 +891,7 @@ def render_incremental(run: IncrementalRun, bars: list[Bar], repeat: int, scale:
         f"{changes.touched:,} records ({changes.touched / src.records:.2%}) change: {changes.updated:,} updated "
         f"(one JSON field added), {changes.deleted:,} deleted, {changes.added:,} new keys; seeded, the same "
         "share of every tree. Rust core, default options (create_backup fsyncs and re-reads its file; "
-        "restore_backup verifies first, writes one fsynced transaction into a fresh LMDB database, then "
+        "restore_backup verifies first, writes into a fresh LMDB database all at once (fsynced), then "
         f"checks the digests). Median of {repeat} run(s) per cell, run of "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
@@ -1166,7 +1167,8 @@ def bench_memory(sizes_mib: list[int], tmp: Path) -> tuple[str, list[Bar]]:
         "write transaction); file-backed pages (LMDB's memory map, the page cache) do not count.",
         "- restore-writemap = the same restore into a database opened with the opt-in LMDB option "
         "`writemap=True` (dirty pages go straight into the file mapping; the data file is preallocated to "
-        "the whole map size); restore is the default.",
+        "the whole map size); restore is the default: into the fresh database, the Rust core's LMDB builds "
+        "a new data file, committed every 16 MiB and renamed over data.mdb at the end (stores/lmdb.py).",
     ]
     bars = []
     for op in ("backup", "restore", "restore-writemap"):

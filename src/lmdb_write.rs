@@ -9,10 +9,27 @@
 //! writes data format 1, as py-lmdb's LMDB 0.9 does, and a different lock-file format: if any
 //! other process has the environment open, `Writer::open` fails with a version mismatch instead
 //! of sharing the lock table, and the store keeps writing through py-lmdb.
+//!
+//! Staged writes. LMDB keeps every page a write transaction dirties in malloc'd memory until the
+//! commit, so one transaction holding a whole restore grows the process by about the size of the
+//! database. When the environment holds no tree yet and no other process has it open, the writer
+//! instead builds a new data file beside it (`data.mdb.datafold-restore`, an environment of its own
+//! without a lock file or syncs) in transactions of `STAGED_COMMIT_BYTES` each, then syncs it and
+//! renames it over data.mdb: the database still changes all at once or not at all (a crash leaves
+//! the old data.mdb and a stale staging file, removed by the next staged write or open of the
+//! store). Meanwhile the writer holds the target's write transaction. No other process can have the
+//! old file open: none had the environment open when the writer began (byte 0 of lock.mdb, which
+//! each opener read-locks, could be write-locked), a py-lmdb opener fails on the lock-file format,
+//! and another writer of this crate on the flock every one holds (`exclusive_writer_lock`). After
+//! the writer is gone the next opener is LMDB's first again and rebuilds the lock table from the
+//! new file.
 
 use std::ffi::{c_int, CStr, CString};
+use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::ptr;
 
 use lmdb_master_sys as ffi;
@@ -27,7 +44,16 @@ pub struct EnvOptions {
     pub max_dbs: u32,
     pub max_readers: u32,
     pub writemap: bool,
+    /// Build the data file anew when the environment holds no tree (see the module doc; never
+    /// with writemap, whose store preallocates the map in data.mdb).
+    pub stage_when_empty: bool,
 }
+
+/// Bytes of keys and values a staged write puts per transaction: what it holds in memory.
+const STAGED_COMMIT_BYTES: usize = 16 << 20;
+
+/// The staging file's name in the environment directory.
+pub const STAGING_FILE: &str = "data.mdb.datafold-restore";
 
 fn lmdb_message(rc: c_int) -> String {
     // SAFETY: mdb_strerror returns a static NUL-terminated string for any code.
@@ -47,9 +73,11 @@ pub enum Put {
 /// A tree opened in the writer's transaction.
 #[derive(Debug)]
 pub struct Tree {
-    /// A cursor of the writer's transaction, which frees it when it ends: puts through one
-    /// cursor skip setting up a new one for every record.
+    dbi: ffi::MDB_dbi,
+    /// A cursor of the writer's transaction `txn_serial`, which frees it when it ends: puts
+    /// through one cursor skip setting up a new one for every record.
     cursor: *mut ffi::MDB_cursor,
+    txn_serial: u64,
     /// The tree had no record when the transaction opened it.
     pub was_empty: bool,
     /// While every key so far came in ascending order into a tree that was empty, puts are
@@ -60,56 +88,157 @@ pub struct Tree {
 
 /// An environment with its one write transaction; dropping it without `commit` aborts.
 pub struct Writer {
+    /// Where the records go: the target environment, or the staging one.
     env: *mut ffi::MDB_env,
     txn: *mut ffi::MDB_txn,
+    /// Counts the transactions of `env` (a staged write commits along the way).
+    txn_serial: u64,
     max_key: usize,
     failed: bool,
     /// Records put or deleted so far (skipped ones not counted).
     pub records: u64,
+    staged: Option<Staged>,
+    /// Bytes put since the staging transaction began, and the most it may hold.
+    pending: usize,
+    commit_every: usize,
+    /// This writer's own descriptor of lock.mdb with its flock (`exclusive_writer_lock`), kept
+    /// until the environment is closed: closing any descriptor of a file drops every fcntl lock
+    /// the process holds on it, LMDB's too.
+    lock_file: Option<File>,
+}
+
+/// A staged write's target: its environment, held with a write transaction, and the files.
+struct Staged {
+    env: *mut ffi::MDB_env,
+    txn: *mut ffi::MDB_txn,
+    data_path: PathBuf,
+    staging_path: PathBuf,
+    /// data.mdb's permission bits, owner and group, which the new file takes over.
+    mode: u32,
+    owner: (u32, u32),
+    /// The staging file was renamed over data.mdb.
+    published: bool,
 }
 
 impl Writer {
     /// Opens the environment directory `path` (data.mdb and lock.mdb in it) and begins the write
-    /// transaction.
+    /// transaction, staged when the environment holds no tree (see the module doc).
     pub fn open(path: &Path, options: EnvOptions) -> Result<Writer> {
-        let c_path = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| Error::Store("the database path contains a NUL byte".into()))?;
-        let mut env = ptr::null_mut();
-        // SAFETY: plain LMDB calls on a handle this function owns; it is closed on every error.
-        unsafe {
-            check(ffi::mdb_env_create(&mut env), "create an LMDB environment")?;
-            let mut w = Writer {
-                env,
-                txn: ptr::null_mut(),
-                max_key: 0,
-                failed: false,
-                records: 0,
-            };
-            let flags = if options.writemap {
-                ffi::MDB_WRITEMAP
+        let lock = exclusive_writer_lock(path)?;
+        let flags = if options.writemap {
+            ffi::MDB_WRITEMAP
+        } else {
+            0
+        };
+        let (env, txn) = open_env(path, options, flags, 0o644)?;
+        // SAFETY: a live environment.
+        let max_key = unsafe { ffi::mdb_env_get_maxkeysize(env) } as usize;
+        let mut w = Writer {
+            env,
+            txn,
+            txn_serial: 0,
+            max_key,
+            failed: false,
+            records: 0,
+            staged: None,
+            pending: 0,
+            commit_every: STAGED_COMMIT_BYTES,
+            lock_file: Some(lock),
+        };
+        // Byte 0's write lock is free only if no other process has the environment open (each
+        // holds a read lock there). It is given back at once: a process opening the environment
+        // meanwhile then fails on the lock-file format (see the module doc) instead of waiting
+        // for this writer and trusting its lock table afterwards, which a staged write outdates.
+        if options.stage_when_empty && !options.writemap {
+            let lock = w.lock_file.take().expect("lock file");
+            let staged = if lock_byte_zero(&lock, libc::F_WRLCK) {
+                let staged = w.stage_target(path, options);
+                lock_byte_zero(&lock, libc::F_RDLCK);
+                staged
             } else {
-                0
+                Ok(false)
             };
-            check(
-                ffi::mdb_env_set_mapsize(env, options.map_size),
-                "set the map size",
-            )?;
-            check(ffi::mdb_env_set_maxdbs(env, options.max_dbs), "set max_dbs")?;
-            check(
-                ffi::mdb_env_set_maxreaders(env, options.max_readers),
-                "set max_readers",
-            )?;
-            check(
-                ffi::mdb_env_open(env, c_path.as_ptr(), flags, 0o644),
-                "open the environment",
-            )?;
-            w.max_key = ffi::mdb_env_get_maxkeysize(env) as usize;
-            check(
-                ffi::mdb_txn_begin(env, ptr::null_mut(), 0, &mut w.txn),
-                "begin a write transaction",
-            )?;
-            Ok(w)
+            w.lock_file = Some(lock);
+            staged?;
         }
+        Ok(w)
+    }
+
+    /// Moves the writer onto a staging environment if the target holds no tree and data.mdb is
+    /// a plain file this process may replace with one of the same owner; Ok(false) otherwise.
+    fn stage_target(&mut self, path: &Path, options: EnvOptions) -> Result<bool> {
+        let data_path = path.join("data.mdb");
+        let Ok(meta) = std::fs::symlink_metadata(&data_path) else {
+            return Ok(false);
+        };
+        // SAFETY: geteuid/getegid cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let owner = (meta.uid(), meta.gid());
+        if !meta.file_type().is_file() || meta.nlink() != 1 || (uid != 0 && owner != (uid, gid)) {
+            return Ok(false);
+        }
+        if !self.target_is_empty()? {
+            return Ok(false);
+        }
+        let staging_path = path.join(STAGING_FILE);
+        match std::fs::remove_file(&staging_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::Store(format!(
+                    "cannot remove the stale staging file {}: {e}",
+                    staging_path.display()
+                )))
+            }
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        let flags = ffi::MDB_NOSUBDIR | ffi::MDB_NOLOCK | ffi::MDB_NOSYNC;
+        let (env, txn) = match open_env(&staging_path, options, flags, mode) {
+            Ok(handles) => handles,
+            Err(e) => {
+                let _ = std::fs::remove_file(&staging_path);
+                return Err(e);
+            }
+        };
+        self.staged = Some(Staged {
+            env: self.env,
+            txn: self.txn,
+            data_path,
+            staging_path,
+            mode,
+            owner,
+            published: false,
+        });
+        self.env = env;
+        self.txn = txn;
+        Ok(true)
+    }
+
+    /// The target's main database holds no record (no tree, nothing else).
+    fn target_is_empty(&mut self) -> Result<bool> {
+        let mut dbi = 0;
+        let mut stat = std::mem::MaybeUninit::<ffi::MDB_stat>::uninit();
+        // SAFETY: the live write transaction; a NULL name opens the main database.
+        let rc = unsafe { ffi::mdb_dbi_open(self.txn, ptr::null(), 0, &mut dbi) };
+        if rc != 0 {
+            return Err(self.fail(rc, "open the main database"));
+        }
+        let rc = unsafe { ffi::mdb_stat(self.txn, dbi, stat.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(self.fail(rc, "read the main database"));
+        }
+        // SAFETY: mdb_stat returned 0, so it filled `stat`.
+        Ok(unsafe { stat.assume_init() }.ms_entries == 0)
+    }
+
+    /// The records go to a staging file that replaces data.mdb at the commit.
+    pub fn staged(&self) -> bool {
+        self.staged.is_some()
+    }
+
+    #[cfg(test)]
+    fn set_commit_every(&mut self, nbytes: usize) {
+        self.commit_every = nbytes;
     }
 
     pub fn max_key_size(&self) -> usize {
@@ -165,7 +294,9 @@ impl Writer {
         // SAFETY: mdb_stat returned 0, so it filled `stat`.
         let was_empty = unsafe { stat.assume_init() }.ms_entries == 0;
         Ok(Tree {
+            dbi,
             cursor,
+            txn_serial: self.txn_serial,
             was_empty,
             appending: was_empty,
             last_key: Vec::new(),
@@ -203,10 +334,11 @@ impl Writer {
         if append {
             flags |= ffi::MDB_APPEND;
         }
+        let cursor = self.cursor(tree)?;
         let mut k = val(key);
         let mut v = val(value);
         // SAFETY: a cursor of the live write transaction; LMDB copies key and value.
-        let rc = unsafe { ffi::mdb_cursor_put(tree.cursor, &mut k, &mut v, flags) };
+        let rc = unsafe { ffi::mdb_cursor_put(cursor, &mut k, &mut v, flags) };
         if append {
             tree.last_key.clear();
             tree.last_key.extend_from_slice(key);
@@ -216,6 +348,7 @@ impl Writer {
         match rc {
             0 => {
                 self.records += 1;
+                self.wrote(key.len() + value.len())?;
                 Ok(Put::Written)
             }
             ffi::MDB_KEYEXIST if !overwrite && !append => Ok(Put::Skipped),
@@ -231,23 +364,67 @@ impl Writer {
         if key.is_empty() || key.len() > self.max_key {
             return Ok(false);
         }
+        let cursor = self.cursor(tree)?;
         let (mut k, mut v) = (val(key), val(b""));
         // SAFETY: a cursor of the live write transaction.
-        match unsafe { ffi::mdb_cursor_get(tree.cursor, &mut k, &mut v, ffi::MDB_SET) } {
+        match unsafe { ffi::mdb_cursor_get(cursor, &mut k, &mut v, ffi::MDB_SET) } {
             0 => {}
             ffi::MDB_NOTFOUND => return Ok(false),
             rc => return Err(self.fail(rc, "delete")),
         }
-        match unsafe { ffi::mdb_cursor_del(tree.cursor, 0) } {
+        match unsafe { ffi::mdb_cursor_del(cursor, 0) } {
             0 => {
                 self.records += 1;
+                self.wrote(key.len())?;
                 Ok(true)
             }
             rc => Err(self.fail(rc, "delete")),
         }
     }
 
-    /// Commits (durably: the environment has sync on); the writer is spent afterwards.
+    /// The tree's cursor in the current transaction (a staged write's commits end the old one).
+    fn cursor(&mut self, tree: &mut Tree) -> Result<*mut ffi::MDB_cursor> {
+        if tree.txn_serial != self.txn_serial {
+            let mut cursor = ptr::null_mut();
+            // SAFETY: the live write transaction; `tree.dbi` was opened in an earlier one of the
+            // same environment, which committed.
+            let rc = unsafe { ffi::mdb_cursor_open(self.txn, tree.dbi, &mut cursor) };
+            if rc != 0 {
+                return Err(self.fail(rc, "open a cursor"));
+            }
+            tree.cursor = cursor;
+            tree.txn_serial = self.txn_serial;
+        }
+        Ok(tree.cursor)
+    }
+
+    /// Counts `nbytes` written; a staged write commits once it holds `commit_every` bytes.
+    fn wrote(&mut self, nbytes: usize) -> Result<()> {
+        if self.staged.is_none() {
+            return Ok(());
+        }
+        self.pending += nbytes;
+        if self.pending < self.commit_every {
+            return Ok(());
+        }
+        let txn = std::mem::replace(&mut self.txn, ptr::null_mut());
+        // SAFETY: the live staging transaction (mdb_txn_commit frees it whatever it returns),
+        // then a new one of the same environment.
+        let rc = unsafe { ffi::mdb_txn_commit(txn) };
+        if rc != 0 {
+            return Err(self.fail(rc, "commit"));
+        }
+        let rc = unsafe { ffi::mdb_txn_begin(self.env, ptr::null_mut(), 0, &mut self.txn) };
+        if rc != 0 {
+            return Err(self.fail(rc, "begin a write transaction"));
+        }
+        self.txn_serial += 1;
+        self.pending = 0;
+        Ok(())
+    }
+
+    /// Commits (durably: the environment has sync on; a staged write syncs its file and renames
+    /// it over data.mdb); the writer is spent afterwards.
     pub fn commit(&mut self) -> Result<()> {
         let txn = self.live()?;
         self.txn = ptr::null_mut();
@@ -256,18 +433,160 @@ impl Writer {
         if rc != 0 {
             return Err(self.fail(rc, "commit"));
         }
+        if self.staged.is_some() {
+            // SAFETY: the staging environment, with no transaction left.
+            let rc = unsafe { ffi::mdb_env_sync(self.env, 1) };
+            if rc != 0 {
+                return Err(self.fail(rc, "sync the staging file"));
+            }
+            unsafe { ffi::mdb_env_close(self.env) };
+            self.env = ptr::null_mut();
+            let published = publish(self.staged.as_mut().expect("staged"));
+            self.failed = published.is_err();
+            published?;
+        }
         Ok(())
+    }
+}
+
+/// Gives the synced staging file data.mdb's mode and owner and renames it over data.mdb.
+fn publish(staged: &mut Staged) -> Result<()> {
+    let failed = |what: &str, e: std::io::Error| {
+        Error::Store(format!(
+            "cannot {what} {}: {e}",
+            staged.staging_path.display()
+        ))
+    };
+    let file = File::open(&staged.staging_path).map_err(|e| failed("open", e))?;
+    file.set_permissions(std::fs::Permissions::from_mode(staged.mode))
+        .map_err(|e| failed("set the permissions of", e))?;
+    let meta = file.metadata().map_err(|e| failed("read", e))?;
+    if (meta.uid(), meta.gid()) != staged.owner {
+        std::os::unix::fs::fchown(&file, Some(staged.owner.0), Some(staged.owner.1))
+            .map_err(|e| failed("set the owner of", e))?;
+    }
+    std::fs::rename(&staged.staging_path, &staged.data_path)
+        .map_err(|e| failed("rename over data.mdb", e))?;
+    staged.published = true;
+    let dir = staged.data_path.parent().unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+        Error::Store(format!(
+            "the restored data file is in place, but its directory {} could not be synced: {e}",
+            dir.display()
+        ))
+    })
+}
+
+/// Creates and opens an environment (`flags`; the file mode for new files) and begins a write
+/// transaction in it.
+fn open_env(
+    path: &Path,
+    options: EnvOptions,
+    flags: std::ffi::c_uint,
+    mode: u32,
+) -> Result<(*mut ffi::MDB_env, *mut ffi::MDB_txn)> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::Store("the database path contains a NUL byte".into()))?;
+    let mut env = ptr::null_mut();
+    let mut txn = ptr::null_mut();
+    // SAFETY: plain LMDB calls on a handle this function owns; it is closed on every error.
+    unsafe {
+        check(ffi::mdb_env_create(&mut env), "create an LMDB environment")?;
+        let opened = (|| {
+            check(
+                ffi::mdb_env_set_mapsize(env, options.map_size),
+                "set the map size",
+            )?;
+            check(ffi::mdb_env_set_maxdbs(env, options.max_dbs), "set max_dbs")?;
+            check(
+                ffi::mdb_env_set_maxreaders(env, options.max_readers),
+                "set max_readers",
+            )?;
+            check(
+                ffi::mdb_env_open(env, c_path.as_ptr(), flags, mode as ffi::mdb_mode_t),
+                "open the environment",
+            )?;
+            check(
+                ffi::mdb_txn_begin(env, ptr::null_mut(), 0, &mut txn),
+                "begin a write transaction",
+            )
+        })();
+        if let Err(e) = opened {
+            ffi::mdb_env_close(env);
+            return Err(e);
+        }
+    }
+    Ok((env, txn))
+}
+
+/// This crate's writers take an exclusive flock(2) of lock.mdb (apart from LMDB's fcntl locks)
+/// before they open the environment and hold it until it is closed: a writer of another process
+/// never opens the data file a staged write is about to replace.
+fn exclusive_writer_lock(path: &Path) -> Result<File> {
+    let lock_path = path.join("lock.mdb");
+    let lock = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| {
+            Error::Store(format!(
+                "cannot open the LMDB lock file {}: {e}",
+                lock_path.display()
+            ))
+        })?;
+    // SAFETY: flock on an open descriptor.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::Store(
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                "another datafold restore is writing this LMDB database; retry once it is done"
+                    .into()
+            } else {
+                format!("cannot lock {}: {e}", lock_path.display())
+            },
+        ));
+    }
+    Ok(lock)
+}
+
+/// fcntl(F_SETLK) of byte 0 of the lock file (`kind`: F_WRLCK or F_RDLCK): true if it was set.
+fn lock_byte_zero(file: &File, kind: c_int) -> bool {
+    // SAFETY: a zeroed flock is valid; fcntl reads it and the descriptor is open.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = 0;
+    lock.l_len = 1;
+    loop {
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) } == 0 {
+            return true;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return false;
+        }
     }
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        // SAFETY: handles this writer owns; an uncommitted transaction is aborted first.
+        // SAFETY: handles this writer owns; an uncommitted transaction is aborted first. The
+        // target environment closes before `lock_file` (a field, dropped after this).
         unsafe {
             if !self.txn.is_null() {
                 ffi::mdb_txn_abort(self.txn);
             }
-            ffi::mdb_env_close(self.env);
+            if !self.env.is_null() {
+                ffi::mdb_env_close(self.env);
+            }
+            if let Some(staged) = &self.staged {
+                ffi::mdb_txn_abort(staged.txn);
+                ffi::mdb_env_close(staged.env);
+                if !staged.published {
+                    let _ = std::fs::remove_file(&staged.staging_path);
+                }
+            }
         }
     }
 }
@@ -384,13 +703,19 @@ mod tests {
             max_dbs: 8,
             max_readers: 16,
             writemap: false,
+            stage_when_empty: false,
         }
     }
 
     /// Every record of the tree `name`, read with a cursor of the same LMDB.
     fn read_tree(dir: &Path, name: &str) -> Records {
+        read_tree_opt(dir, Some(name))
+    }
+
+    /// Every record of the tree `name` or, with None, of the main database.
+    fn read_tree_opt(dir: &Path, name: Option<&str>) -> Records {
         let c_path = CString::new(dir.as_os_str().as_bytes()).unwrap();
-        let c_name = CString::new(name).unwrap();
+        let c_name = name.map(|n| CString::new(n).unwrap());
         let mut out = Vec::new();
         unsafe {
             let mut env = ptr::null_mut();
@@ -406,7 +731,8 @@ mod tests {
                 0
             );
             let mut dbi = 0;
-            assert_eq!(ffi::mdb_dbi_open(txn, c_name.as_ptr(), 0, &mut dbi), 0);
+            let name_ptr = c_name.as_ref().map_or(ptr::null(), |n| n.as_ptr());
+            assert_eq!(ffi::mdb_dbi_open(txn, name_ptr, 0, &mut dbi), 0);
             let mut cursor = ptr::null_mut();
             assert_eq!(ffi::mdb_cursor_open(txn, dbi, &mut cursor), 0);
             let (mut k, mut v) = (val(b""), val(b""));
@@ -426,6 +752,162 @@ mod tests {
 
     fn key(i: u32) -> Vec<u8> {
         format!("key{i:08}").into_bytes()
+    }
+
+    /// Puts records until a 1 MiB map is full: MDB_MAP_FULL.
+    fn fill_a_small_map(w: &mut Writer, t: &mut Tree) {
+        let e = (0..100_000u32)
+            .map(|i| w.put(t, &key(i), &[0u8; 100], true))
+            .find_map(|r| r.err())
+            .expect("a 1 MiB map fills up");
+        assert!(e.to_string().contains("MDB_MAP_FULL"), "{e}");
+    }
+
+    fn staging(map_size: usize) -> EnvOptions {
+        EnvOptions {
+            stage_when_empty: true,
+            ..options(map_size)
+        }
+    }
+
+    fn inode(path: &Path) -> u64 {
+        std::fs::metadata(path).unwrap().ino()
+    }
+
+    /// The names in the main database (the trees).
+    fn tree_names(dir: &Path) -> Vec<Vec<u8>> {
+        read_tree_opt(dir, None)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    #[test]
+    fn a_write_into_an_empty_environment_is_staged_and_renamed_over_data_mdb() {
+        let dir = tempdir("staged");
+        // A stale staging file from a crash is replaced.
+        std::fs::write(dir.join(STAGING_FILE), b"junk").unwrap();
+        drop(Writer::open(&dir, options(64 << 20)).unwrap()); // creates the environment
+        let data = dir.join("data.mdb");
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let before = inode(&data);
+
+        let mut w = Writer::open(&dir, staging(64 << 20)).unwrap();
+        assert!(w.staged());
+        w.set_commit_every(64 << 10);
+        let mut a = w.open_tree(b"a").unwrap();
+        let mut b = w.open_tree(b"b").unwrap();
+        assert!(a.was_empty && b.was_empty);
+        // Both trees across many staging commits: each cursor is renewed after one.
+        for i in 0..5000 {
+            w.put(&mut a, &key(i), &[1u8; 100], true).unwrap();
+            w.put(&mut b, &key(i), &[2u8; 100], true).unwrap();
+        }
+        assert!(w.txn_serial > 10, "{}", w.txn_serial);
+        assert!(w.delete(&mut b, &key(7)).unwrap());
+        assert!(dir.join(STAGING_FILE).exists());
+        assert_eq!(inode(&data), before); // nothing visible before the commit
+        w.commit().unwrap();
+        drop(w);
+
+        assert!(!dir.join(STAGING_FILE).exists());
+        assert_ne!(inode(&data), before);
+        let meta = std::fs::metadata(&data).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(tree_names(&dir), vec![b"a".to_vec(), b"b".to_vec()]);
+        let want_a: Records = (0..5000).map(|i| (key(i), vec![1u8; 100])).collect();
+        let want_b: Records = (0..5000)
+            .filter(|i| *i != 7)
+            .map(|i| (key(i), vec![2u8; 100]))
+            .collect();
+        assert_eq!(read_tree(&dir, "a"), want_a);
+        assert_eq!(read_tree(&dir, "b"), want_b);
+
+        // Now it holds trees: the next write goes into its own transaction.
+        let mut w = Writer::open(&dir, staging(64 << 20)).unwrap();
+        assert!(!w.staged());
+        let mut a = w.open_tree(b"a").unwrap();
+        w.put(&mut a, b"z", b"last", true).unwrap();
+        w.commit().unwrap();
+        drop(w);
+        assert_eq!(read_tree(&dir, "a").len(), 5001);
+    }
+
+    #[test]
+    fn a_staged_write_dropped_or_failed_leaves_the_environment_as_it_was() {
+        let dir = tempdir("staged-abort");
+        drop(Writer::open(&dir, options(64 << 20)).unwrap());
+        let data = dir.join("data.mdb");
+        let before = inode(&data);
+        let mut w = Writer::open(&dir, staging(64 << 20)).unwrap();
+        w.set_commit_every(4096);
+        let mut t = w.open_tree(b"t").unwrap();
+        for i in 0..1000 {
+            w.put(&mut t, &key(i), b"value", true).unwrap();
+        }
+        drop(w);
+        assert!(!dir.join(STAGING_FILE).exists());
+        assert_eq!(inode(&data), before);
+        assert!(tree_names(&dir).is_empty());
+
+        // A full map fails the staged transaction the same way.
+        let mut w = Writer::open(&dir, staging(1 << 20)).unwrap();
+        assert!(w.staged());
+        w.set_commit_every(64 << 10);
+        let mut t = w.open_tree(b"t").unwrap();
+        fill_a_small_map(&mut w, &mut t);
+        assert!(w.commit().is_err());
+        drop(w);
+        assert!(!dir.join(STAGING_FILE).exists());
+        assert_eq!(inode(&data), before);
+        assert!(tree_names(&dir).is_empty());
+    }
+
+    #[test]
+    fn an_environment_another_process_has_open_is_not_staged() {
+        let dir = tempdir("staged-shared");
+        drop(Writer::open(&dir, options(16 << 20)).unwrap());
+        // What LMDB's opener holds: a read lock on byte 0 of lock.mdb, here from another process
+        // (fork + exec: a forked copy of this one would share the other tests' descriptors).
+        let script = "import fcntl, os, sys\n\
+                      fd = os.open(sys.argv[1], os.O_RDWR)\n\
+                      fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, 0)\n\
+                      print('locked', flush=True)\n\
+                      sys.stdin.read()\n";
+        let child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(dir.join("lock.mdb"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn();
+        let Ok(mut child) = child else {
+            eprintln!("skipped: no python3 to hold the lock");
+            return;
+        };
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line, "locked\n");
+
+        let mut w = Writer::open(&dir, staging(16 << 20)).unwrap();
+        assert!(!w.staged());
+        let mut t = w.open_tree(b"t").unwrap();
+        w.put(&mut t, b"k", b"v", true).unwrap();
+        w.commit().unwrap();
+        // A second writer of this crate is refused while the first holds the environment.
+        let e = Writer::open(&dir, staging(16 << 20))
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("another datafold restore"), "{e}");
+        drop(w);
+
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+        assert_eq!(read_tree(&dir, "t"), vec![(b"k".to_vec(), b"v".to_vec())]);
     }
 
     #[test]
@@ -524,11 +1006,7 @@ mod tests {
         let dir = tempdir("full");
         let mut w = Writer::open(&dir, options(1 << 20)).unwrap();
         let mut t = w.open_tree(b"t").unwrap();
-        let e = (0..100_000u32)
-            .map(|i| w.put(&mut t, &key(i), &[0u8; 100], true))
-            .find_map(|r| r.err())
-            .expect("a 1 MiB map fills up");
-        assert!(e.to_string().contains("MDB_MAP_FULL"), "{e}");
+        fill_a_small_map(&mut w, &mut t);
         assert!(matches!(
             w.put(&mut t, b"k", b"v", true),
             Err(Error::Poisoned(_))

@@ -205,10 +205,12 @@ def segment_offset(path: Path, segment_size: int, index: int) -> int:
 
 class NativeSpy:
     """Wraps DbOperations._native_writer (the LMDB store's native restores): counts the writers
-    handed out and the records put or deleted through them."""
+    handed out, those staged (an empty database: a new data file), and the records put or
+    deleted through them."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.writers = 0
+        self.staged = 0
         self.records = 0
         original = DbOperations._native_writer
         spy = self
@@ -218,6 +220,7 @@ class NativeSpy:
             with original(db) as writer:
                 if writer is not None:
                     spy.writers += 1
+                    spy.staged += writer.staged
                 try:
                     yield writer
                 finally:

@@ -212,23 +212,29 @@ def test_killed_create_backup_leaves_nothing(tmp_path: Path, backend: str, big_d
     assert os.listdir(backups) == []
 
 
+@pytest.mark.parametrize("into", ["non-empty", "empty"])
 @pytest.mark.parametrize("core_name", ["rust"])
 def test_killed_restore_leaves_the_database_unchanged(
-    tmp_path: Path, backend: str, core_name: str, keys: MasterKeyPair
+    tmp_path: Path, backend: str, core_name: str, keys: MasterKeyPair, into: str
 ) -> None:
     """SIGKILL in the middle of the restore transaction: the database reopens exactly as before,
-    and a restore afterwards works (no lock left behind)."""
+    and a restore afterwards works (no lock left behind). Into an empty LMDB database the Rust
+    core stages a new data file and commits it every 16 MiB: killed past the first of those, the
+    staging file is left over, and the next open removes it."""
     source_path = db_location(tmp_path, backend, "source")
     target_path = db_location(tmp_path, backend, "target")
     backup = tmp_path / "source.dfb"
+    count = 2000 if into == "non-empty" else 10_000  # 40 MiB: half of it is past 16 MiB
     source_data = {
-        "bulk": {i.to_bytes(4, "big"): os.urandom(4 * KiB) for i in range(2000)},
+        "bulk": {i.to_bytes(4, "big"): os.urandom(4 * KiB) for i in range(count)},
         "extra": {b"e": b"1"},
     }
     prior = {
         "bulk": {(5).to_bytes(4, "big"): b"old five", b"\xff-only-in-target": b"kept"},
         "other": {b"x": b"y"},
     }
+    if into == "empty":
+        prior = {}
     with DbOperations.open(source_path, backend) as source:
         for tree, items in source_data.items():
             source.put_many(tree, list(items.items()))
@@ -247,14 +253,20 @@ def test_killed_restore_leaves_the_database_unchanged(
     assert not (tmp_path / "under-way.finished").exists()
     # With the Rust core an LMDB restore is a native one (tests/test_lmdb_native.py): killed
     # inside the core's LMDB transaction, its lock file left in that LMDB's format.
-    assert (tmp_path / "under-way.native").exists() == (backend == "lmdb" and core_name == "rust")
+    native = backend == "lmdb" and core_name == "rust"
+    assert (tmp_path / "under-way.native").exists() == native
+    staging = target_path / "data.mdb.datafold-restore"
+    assert staging.exists() == (native and into == "empty")
 
     with DbOperations.open(target_path, backend) as target:
+        assert not staging.exists()
         assert snapshot(target) == before
         stats = EncryptedBackupManager(target, keys, core=core_name).restore_backup(
             backup, RestoreOptions(overwrite_existing=True)
         )
-        assert stats.items_restored == 2001
+        assert stats.items_restored == count + 1
         assert target.get("bulk", (5).to_bytes(4, "big")) == source_data["bulk"][(5).to_bytes(4, "big")]
-        assert target.get("bulk", b"\xff-only-in-target") == b"kept"
-        assert target.count("bulk") == 2001 and snapshot(target)["other"] == [(b"x", b"y")]
+        if into == "non-empty":
+            assert target.get("bulk", b"\xff-only-in-target") == b"kept"
+            assert snapshot(target)["other"] == [(b"x", b"y")]
+        assert target.count("bulk") == count + (into == "non-empty")

@@ -19,6 +19,7 @@ from datafold import EncryptedBackupManager, MasterKeyPair, RestoreOptions
 from datafold.core import load_core
 from datafold.errors import ArgumentTypeError, IntegrityError, StoreError
 from datafold.stores import DbOperations
+from datafold.stores import lmdb as lmdb_store
 from helpers import SEED, NativeSpy, flip_byte, sample_data, segment_offset, snapshot, text_items
 
 rust = pytest.importorskip("datafold._core")
@@ -81,6 +82,7 @@ def test_native_restore_equals_the_py_lmdb_path(
     native, plain = restore_both(tmp_path, source, options, prepare)
     assert native == plain
     assert spy.writers == 1 and spy.records == native[0] > 0
+    assert spy.staged == (into == "empty")  # a new data file only for a database with no tree
     if into == "non-empty" and options.tree_filter is None and options.key_prefix_filter is None:
         assert native[1] == (0 if options.overwrite_existing else 1)  # user:...05 kept or overwritten
 
@@ -99,17 +101,44 @@ def test_native_restore_applies_deletes(tmp_path: Path, source: Path, monkeypatc
         assert {tree: items for tree, items in snapshot(db).items() if items} == before
 
 
-def test_damage_met_mid_restore_leaves_the_database_unchanged(tmp_path: Path, source: Path) -> None:
+@pytest.mark.parametrize("into", ["empty", "non-empty"])
+def test_damage_met_mid_restore_leaves_the_database_unchanged(tmp_path: Path, source: Path, into: str) -> None:
     with DbOperations.open(tmp_path / "target") as db:
-        db.put_many("text", [(b"a", b"first")])
+        if into == "non-empty":
+            db.put_many("text", [(b"a", b"first")])
         before = snapshot(db)
         data = tmp_path / "target" / "data.mdb"
-        raw = data.read_bytes()
+        raw, inode = data.read_bytes(), data.stat().st_ino
         flip_byte(source, segment_offset(source, 1 << 20, 1) + 100)
         with pytest.raises(IntegrityError):
             manager(db).restore_backup(source, RestoreOptions(verify_before_restore=False))
         assert snapshot(db) == before
         assert data.read_bytes()[: 2 * 4096] == raw[: 2 * 4096]  # the meta pages: nothing committed
+        assert data.stat().st_ino == inode  # an empty database's staging file was dropped
+        assert sorted(os.listdir(tmp_path / "target")) == ["data.mdb", "lock.mdb"]
+
+
+def test_a_restore_into_an_empty_database_replaces_its_data_file(tmp_path: Path, source: Path) -> None:
+    """Staged: the records go to a new file, committed every 16 MiB, renamed over data.mdb; the
+    file keeps data.mdb's permissions, and a staging file a crash left behind is removed."""
+    assert rust.LmdbWriter.STAGING_FILE == lmdb_store.STAGING_FILE == "data.mdb.datafold-restore"
+    path = tmp_path / "target"
+    DbOperations.open(path).close()
+    data = path / "data.mdb"
+    data.chmod(0o600)
+    inode = data.stat().st_ino
+    (path / "data.mdb.datafold-restore").write_bytes(b"left by a crash")
+    with DbOperations.open(path) as db:
+        assert not (path / "data.mdb.datafold-restore").exists()  # the open removes it
+        (path / "data.mdb.datafold-restore").write_bytes(b"left by a crash")
+        stats = manager(db).restore_backup(source)
+        assert stats.verified and db.count("text") == 100_000
+        assert data.stat().st_ino != inode and data.stat().st_mode & 0o777 == 0o600
+        assert sorted(os.listdir(path)) == ["data.mdb", "lock.mdb"]
+        # The database holds trees now: the next restore writes in its own transaction.
+        inode = data.stat().st_ino
+        again = manager(db).restore_backup(source, RestoreOptions(overwrite_existing=True))
+        assert again.items_restored == stats.items_restored and data.stat().st_ino == inode
 
 
 def test_unstorable_keys_fail_like_the_py_lmdb_path(tmp_path: Path) -> None:
@@ -311,20 +340,34 @@ def test_native_chain_restore_equals_the_py_lmdb_path(
     )
 
 
-def test_opening_during_another_process_native_restore_says_so(tmp_path: Path) -> None:
-    path = tmp_path / "db"
-    DbOperations.open(path).close()
-    code = f"""
-        import os, sys
+def _holder(path: Path, code: str) -> subprocess.Popen[str]:
+    """A process running `code` with `path` (bytes) and datafold's _core."""
+    script = f"""
+        import os, sys, time
         from datafold import _core
         path = os.fsencode({os.fspath(path)!r})
+        """
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script) + textwrap.dedent(code)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_opening_during_another_process_native_restore_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with DbOperations.open(path) as db:
+        db.put("t", b"k", b"v")  # not empty: the writer writes in place
+    holder = _holder(
+        path,
+        """
         writer = _core.LmdbWriter(path, map_size=1 << 26, max_dbs=8, max_readers=16, writemap=False)
+        assert not writer.staged
         print("open", flush=True)
         sys.stdin.read()
         writer.close()
-        """
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        """,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "open\n"
@@ -336,6 +379,44 @@ def test_opening_during_another_process_native_restore_says_so(tmp_path: Path) -
         holder.wait(timeout=30)
     assert holder.returncode == 0
     DbOperations.open(path).close()
+
+
+def test_a_staged_restore_in_another_process_keeps_the_database_to_itself(tmp_path: Path) -> None:
+    """An empty database is written through a new data file: meanwhile an open fails on the
+    lock-file format as above, and afterwards it sees the new file whole."""
+    path = tmp_path / "db"
+    DbOperations.open(path).close()
+    holder = _holder(
+        path,
+        """
+        writer = _core.LmdbWriter(path, map_size=1 << 26, max_dbs=8, max_readers=16, writemap=False)
+        assert writer.staged
+        index, was_empty = writer.open_tree("t")
+        assert was_empty
+        print("open", flush=True)
+        sys.stdin.readline()
+        writer.commit()
+        print("done", flush=True)
+        sys.stdin.read()
+        """,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == "open\n"
+        assert os.path.exists(path / "data.mdb.datafold-restore")
+        with pytest.raises(StoreError, match="another process has it open with a different LMDB build"):
+            DbOperations.open(path)
+        holder.stdin.write("commit\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == "done\n"
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert holder.returncode == 0
+    assert sorted(os.listdir(path)) == ["data.mdb", "lock.mdb"]
+    with DbOperations.open(path) as db:
+        assert db.tree_names() == ["t"]
 
 
 def test_a_path_that_is_not_utf8_and_too_few_max_dbs(

@@ -254,11 +254,27 @@ class LmdbWriter:
     """An LMDB environment opened by the core's own LMDB (src/lmdb_write.rs) with one write
     transaction, which BackupReader.write_items fills. Only the lmdb store makes one, after it has
     closed its py-lmdb environment (two LMDB builds must not have one environment open in one
-    process). Bound to the thread that made it; leaving it uncommitted rolls back."""
+    process). Bound to the thread that made it; leaving it uncommitted rolls back.
 
-    def __init__(self, path: bytes, *, map_size: int, max_dbs: int, max_readers: int, writemap: bool) -> None:
+    Staged: when the environment holds no tree, no other process has it open and writemap is off,
+    the records go into a new file, STAGING_FILE in the directory, committed every 16 MiB (memory
+    stays flat), which commit() syncs and renames over data.mdb with data.mdb's permissions."""
+
+    STAGING_FILE: str  # "data.mdb.datafold-restore"
+
+    def __init__(
+        self,
+        path: bytes,
+        *,
+        map_size: int,
+        max_dbs: int,
+        max_readers: int,
+        writemap: bool,
+        stage_when_empty: bool = True,
+    ) -> None:
         """Opens the environment directory path (os.fsencode); StoreError if LMDB refuses, as it does
-        when another process has the environment open (py-lmdb's lock file format differs)."""
+        when another process has the environment open (py-lmdb's lock file format differs), or
+        while another LmdbWriter (any process) has it."""
     def open_tree(self, name: str) -> tuple[int, bool]:
         """Opens (creates) a tree: (its index for write_items, whether it had no record)."""
     @property
@@ -266,8 +282,11 @@ class LmdbWriter:
     @property
     def committed(self) -> bool: ...
     @property
+    def staged(self) -> bool: ...  # the records go to STAGING_FILE (see above); fixed at open
+    @property
     def max_key_size(self) -> int: ...
     def commit(self) -> None:
-        """Commits durably (fsync) and closes the environment; StoreError after a failed write."""
+        """Commits durably (fsync; staged: the new file synced and renamed over data.mdb, the
+        directory synced) and closes the environment; StoreError after a failed write."""
     def close(self) -> None:
         """Rolls back unless committed, and closes the environment; idempotent."""

@@ -200,6 +200,7 @@ pub struct PyLmdbWriter {
     /// Records of a writer committed or closed.
     records: u64,
     committed: bool,
+    staged: bool,
 }
 
 impl PyLmdbWriter {
@@ -219,9 +220,15 @@ fn closed() -> PyErr {
 
 #[pymethods]
 impl PyLmdbWriter {
-    /// `path`: the environment directory as bytes (os.fsencode: any file name).
+    /// The staging file's name in the environment directory.
+    #[classattr]
+    const STAGING_FILE: &'static str = crate::lmdb_write::STAGING_FILE;
+
+    /// `path`: the environment directory as bytes (os.fsencode: any file name);
+    /// `stage_when_empty`: build a new data file when the environment holds no tree (see
+    /// src/lmdb_write.rs).
     #[new]
-    #[pyo3(signature = (path, *, map_size, max_dbs, max_readers, writemap))]
+    #[pyo3(signature = (path, *, map_size, max_dbs, max_readers, writemap, stage_when_empty=true))]
     fn new(
         py: Python<'_>,
         path: Vec<u8>,
@@ -229,18 +236,21 @@ impl PyLmdbWriter {
         max_dbs: u32,
         max_readers: u32,
         writemap: bool,
+        stage_when_empty: bool,
     ) -> PyResult<Self> {
         let options = EnvOptions {
             map_size,
             max_dbs,
             max_readers,
             writemap,
+            stage_when_empty,
         };
         let path = PathBuf::from(std::ffi::OsString::from_vec(path));
         let writer = py
             .detach(|| Writer::open(&path, options).map(AssertSend))?
             .0;
         Ok(PyLmdbWriter {
+            staged: writer.staged(),
             writer: Some(writer),
             trees: Vec::new(),
             records: 0,
@@ -261,6 +271,13 @@ impl PyLmdbWriter {
     #[getter]
     fn committed(&self) -> bool {
         self.committed
+    }
+
+    /// The records went to a new data file, renamed over data.mdb at the commit (the
+    /// environment held no tree); fixed when the writer opens.
+    #[getter]
+    fn staged(&self) -> bool {
+        self.staged
     }
 
     /// Records put or deleted in this transaction so far (skipped ones not counted).

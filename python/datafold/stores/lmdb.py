@@ -56,6 +56,20 @@ another process has open (the restore then goes through py-lmdb too), and a proc
 during a native restore gets LMDB's version-mismatch error instead of sharing a lock table it does
 not understand.
 
+Staged restores: one LMDB write transaction keeps every page it dirties in malloc'd memory until the
+commit (without writemap), so a native restore into a database that already holds trees grows the
+process by about what it writes. Into a database with no tree (new or emptied), when no other
+process has it open and writemap is off, the core's writer instead builds the restored database as
+a new file, STAGING_FILE in the directory (an LMDB environment of its own, no lock file, no syncs),
+committing every 16 MiB so memory stays flat, then fsyncs it, gives it data.mdb's permissions (and
+owner), renames it over data.mdb and fsyncs the directory: the database still changes all at once
+or not at all. Meanwhile the writer holds the target's write transaction; no other process can
+open the old file in between (see src/lmdb_write.rs), and after the writer closes, the next opener
+rebuilds LMDB's lock table from the new file. A kill midway leaves the old data.mdb and the staging
+file, which the next open of the store (or staged restore) removes. Not staged: a database with a
+tree, writemap=True, or a data.mdb that is a symlink, has other hard links, or belongs to another
+user (unless root).
+
 writemap (opt-in, off by default): LMDB's MDB_WRITEMAP. Without it LMDB keeps every page a write
 transaction dirties in malloc'd memory until the commit, so one big transaction (a restore is one)
 grows the process's anonymous memory by about the size of what it writes; with it the pages are
@@ -122,6 +136,8 @@ DEFAULT_RESIZE_TIMEOUT = 30.0
 _OVERHEAD_FACTOR = 3
 _RECORD_OVERHEAD = 16
 _SLACK = 8 * MiB  # branch pages, freelist, copy-on-write of touched pages
+# The file a native restore into an empty database builds (src/lmdb_write.rs, STAGING_FILE).
+STAGING_FILE = "data.mdb.datafold-restore"
 _GRANULE = MiB  # map sizes are rounded up to this (a multiple of any OS page size)
 # LMDB takes the map size as a size_t (whole granules below 2^64); py-lmdb takes max_dbs and
 # max_readers as C ints. Larger values are refused before they reach lmdb (no OverflowError).
@@ -218,6 +234,18 @@ def _open_env(path: str, map_size: int, max_dbs: int, max_readers: int, writemap
             env.close()
             raise
     return env
+
+
+def _remove_stale_staging(path: str) -> None:
+    """Remove the staging file a native restore killed midway left (see native_restore). Safe once
+    the environment is open here: a staged restore needs the environment to itself, so none runs now
+    and none starts while it stays open."""
+    try:
+        os.unlink(os.path.join(path, STAGING_FILE))
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass  # removed by the next staged restore
 
 
 def _identity(path: str) -> tuple[int, int] | None:
@@ -686,6 +714,7 @@ class LmdbStore(Store):
                 shared.refs += 1
             else:
                 env = _open_env(path, _round_up(map_size, 4096), max_dbs, max_readers, writemap)
+                _remove_stale_staging(path)
                 shared = _SharedEnv(env, key, float(resize_timeout), path, (max_dbs, max_readers), writemap)
                 _registry[key] = shared
         return cls(path, shared, direct_reads, native_restore)
