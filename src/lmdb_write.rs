@@ -14,16 +14,16 @@
 //! commit, so one transaction holding a whole restore grows the process by about the size of the
 //! database. When the environment holds no tree yet and no other process has it open, the writer
 //! instead builds a new data file beside it (`data.mdb.datafold-restore`, an environment of its own
-//! without a lock file or syncs) in transactions of `STAGED_COMMIT_BYTES` each, each followed by
-//! a hint to the kernel to start writing it back (so the disk works while the restore goes on),
-//! then syncs it and renames it over data.mdb: the database still changes all at once or not at all (a crash leaves
-//! the old data.mdb and a stale staging file, removed by the next staged write or open of the
-//! store). Meanwhile the writer holds the target's write transaction. No other process can have the
-//! old file open: none had the environment open when the writer began (byte 0 of lock.mdb, which
-//! each opener read-locks, could be write-locked), a py-lmdb opener fails on the lock-file format,
-//! and another writer of this crate on the flock every one holds (`exclusive_writer_lock`). After
-//! the writer is gone the next opener is LMDB's first again and rebuilds the lock table from the
-//! new file.
+//! without a lock file or syncs) in transactions of `STAGED_COMMIT_BYTES` each, each followed by a
+//! hint to the kernel to start writing it back (so the disk works while the restore goes on), then
+//! syncs it and renames it over data.mdb: the database still changes all at once or not at all (a
+//! crash leaves the old data.mdb and a stale staging file, removed by the next staged write or open
+//! of the store). Meanwhile the writer holds the target's write transaction. No other process can
+//! have the old file open: none had the environment open when the writer began (byte 0 of lock.mdb,
+//! which each opener read-locks, could be write-locked), a py-lmdb opener fails on the lock-file
+//! format, and another writer of this crate on the flock every one holds (`exclusive_writer_lock`).
+//! After the writer is gone the next opener is LMDB's first again and rebuilds the lock table from
+//! the new file.
 
 use std::ffi::{c_int, CStr, CString};
 use std::fs::File;
