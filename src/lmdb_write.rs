@@ -21,9 +21,9 @@
 //! of the store). Meanwhile the writer holds the target's write transaction. No other process can
 //! have the old file open: none had the environment open when the writer began (byte 0 of lock.mdb,
 //! which each opener read-locks, could be write-locked), a py-lmdb opener fails on the lock-file
-//! format, and another writer of this crate on the flock every one holds (`exclusive_writer_lock`).
-//! After the writer is gone the next opener is LMDB's first again and rebuilds the lock table from
-//! the new file.
+//! format, and another writer of this crate waits on the flock every one holds
+//! (`exclusive_writer_lock`). After the writer is gone the next opener is LMDB's first again and
+//! rebuilds the lock table from the new file.
 
 use std::ffi::{c_int, CStr, CString};
 use std::fs::File;
@@ -541,7 +541,8 @@ fn start_writeback(env: *mut ffi::MDB_env) {
 
 /// This crate's writers take an exclusive flock(2) of lock.mdb (apart from LMDB's fcntl locks)
 /// before they open the environment and hold it until it is closed: a writer of another process
-/// never opens the data file a staged write is about to replace.
+/// waits there (as LMDB writers wait for each other) and never opens the data file a staged write
+/// is about to replace.
 fn exclusive_writer_lock(path: &Path) -> Result<File> {
     let lock_path = path.join("lock.mdb");
     let lock = File::options()
@@ -556,19 +557,19 @@ fn exclusive_writer_lock(path: &Path) -> Result<File> {
                 lock_path.display()
             ))
         })?;
-    // SAFETY: flock on an open descriptor.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    loop {
+        // SAFETY: flock on an open descriptor.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(lock);
+        }
         let e = std::io::Error::last_os_error();
-        return Err(Error::Store(
-            if e.kind() == std::io::ErrorKind::WouldBlock {
-                "another datafold restore is writing this LMDB database; retry once it is done"
-                    .into()
-            } else {
-                format!("cannot lock {}: {e}", lock_path.display())
-            },
-        ));
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(Error::Store(format!(
+                "cannot lock {}: {e}",
+                lock_path.display()
+            )));
+        }
     }
-    Ok(lock)
 }
 
 /// fcntl(F_SETLK) of byte 0 of the lock file (`kind`: F_WRLCK or F_RDLCK): true if it was set.
@@ -918,16 +919,41 @@ mod tests {
         let mut t = w.open_tree(b"t").unwrap();
         w.put(&mut t, b"k", b"v", true).unwrap();
         w.commit().unwrap();
-        // A second writer of this crate is refused while the first holds the environment.
-        let e = Writer::open(&dir, staging(16 << 20))
-            .err()
-            .expect("refused");
-        assert!(e.to_string().contains("another datafold restore"), "{e}");
         drop(w);
 
         drop(child.stdin.take());
         assert!(child.wait().unwrap().success());
         assert_eq!(read_tree(&dir, "t"), vec![(b"k".to_vec(), b"v".to_vec())]);
+    }
+
+    #[test]
+    fn a_second_writer_waits_for_the_first_and_sees_its_file() {
+        let dir = tempdir("wait");
+        let mut w = Writer::open(&dir, staging(16 << 20)).unwrap();
+        assert!(w.staged());
+        let mut t = w.open_tree(b"t").unwrap();
+        w.put(&mut t, b"k", b"first", true).unwrap();
+        let (opened, wait) = std::sync::mpsc::channel();
+        let second_dir = dir.clone();
+        let second = std::thread::spawn(move || {
+            let mut w = Writer::open(&second_dir, staging(16 << 20)).unwrap();
+            opened.send(()).unwrap();
+            let mut t = w.open_tree(b"t").unwrap();
+            let put = w.put(&mut t, b"k", b"second", false).unwrap();
+            w.commit().unwrap();
+            (w.staged(), put)
+        });
+        // Held on the flock until the first writer is gone (a correctness check, not a timing).
+        let waited = wait.recv_timeout(std::time::Duration::from_millis(300));
+        assert!(waited.is_err(), "the second writer opened beside the first");
+        w.commit().unwrap();
+        drop(w);
+        // It opened the renamed file: the tree is there, so it wrote in place and kept the key.
+        assert_eq!(second.join().unwrap(), (false, Put::Skipped));
+        assert_eq!(
+            read_tree(&dir, "t"),
+            vec![(b"k".to_vec(), b"first".to_vec())]
+        );
     }
 
     #[test]

@@ -273,8 +273,8 @@ class LmdbWriter:
         stage_when_empty: bool = True,
     ) -> None:
         """Opens the environment directory path (os.fsencode); StoreError if LMDB refuses, as it does
-        when another process has the environment open (py-lmdb's lock file format differs), or
-        while another LmdbWriter (any process) has it."""
+        when another process has the environment open (py-lmdb's lock file format differs). Waits
+        while another LmdbWriter (of any process) has it, as LMDB writers wait for each other."""
     def open_tree(self, name: str) -> tuple[int, bool]:
         """Opens (creates) a tree: (its index for write_items, whether it had no record)."""
     @property
