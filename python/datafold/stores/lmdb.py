@@ -54,7 +54,7 @@ handing thread's get StoreError. If a transaction of this process is open when t
 builds' lock-file formats differ (LMDB's MDB_LOCK_FORMAT), so the core's LMDB refuses an environment
 another process has open (the restore then goes through py-lmdb too), and a process opening it
 during a native restore gets LMDB's version-mismatch error instead of sharing a lock table it does
-not understand.
+not understand. The core's writers of two processes wait for each other (a flock of lock.mdb).
 
 Staged restores: one LMDB write transaction keeps every page it dirties in malloc'd memory until the
 commit (without writemap), so a native restore into a database that already holds trees grows the
