@@ -775,6 +775,16 @@ mod tests {
         format!("key{i:08}").into_bytes()
     }
 
+    /// One record put by a writer that may stage but must not (the environment has a tree, or
+    /// another process has it open).
+    fn put_unstaged(dir: &Path, tree: &[u8], key: &[u8], value: &[u8]) {
+        let mut w = Writer::open(dir, staging(64 << 20)).unwrap();
+        assert!(!w.staged());
+        let mut t = w.open_tree(tree).unwrap();
+        w.put(&mut t, key, value, true).unwrap();
+        w.commit().unwrap();
+    }
+
     /// Puts records until a 1 MiB map is full: MDB_MAP_FULL.
     fn fill_a_small_map(w: &mut Writer, t: &mut Tree) {
         let e = (0..100_000u32)
@@ -845,12 +855,7 @@ mod tests {
         assert_eq!(read_tree(&dir, "b"), want_b);
 
         // Now it holds trees: the next write goes into its own transaction.
-        let mut w = Writer::open(&dir, staging(64 << 20)).unwrap();
-        assert!(!w.staged());
-        let mut a = w.open_tree(b"a").unwrap();
-        w.put(&mut a, b"z", b"last", true).unwrap();
-        w.commit().unwrap();
-        drop(w);
+        put_unstaged(&dir, b"a", b"z", b"last");
         assert_eq!(read_tree(&dir, "a").len(), 5001);
     }
 
@@ -914,12 +919,7 @@ mod tests {
         .unwrap();
         assert_eq!(line, "locked\n");
 
-        let mut w = Writer::open(&dir, staging(16 << 20)).unwrap();
-        assert!(!w.staged());
-        let mut t = w.open_tree(b"t").unwrap();
-        w.put(&mut t, b"k", b"v", true).unwrap();
-        w.commit().unwrap();
-        drop(w);
+        put_unstaged(&dir, b"t", b"k", b"v");
 
         drop(child.stdin.take());
         assert!(child.wait().unwrap().success());

@@ -91,6 +91,7 @@ writemap value raises StoreError.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -130,6 +131,8 @@ DEFAULT_MAP_SIZE = 64 * MiB
 DEFAULT_MAX_DBS = 4096
 DEFAULT_MAX_READERS = 126
 DEFAULT_RESIZE_TIMEOUT = 30.0
+# The file a native restore into an empty database builds (src/lmdb_write.rs, STAGING_FILE).
+STAGING_FILE = "data.mdb.datafold-restore"
 # Room asked for per byte of keys+values: pages may be half full after splits and every record
 # carries a node header and a slot pointer, so 1 byte of data can take ~2-3 bytes of map (measured:
 # 2.8x for random 8-byte keys with 4-byte values, 1.4x for 3000-byte values), and many tiny records
@@ -137,8 +140,6 @@ DEFAULT_RESIZE_TIMEOUT = 30.0
 _OVERHEAD_FACTOR = 3
 _RECORD_OVERHEAD = 16
 _SLACK = 8 * MiB  # branch pages, freelist, copy-on-write of touched pages
-# The file a native restore into an empty database builds (src/lmdb_write.rs, STAGING_FILE).
-STAGING_FILE = "data.mdb.datafold-restore"
 _GRANULE = MiB  # map sizes are rounded up to this (a multiple of any OS page size)
 # LMDB takes the map size as a size_t (whole granules below 2^64); py-lmdb takes max_dbs and
 # max_readers as C ints. Larger values are refused before they reach lmdb (no OverflowError).
@@ -241,12 +242,9 @@ def _remove_stale_staging(path: str) -> None:
     """Remove the staging file a native restore killed midway left (see native_restore). Safe once
     the environment is open here: a staged restore needs the environment to itself, so none runs now
     and none starts while it stays open."""
-    try:
+    # Missing is the usual case; any other failure is left to the next staged restore.
+    with contextlib.suppress(OSError):
         os.unlink(os.path.join(path, STAGING_FILE))
-    except FileNotFoundError:
-        pass
-    except OSError:
-        pass  # removed by the next staged restore
 
 
 def _identity(path: str) -> tuple[int, int] | None:
