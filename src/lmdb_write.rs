@@ -105,7 +105,7 @@ pub struct Writer {
     /// This writer's own descriptor of lock.mdb with its flock (`exclusive_writer_lock`), kept
     /// until the environment is closed: closing any descriptor of a file drops every fcntl lock
     /// the process holds on it, LMDB's too.
-    lock_file: Option<File>,
+    lock_file: Option<WriterLock>,
 }
 
 /// A staged write's target: its environment, held with a write transaction, and the files.
@@ -152,9 +152,9 @@ impl Writer {
         // for this writer and trusting its lock table afterwards, which a staged write outdates.
         if options.stage_when_empty && !options.writemap {
             let lock = w.lock_file.take().expect("lock file");
-            let staged = if lock_byte_zero(&lock, libc::F_WRLCK) {
+            let staged = if lock_byte_zero(&lock.0, libc::F_WRLCK) {
                 let staged = w.stage_target(path, options);
-                lock_byte_zero(&lock, libc::F_RDLCK);
+                lock_byte_zero(&lock.0, libc::F_RDLCK);
                 staged
             } else {
                 Ok(false)
@@ -543,7 +543,7 @@ fn start_writeback(env: *mut ffi::MDB_env) {
 /// before they open the environment and hold it until it is closed: a writer of another process
 /// waits there (as LMDB writers wait for each other) and never opens the data file a staged write
 /// is about to replace.
-fn exclusive_writer_lock(path: &Path) -> Result<File> {
+fn exclusive_writer_lock(path: &Path) -> Result<WriterLock> {
     let lock_path = path.join("lock.mdb");
     let lock = File::options()
         .read(true)
@@ -560,7 +560,7 @@ fn exclusive_writer_lock(path: &Path) -> Result<File> {
     loop {
         // SAFETY: flock on an open descriptor.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } == 0 {
-            return Ok(lock);
+            return Ok(WriterLock(lock));
         }
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::Interrupted {
@@ -569,6 +569,17 @@ fn exclusive_writer_lock(path: &Path) -> Result<File> {
                 lock_path.display()
             )));
         }
+    }
+}
+
+/// lock.mdb opened and flock'ed by `exclusive_writer_lock`. Dropping it unlocks explicitly: the
+/// flock belongs to the open file, which a process forked meanwhile shares and could keep locked.
+struct WriterLock(File);
+
+impl Drop for WriterLock {
+    fn drop(&mut self) {
+        // SAFETY: flock on an open descriptor.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
     }
 }
 
@@ -954,6 +965,41 @@ mod tests {
             read_tree(&dir, "t"),
             vec![(b"k".to_vec(), b"first".to_vec())]
         );
+    }
+
+    #[test]
+    fn a_process_forked_during_a_write_does_not_keep_the_writer_lock() {
+        let dir = tempdir("fork");
+        let w = Writer::open(&dir, staging(16 << 20)).unwrap();
+        let mut release = [0 as c_int; 2];
+        // SAFETY: the child only makes async-signal-safe calls (read, _exit).
+        let pid = unsafe {
+            assert_eq!(libc::pipe(release.as_mut_ptr()), 0);
+            let pid = libc::fork();
+            if pid == 0 {
+                let mut byte = 0u8;
+                libc::read(release[0], (&mut byte as *mut u8).cast(), 1);
+                libc::_exit(0);
+            }
+            pid
+        };
+        assert!(pid > 0);
+        drop(w); // the child still has the lock file's open description
+        let lock = File::options()
+            .read(true)
+            .write(true)
+            .open(dir.join("lock.mdb"))
+            .unwrap();
+        // SAFETY: plain calls on descriptors this test owns; waitpid on its child.
+        let free = unsafe {
+            let free = libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0;
+            libc::write(release[1], [1u8].as_ptr().cast(), 1);
+            libc::waitpid(pid, &mut 0, 0);
+            libc::close(release[0]);
+            libc::close(release[1]);
+            free
+        };
+        assert!(free, "the forked child kept the writer lock");
     }
 
     #[test]
