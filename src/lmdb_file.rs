@@ -576,22 +576,11 @@ mod tests {
 
     /// The tree's 48-byte record in the main database, read with LMDB.
     fn db_record(dir: &Path, name: &str) -> Vec<u8> {
+        let read = crate::test_support::LmdbReadTxn::open(dir);
+        // SAFETY: a live read transaction; the value is copied out before it ends.
         unsafe {
-            let mut env = ptr::null_mut();
-            assert_eq!(ffi::mdb_env_create(&mut env), 0);
-            assert_eq!(ffi::mdb_env_set_maxdbs(env, 16), 0);
-            let path = CString::new(dir.to_str().unwrap()).unwrap();
-            assert_eq!(
-                ffi::mdb_env_open(env, path.as_ptr(), ffi::MDB_RDONLY, 0o644),
-                0
-            );
-            let mut txn = ptr::null_mut();
-            assert_eq!(
-                ffi::mdb_txn_begin(env, ptr::null_mut(), ffi::MDB_RDONLY, &mut txn),
-                0
-            );
             let mut main = 0;
-            assert_eq!(ffi::mdb_dbi_open(txn, ptr::null(), 0, &mut main), 0);
+            assert_eq!(ffi::mdb_dbi_open(read.txn, ptr::null(), 0, &mut main), 0);
             let mut key = ffi::MDB_val {
                 mv_size: name.len(),
                 mv_data: name.as_ptr() as *mut _,
@@ -600,11 +589,8 @@ mod tests {
                 mv_size: 0,
                 mv_data: ptr::null_mut(),
             };
-            assert_eq!(ffi::mdb_get(txn, main, &mut key, &mut val), 0);
-            let out = std::slice::from_raw_parts(val.mv_data as *const u8, val.mv_size).to_vec();
-            ffi::mdb_txn_abort(txn);
-            ffi::mdb_env_close(env);
-            out
+            assert_eq!(ffi::mdb_get(read.txn, main, &mut key, &mut val), 0);
+            std::slice::from_raw_parts(val.mv_data as *const u8, val.mv_size).to_vec()
         }
     }
 

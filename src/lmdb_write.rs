@@ -746,27 +746,16 @@ mod tests {
 
     /// Every record of the tree `name` or, with None, of the main database.
     fn read_tree_opt(dir: &Path, name: Option<&str>) -> Records {
-        let c_path = CString::new(dir.as_os_str().as_bytes()).unwrap();
         let c_name = name.map(|n| CString::new(n).unwrap());
+        let read = crate::test_support::LmdbReadTxn::open(dir);
         let mut out = Vec::new();
+        // SAFETY: a live read transaction; keys and values are copied out before it ends.
         unsafe {
-            let mut env = ptr::null_mut();
-            assert_eq!(ffi::mdb_env_create(&mut env), 0);
-            assert_eq!(ffi::mdb_env_set_maxdbs(env, 8), 0);
-            assert_eq!(
-                ffi::mdb_env_open(env, c_path.as_ptr(), ffi::MDB_RDONLY, 0o644),
-                0
-            );
-            let mut txn = ptr::null_mut();
-            assert_eq!(
-                ffi::mdb_txn_begin(env, ptr::null_mut(), ffi::MDB_RDONLY, &mut txn),
-                0
-            );
             let mut dbi = 0;
             let name_ptr = c_name.as_ref().map_or(ptr::null(), |n| n.as_ptr());
-            assert_eq!(ffi::mdb_dbi_open(txn, name_ptr, 0, &mut dbi), 0);
+            assert_eq!(ffi::mdb_dbi_open(read.txn, name_ptr, 0, &mut dbi), 0);
             let mut cursor = ptr::null_mut();
-            assert_eq!(ffi::mdb_cursor_open(txn, dbi, &mut cursor), 0);
+            assert_eq!(ffi::mdb_cursor_open(read.txn, dbi, &mut cursor), 0);
             let (mut k, mut v) = (val(b""), val(b""));
             let mut op = ffi::MDB_FIRST;
             while ffi::mdb_cursor_get(cursor, &mut k, &mut v, op) == 0 {
@@ -776,8 +765,6 @@ mod tests {
                 op = ffi::MDB_NEXT;
             }
             ffi::mdb_cursor_close(cursor);
-            ffi::mdb_txn_abort(txn);
-            ffi::mdb_env_close(env);
         }
         out
     }
