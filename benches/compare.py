@@ -11,8 +11,9 @@ Data: benches/datasets.py's "small" (2M text records of ~17 + 100 bytes in 4 tre
 contender backs up. For each dataset one table, the median of --repeat runs per cell:
 
 - datafold's EncryptedBackupManager with the Rust core and with the pure-Python core (defaults:
-  create_backup fsyncs and re-reads the file; restore_backup verifies first, writes one fsynced
-  LMDB transaction into a fresh database, then checks the tree digests), the Rust core with the
+  create_backup fsyncs and re-reads the file; restore_backup verifies the file, writes into a
+  fresh database and checks the tree digests: the Rust core stages the write in a new data file,
+  verifies beside it and checks it while it syncs, before renaming it over data.mdb), the Rust core with the
   verify passes off, and the Rust core's restore into a database opened with native_restore=False
   (records handed to py-lmdb as Python objects instead of written by the core's own LMDB);
 - `mdb_copy -c DB | age -r KEY -o out` + fsync of out; restore `age -d -o data.mdb` + fsync; verify
@@ -657,9 +658,10 @@ TABLE_NOTES = """\
   faster, 0.50 that this row is twice as fast.
 - datafold rows: EncryptedBackupManager on the LMDB database, default options unless said:
   create_backup writes, fsyncs and re-reads (verifies) the file before its rename; verify_backup is
-  one authenticated pass; restore_backup verifies the file, writes into a fresh LMDB database (the
-  Rust core: a new data file committed every 16 MiB, fsynced and renamed over data.mdb; all or
-  nothing like one transaction), then checks each tree's digest.
+  one authenticated pass; restore_backup verifies the file, writes into a fresh LMDB database and
+  checks each tree's digest (the Rust core: a new data file committed every 16 MiB, the verify pass
+  in a thread beside the write, the digests read back while the file syncs, then renamed over
+  data.mdb; all or nothing like one transaction).
 - Peers restore into a fresh directory; restic and borg get a fresh repository per run (init not
   timed). Every output (age file, repository, restored files) is fsynced inside the timed region.
   Wall time of the whole command, process start and key derivation included.
@@ -891,7 +893,7 @@ def render_incremental(run: IncrementalRun, bars: list[Bar], repeat: int, scale:
         f"{changes.touched:,} records ({changes.touched / src.records:.2%}) change: {changes.updated:,} updated "
         f"(one JSON field added), {changes.deleted:,} deleted, {changes.added:,} new keys; seeded, the same "
         "share of every tree. Rust core, default options (create_backup fsyncs and re-reads its file; "
-        "restore_backup verifies first, writes into a fresh LMDB database all at once (fsynced), then "
+        "restore_backup verifies the file, writes into a fresh LMDB database all at once (fsynced) and "
         f"checks the digests). Median of {repeat} run(s) per cell, run of "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
@@ -1002,7 +1004,7 @@ def render_compression(run: CompressionRun, bars: list[Bar], repeat: int, scale:
         + "large = "
         + (f"{run.sources['large'][0]:,} values of 1 MiB random bytes; " if "large" in run.sources else "")
         + "`BackupOptions(compression_level=N)`, other options at their defaults (create_backup re-reads "
-        "its file, restore_backup verifies first and checks the digests after; restore into a fresh LMDB "
+        "its file, restore_backup verifies the file and checks the digests; restore into a fresh LMDB "
         f"database). Median of {repeat} run(s) per cell, run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "| dataset, level | file MB | vs level 0 |"

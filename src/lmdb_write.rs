@@ -119,6 +119,8 @@ struct Staged {
     owner: (u32, u32),
     /// The staging file was renamed over data.mdb.
     published: bool,
+    /// `seal` committed the last records; the staging file's sync runs in this thread.
+    sync: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
 impl Writer {
@@ -209,6 +211,7 @@ impl Writer {
             mode,
             owner,
             published: false,
+            sync: None,
         });
         self.env = env;
         self.txn = txn;
@@ -425,29 +428,151 @@ impl Writer {
         Ok(())
     }
 
-    /// Commits (durably: the environment has sync on; a staged write syncs its file and renames
-    /// it over data.mdb); the writer is spent afterwards.
-    pub fn commit(&mut self) -> Result<()> {
+    /// Ends the writing of a staged write: commits its last records to the staging file and
+    /// starts syncing that file in a background thread. `read_back` can then read what was
+    /// written while the disk works; `commit` waits for the sync and publishes the file.
+    pub fn seal(&mut self) -> Result<()> {
         let txn = self.live()?;
+        if self.staged.is_none() {
+            return Err(Error::invalid(
+                "only a staged write can be sealed; commit() this one",
+            ));
+        }
         self.txn = ptr::null_mut();
         // SAFETY: the transaction is live; mdb_txn_commit frees it whatever it returns.
         let rc = unsafe { ffi::mdb_txn_commit(txn) };
         if rc != 0 {
             return Err(self.fail(rc, "commit"));
         }
-        if self.staged.is_some() {
-            // SAFETY: the staging environment, with no transaction left.
-            let rc = unsafe { ffi::mdb_env_sync(self.env, 1) };
-            if rc != 0 {
-                return Err(self.fail(rc, "sync the staging file"));
-            }
-            unsafe { ffi::mdb_env_close(self.env) };
-            self.env = ptr::null_mut();
-            let published = publish(self.staged.as_mut().expect("staged"));
-            self.failed = published.is_err();
-            published?;
+        let mut fd: ffi::mdb_filehandle_t = -1;
+        // SAFETY: the live staging environment.
+        let rc = unsafe { ffi::mdb_env_get_fd(self.env, &mut fd) };
+        if rc != 0 {
+            return Err(self.fail(rc, "sync the staging file"));
         }
+        // The descriptor stays open until the thread is joined (by `commit`, or `Drop` before it
+        // closes the environment). fdatasync is what mdb_env_sync does for this environment.
+        let sync = std::thread::spawn(move || {
+            // SAFETY: fdatasync on an open descriptor.
+            if unsafe { libc::fdatasync(fd) } == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+        self.staged.as_mut().expect("staged").sync = Some(sync);
         Ok(())
+    }
+
+    /// `seal` ran and `commit` has not joined its sync yet.
+    fn sealed(&self) -> bool {
+        self.staged.as_ref().is_some_and(|s| s.sync.is_some())
+    }
+
+    /// Calls `visit(key, value)` for each record of `tree` in the staging file of a sealed
+    /// staged write, in key order, through a read transaction of the staging environment: what
+    /// a reader of the database will see once the file is published.
+    pub fn read_back(
+        &mut self,
+        tree: &Tree,
+        mut visit: impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        if self.failed || !self.sealed() {
+            return Err(Error::invalid(
+                "read_back() reads a staged write after seal() and before commit()",
+            ));
+        }
+        let mut txn = ptr::null_mut();
+        // SAFETY: the staging environment has no other transaction (sealed); MDB_NOLOCK lets
+        // this thread hold a read transaction. `tree.dbi` was opened in a committed transaction.
+        let rc =
+            unsafe { ffi::mdb_txn_begin(self.env, ptr::null_mut(), ffi::MDB_RDONLY, &mut txn) };
+        if rc != 0 {
+            return Err(self.fail(rc, "begin a read transaction"));
+        }
+        let walked = (|| {
+            let mut cursor = ptr::null_mut();
+            // SAFETY: the live read transaction; the cursor is freed with it (read-only cursors
+            // are not, so it is closed below).
+            let rc = unsafe { ffi::mdb_cursor_open(txn, tree.dbi, &mut cursor) };
+            if rc != 0 {
+                return Err(rc);
+            }
+            let (mut k, mut v) = (val(b""), val(b""));
+            let mut op = ffi::MDB_FIRST;
+            let result = loop {
+                // SAFETY: a cursor of the live read transaction; the slices are read before the
+                // next call moves it.
+                match unsafe { ffi::mdb_cursor_get(cursor, &mut k, &mut v, op) } {
+                    0 => {}
+                    ffi::MDB_NOTFOUND => break Ok(Ok(())),
+                    rc => break Err(rc),
+                }
+                let (key, value) = unsafe {
+                    (
+                        std::slice::from_raw_parts(k.mv_data as *const u8, k.mv_size),
+                        std::slice::from_raw_parts(v.mv_data as *const u8, v.mv_size),
+                    )
+                };
+                if let Err(e) = visit(key, value) {
+                    break Ok(Err(e));
+                }
+                op = ffi::MDB_NEXT;
+            };
+            unsafe { ffi::mdb_cursor_close(cursor) };
+            result
+        })();
+        // SAFETY: the read transaction begun above.
+        unsafe { ffi::mdb_txn_abort(txn) };
+        match walked {
+            Ok(visited) => visited,
+            Err(rc) => Err(self.fail(rc, "read back the staging file")),
+        }
+    }
+
+    /// Commits (durably: the environment has sync on; a staged write syncs its file and renames
+    /// it over data.mdb, after `seal` if that was not called); the writer is spent afterwards.
+    pub fn commit(&mut self) -> Result<()> {
+        if self.staged.is_none() {
+            let txn = self.live()?;
+            self.txn = ptr::null_mut();
+            // SAFETY: the transaction is live; mdb_txn_commit frees it whatever it returns.
+            let rc = unsafe { ffi::mdb_txn_commit(txn) };
+            if rc != 0 {
+                return Err(self.fail(rc, "commit"));
+            }
+            return Ok(());
+        }
+        if !self.sealed() {
+            self.seal()?;
+        }
+        if self.failed {
+            return Err(Error::Poisoned("LMDB write transaction"));
+        }
+        let synced = self.join_sync();
+        if let Err(e) = synced {
+            self.failed = true;
+            return Err(Error::Store(format!(
+                "cannot sync the staging file {}: {e}",
+                self.staged.as_ref().expect("staged").staging_path.display()
+            )));
+        }
+        // SAFETY: the staging environment, with no transaction left and its sync joined.
+        unsafe { ffi::mdb_env_close(self.env) };
+        self.env = ptr::null_mut();
+        let published = publish(self.staged.as_mut().expect("staged"));
+        self.failed = published.is_err();
+        published
+    }
+
+    /// Waits for the sync `seal` started; Ok if there was none.
+    fn join_sync(&mut self) -> std::io::Result<()> {
+        match self.staged.as_mut().and_then(|s| s.sync.take()) {
+            Some(sync) => sync
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the sync thread panicked"))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -603,6 +728,8 @@ fn lock_byte_zero(file: &File, kind: c_int) -> bool {
 
 impl Drop for Writer {
     fn drop(&mut self) {
+        // The sync thread uses the staging environment's descriptor: done before it closes.
+        let _ = self.join_sync();
         // SAFETY: handles this writer owns; an uncommitted transaction is aborted first. The
         // target environment closes before `lock_file` (a field, dropped after this).
         unsafe {
@@ -857,12 +984,70 @@ mod tests {
         assert_eq!(read_tree(&dir, "a").len(), 5001);
     }
 
-    #[test]
-    fn a_staged_write_dropped_or_failed_leaves_the_environment_as_it_was() {
-        let dir = tempdir("staged-abort");
+    /// A new environment without a tree: its directory, data.mdb and data.mdb's inode.
+    fn empty_environment(tag: &str) -> (PathBuf, PathBuf, u64) {
+        let dir = tempdir(tag);
         drop(Writer::open(&dir, options(64 << 20)).unwrap());
         let data = dir.join("data.mdb");
         let before = inode(&data);
+        (dir, data, before)
+    }
+
+    #[test]
+    fn a_sealed_staged_write_reads_back_its_records_before_it_is_published() {
+        let (dir, data, before) = empty_environment("sealed");
+        let records: Records = (0..3000).map(|i| (key(i), vec![i as u8; 90])).collect();
+        let write = |dir: &Path| {
+            let mut w = Writer::open(dir, staging(64 << 20)).unwrap();
+            w.set_commit_every(64 << 10);
+            let mut t = w.open_tree(b"t").unwrap();
+            for (k, v) in &records {
+                w.put(&mut t, k, v, true).unwrap();
+            }
+            (w, t)
+        };
+        let read_back = |w: &mut Writer, t: &Tree| {
+            let mut seen = Records::new();
+            w.read_back(t, |k, v| {
+                seen.push((k.to_vec(), v.to_vec()));
+                Ok(())
+            })
+            .map(|()| seen)
+        };
+
+        // Not before seal(): the last records are not committed to the staging file yet.
+        let (mut w, mut t) = write(&dir);
+        assert!(read_back(&mut w, &t).is_err());
+        w.seal().unwrap();
+        assert_eq!(read_back(&mut w, &t).unwrap(), records);
+        assert!(w.put(&mut t, b"late", b"x", true).is_err()); // sealed: nothing more goes in
+                                                              // A visitor's error is the read's; dropping the sealed writer publishes nothing.
+        let stop = w.read_back(&t, |_, _| Err(Error::invalid("stop")));
+        assert_eq!(stop.unwrap_err().to_string(), "stop");
+        drop(w);
+        assert!(!dir.join(STAGING_FILE).exists());
+        assert_eq!(inode(&data), before);
+        assert!(tree_names(&dir).is_empty());
+
+        let (mut w, t) = write(&dir);
+        w.seal().unwrap();
+        assert_eq!(read_back(&mut w, &t).unwrap(), records);
+        assert_eq!(inode(&data), before); // still the old file until the commit
+        w.commit().unwrap();
+        assert!(read_back(&mut w, &t).is_err()); // published: nothing left to read back
+        drop(w);
+        assert_ne!(inode(&data), before);
+        assert_eq!(read_tree(&dir, "t"), records);
+
+        // An unstaged write has nothing to seal.
+        let mut w = Writer::open(&dir, staging(64 << 20)).unwrap();
+        assert!(!w.staged());
+        assert!(w.seal().is_err());
+    }
+
+    #[test]
+    fn a_staged_write_dropped_or_failed_leaves_the_environment_as_it_was() {
+        let (dir, data, before) = empty_environment("staged-abort");
         let mut w = Writer::open(&dir, staging(64 << 20)).unwrap();
         w.set_commit_every(4096);
         let mut t = w.open_tree(b"t").unwrap();

@@ -17,7 +17,7 @@ import lmdb
 import pytest
 from datafold import EncryptedBackupManager, MasterKeyPair, RestoreOptions
 from datafold.core import load_core
-from datafold.errors import ArgumentTypeError, IntegrityError, StoreError
+from datafold.errors import ArgumentTypeError, DatabaseError, IntegrityError, StoreError
 from datafold.stores import DbOperations
 from datafold.stores import lmdb as lmdb_store
 from helpers import SEED, NativeSpy, flip_byte, sample_data, segment_offset, snapshot, text_items
@@ -139,6 +139,77 @@ def test_a_restore_into_an_empty_database_replaces_its_data_file(tmp_path: Path,
         inode = data.stat().st_ino
         again = manager(db).restore_backup(source, RestoreOptions(overwrite_existing=True))
         assert again.items_restored == stats.items_restored and data.stat().st_ino == inode
+
+
+def test_a_staged_restore_is_checked_before_it_replaces_the_data_file(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify_after_restore reads a staged restore back from its new file (while that syncs), before
+    the file is renamed over data.mdb: a tree that does not read back as the backup holds it leaves
+    the database as it was."""
+    path = tmp_path / "target"
+    staging = path / lmdb_store.STAGING_FILE
+    carol = sample_data()["users"][b"carol"]
+    check_staged = EncryptedBackupManager._check_staged
+
+    def after_the_disk_altered_a_value(self: EncryptedBackupManager, *args: Any) -> set[str]:
+        raw = staging.read_bytes()
+        at = raw.index(carol)
+        with open(staging, "r+b") as f:
+            f.seek(at)
+            f.write(bytes([raw[at] ^ 1]))
+        return check_staged(self, *args)
+
+    with DbOperations.open(path) as db:
+        data = path / "data.mdb"
+        inode = data.stat().st_ino
+        monkeypatch.setattr(EncryptedBackupManager, "_check_staged", after_the_disk_altered_a_value)
+        with pytest.raises(DatabaseError, match="tree 'users' did not read back .* the restore was not applied"):
+            manager(db).restore_backup(source)
+        assert db.tree_names() == [] and data.stat().st_ino == inode
+        assert sorted(os.listdir(path)) == ["data.mdb", "lock.mdb"]
+        monkeypatch.undo()
+        assert manager(db).restore_backup(source).verified
+        assert db.get("users", b"carol") == carol
+
+
+@pytest.mark.parametrize("outcome", ["passes", "fails"])
+@pytest.mark.parametrize("into", ["empty", "non-empty"])
+def test_verify_before_restore_ends_before_the_database_changes(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch, into: str, outcome: str
+) -> None:
+    """Into an empty database the verify pass runs beside the staged write, into any other before the
+    write; either way it ends before the database changes, and a pass that fails changes nothing."""
+    path = tmp_path / "target"
+    data = path / "data.mdb"
+    seen: list[tuple[str, int, int]] = []
+    spy = NativeSpy(monkeypatch)
+    verify_backup = EncryptedBackupManager.verify_backup
+
+    def slow_verify(self: EncryptedBackupManager, backup: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)  # long after the records are written
+        seen.append((threading.current_thread().name, data.stat().st_ino, spy.writers))
+        if outcome == "fails":
+            raise IntegrityError("the verify pass failed")
+        return verify_backup(self, backup, **kwargs)
+
+    monkeypatch.setattr(EncryptedBackupManager, "verify_backup", slow_verify)
+    with DbOperations.open(path) as db:
+        if into == "non-empty":
+            db.put_many("other", [(b"k", b"v")])
+        before, inode = snapshot(db), data.stat().st_ino
+        if outcome == "fails":
+            with pytest.raises(IntegrityError, match="the verify pass failed"):
+                manager(db).restore_backup(source)
+            assert snapshot(db) == before and data.stat().st_ino == inode
+            assert sorted(os.listdir(path)) == ["data.mdb", "lock.mdb"]
+        else:
+            assert manager(db).restore_backup(source).verified
+            assert db.count("text") == 100_000
+    if into == "empty":
+        assert seen == [("datafold-verify", inode, 1)]  # beside the writer, before data.mdb changed
+    else:
+        assert seen == [(threading.current_thread().name, inode, 0)]  # before the writer opened
 
 
 def test_unstorable_keys_fail_like_the_py_lmdb_path(tmp_path: Path) -> None:

@@ -285,8 +285,16 @@ class LmdbWriter:
     def staged(self) -> bool: ...  # the records go to STAGING_FILE (see above); fixed at open
     @property
     def max_key_size(self) -> int: ...
+    def seal(self) -> None:
+        """Staged writes only (InvalidArgumentError otherwise): commits the last records to the
+        new file and starts its fsync in a background thread; nothing more can be written.
+        tree_digest() then reads the file while it syncs; commit() waits for the sync."""
+    def tree_digest(self, index: int, backup_key: Buffer) -> tuple[int, int, bytes]:
+        """digest_items(backup_key, records) of tree `index` (from open_tree) as the sealed new
+        file holds it, read back through the core's LMDB before commit() publishes the file."""
     def commit(self) -> None:
-        """Commits durably (fsync; staged: the new file synced and renamed over data.mdb, the
-        directory synced) and closes the environment; StoreError after a failed write."""
+        """Commits durably (fsync; staged: the new file synced, after seal() if that was not
+        called, and renamed over data.mdb, the directory synced) and closes the environment;
+        StoreError after a failed write."""
     def close(self) -> None:
         """Rolls back unless committed, and closes the environment; idempotent."""

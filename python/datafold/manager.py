@@ -61,31 +61,30 @@ def _open_backup(path: str) -> Iterator[IO[bytes]]:
             raise BackupIOError(f"reading backup {path} failed: {e.strerror or e}") from e
 
 
-class _ReadBack:
-    """The read-back check of a file being written: scan(source) in a thread; result() waits for
-    it and returns the trailer read back, or raises what the scan raised."""
+class _Background:
+    """call() in a thread (a pass over a file beside the writer); result() waits for it and
+    returns what it returned, or raises what it raised."""
 
-    def __init__(self, scan: Callable[[Any], tuple[Any, bytes, Trailer]], source: Any) -> None:
-        self._trailer: Trailer | None = None
+    def __init__(self, call: Callable[[], Any], name: str) -> None:
+        self._result: Any = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(scan, source), name="datafold-read-back", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(call,), name=name, daemon=True)
         self._thread.start()
 
-    def _run(self, scan: Callable[[Any], tuple[Any, bytes, Trailer]], source: Any) -> None:
+    def _run(self, call: Callable[[], Any]) -> None:
         try:
-            self._trailer = scan(source)[2]
-        except BaseException as e:  # handed to the writing thread by result()
+            self._result = call()
+        except BaseException as e:  # handed to the waiting thread by result()
             self._error = e
 
     def join(self) -> None:
         self._thread.join()
 
-    def result(self) -> Trailer:
+    def result(self) -> Any:
         self._thread.join()
         if self._error is not None:
             raise self._error
-        assert self._trailer is not None
-        return self._trailer
+        return self._result
 
 
 class EncryptedBackupManager:
@@ -317,7 +316,10 @@ class EncryptedBackupManager:
             # The read-back check reads the file as it is written, in a thread beside the writer
             # (both cores busy); with a progress callback it runs after the writer instead, so its
             # progress is reported as its own phase.
-            beside = _ReadBack(self._scan, out.growing()) if verify and not meter.active else None
+            beside = None
+            if verify and not meter.active:
+                growing: Any = out.growing()  # read like the file it becomes
+                beside = _Background(lambda: self._scan(growing)[2], "datafold-read-back")
             try:
                 writer = self._core.BackupWriter(
                     meter.writing(out.sink),
@@ -469,14 +471,29 @@ class EncryptedBackupManager:
             meter.end()
             return None
 
-        if options.backup_before_restore:
-            # Also a full authenticated pass, so verify_before_restore needs no second one.
-            stats.safety_backup_path = self._safety_backup(path, targets, prefix, options, scan, meter)
-        elif options.verify_before_restore:
+        # With the Rust core (errors abort) the LMDB store's native writer takes the records when it
+        # can: they never become Python objects (stores/lmdb.py, native_restore).
+        native = not options.continue_on_errors and hasattr(self._core, "LmdbWriter")
+
+        def verify_chain() -> None:
             for member in chain:
                 assert member.path is not None
                 self.verify_backup(member.path, progress=progress, threads=options.threads)
             self._threads = options.threads
+
+        verifying: _Background | None = None
+        if options.backup_before_restore:
+            # Also a full authenticated pass, so verify_before_restore needs no second one.
+            stats.safety_backup_path = self._safety_backup(path, targets, prefix, options, scan, meter)
+        elif options.verify_before_restore:
+            if native and not meter.active and not self._db.tree_names():
+                # Into an empty database the native writer stages the records in a new file that
+                # replaces data.mdb only once everything checked out, so the verify pass runs
+                # beside the write (if the writer does not stage, it waits for the pass). With a
+                # progress callback the passes run one after the other, each its own phase.
+                verifying = _Background(verify_chain, "datafold-verify")
+            else:
+                verify_chain()
 
         self._db.reserve(sum((m.total_bytes + 64 * m.total_items) for m in chain))
         outcome: dict[str, _TreeOutcome] = {}
@@ -500,21 +517,42 @@ class EncryptedBackupManager:
 
             return restore
 
-        # With the Rust core (errors abort) the LMDB store's native writer takes the records when it
-        # can: they never become Python objects (stores/lmdb.py, native_restore).
-        native = not options.continue_on_errors and hasattr(self._core, "LmdbWriter")
         # The trees of the database, for a chain's deleted trees (read before the hand-over).
         existing = set(self._db.tree_names()) if native and len(chain) > 1 else set()
+
+        def begin_check() -> None:
+            meter.end()
+            checked = sum(t[1] for t in trailer[2] if t[0] in outcome) if trailer and prefix is None else None
+            meter.begin("check", checked)
+
+        # Trees already checked (a staged write's, before its file replaced data.mdb).
+        checked_early: set[str] = set()
         # The whole backup (chain) checked out when scan() returns: then the transaction commits.
-        with self._db._native_writer() if native else nullcontext(None) as writer:
-            if writer is not None:
-                trailer = scan(
-                    restorer(
-                        lambda name, source: _restore_tree_native(writer, source, name, prefix, options, stats),
-                        existing.__contains__,
+        try:
+            with self._db._native_writer() if native else nullcontext(None) as writer:
+                if verifying is not None and (writer is None or not writer.staged):
+                    verifying.result()  # nothing is written before the pass ends
+                    verifying = None
+                if writer is not None:
+                    trailer = scan(
+                        restorer(
+                            lambda name, source: _restore_tree_native(writer, source, name, prefix, options, stats),
+                            existing.__contains__,
+                        )
                     )
-                )
-                writer.commit()
+                    if verifying is not None:
+                        verifying.result()
+                        verifying = None
+                    if options.verify_after_restore and writer.staged:
+                        # Read back before the new file replaces data.mdb, while it syncs: a tree
+                        # that does not match leaves the database as it was.
+                        writer.seal()
+                        begin_check()
+                        checked_early = self._check_staged(writer, path, trailer, outcome, prefix, meter)
+                    writer.commit()
+        finally:
+            if verifying is not None:  # the restore failed first: its error is the one raised
+                verifying.join()
         if writer is None:
             with self._db.write_transaction() as txn:
                 trailer = scan(
@@ -523,14 +561,13 @@ class EncryptedBackupManager:
                         lambda name: name in txn.tree_names(),
                     )
                 )
-        meter.end()
 
         if options.verify_after_restore:
-            checked = sum(t[1] for t in trailer[2] if t[0] in outcome) if trailer and prefix is None else None
-            meter.begin("check", checked)
-            self._verify_restored(path, trailer, outcome, prefix, scan, meter)
-            meter.end()
+            if meter.phase != "check":
+                begin_check()
+            self._verify_restored(path, trailer, outcome, prefix, scan, meter, checked_early)
             stats.verified = True
+        meter.end()
         stats.duration_s = time.perf_counter() - started
         return stats
 
@@ -627,6 +664,29 @@ class EncryptedBackupManager:
                 if key.startswith(prefix) and self._db.get(name, key) is None:
                     yield key
 
+    def _check_staged(
+        self,
+        writer: Any,
+        path: str,
+        trailer: Trailer | None,
+        outcome: dict[str, _TreeOutcome],
+        prefix: bytes | None,
+        meter: Meter,
+    ) -> set[str]:
+        """_verify_restored's check by TREE_END digest, of the trees a sealed staged writer holds
+        (core.LmdbWriter.tree_digest), before its file is published; the names of those trees."""
+        backup_key = self._file_key(path)
+        expected = _tree_ends(trailer)
+        checked = set()
+        for name, result in outcome.items():
+            if name in expected and _checked_by_tree_end(result, prefix):
+                assert result.index is not None
+                got = tuple(writer.tree_digest(result.index, backup_key))
+                _compare_digests(name, got, expected[name], applied=False)
+                meter.add_items(expected[name][0])
+                checked.add(name)
+        return checked
+
     def _verify_restored(
         self,
         path: str,
@@ -635,13 +695,17 @@ class EncryptedBackupManager:
         prefix: bytes | None,
         scan: Callable[..., Any],
         meter: Meter,
+        checked: set[str],
     ) -> None:
-        """Reads back what the restore wrote. A tree restored whole into an empty tree is compared
-        by digest: with its TREE_END's digest (a single file without DELETE records), else with
-        the digest of the PUT records of a second pass over the backup (for a chain: its merged
-        state). Any other tree is compared item by item against that second pass."""
+        """Reads back what the restore wrote, but the trees `checked` already. A tree restored
+        whole into an empty tree is compared by digest: with its TREE_END's digest (a single file
+        without DELETE records), else with the digest of the PUT records of a second pass over the
+        backup (for a chain: its merged state). Any other tree is compared item by item against
+        that second pass."""
+        if not outcome.keys() - checked:
+            return
         backup_key = self._file_key(path)
-        expected = {name: (items, nbytes, digest) for name, items, nbytes, digest in (trailer or (0, 0, []))[2]}
+        expected = _tree_ends(trailer)
 
         def whole(name: str) -> bool:
             result = outcome[name]
@@ -650,19 +714,13 @@ class EncryptedBackupManager:
         def database_digest(snap: ReadSnapshot, name: str) -> tuple[int, int, bytes]:
             return tuple(self._core.digest_batches(backup_key, meter.count_batches(snap.batches(name))))
 
-        def mismatch(name: str, got: tuple[int, int, bytes], want: tuple[int, int, bytes]) -> None:
-            if got != want:
-                raise DatabaseError(
-                    f"tree {name!r} does not match the backup after the restore "
-                    f"({got[0]} items in the database, {want[0]} in the backup): "
-                    "the database dropped or altered data; check the storage and restore again"
-                )
-
         with self._db.snapshot() as snap:
             second_pass = []
             for name, result in outcome.items():
-                if whole(name) and not result.had_deletes and name in expected:
-                    mismatch(name, database_digest(snap, name), expected[name])
+                if name in checked:
+                    continue
+                if name in expected and _checked_by_tree_end(result, prefix):
+                    _compare_digests(name, database_digest(snap, name), expected[name])
                 else:
                     second_pass.append(name)
             if not second_pass:
@@ -674,7 +732,8 @@ class EncryptedBackupManager:
                 batches = iter(lambda: reader.read_items(READ_BATCH), [])
                 if whole(name):
                     puts = (item for batch in batches for item in batch if item[1] is not None)
-                    mismatch(name, database_digest(snap, name), tuple(self._core.digest_items(backup_key, puts)))
+                    want = tuple(self._core.digest_items(backup_key, puts))
+                    _compare_digests(name, database_digest(snap, name), want)
                     return
                 skip = outcome[name].unchecked
                 for batch in batches:
@@ -695,7 +754,7 @@ def _restore_tree_native(
 ) -> _TreeOutcome:
     """_restore_tree through a core.LmdbWriter: the Rust reader writes the records itself."""
     index, was_empty = writer.open_tree(name)
-    result = _TreeOutcome(was_empty=was_empty)
+    result = _TreeOutcome(was_empty=was_empty, index=index)
     while True:
         written, skipped, deleted, skipped_keys, ended = reader.write_items(
             writer, index, prefix=prefix, overwrite=options.overwrite_existing
@@ -709,13 +768,45 @@ def _restore_tree_native(
 
 
 class _TreeOutcome:
-    __slots__ = ("was_empty", "had_deletes", "unchecked")
+    __slots__ = ("was_empty", "had_deletes", "unchecked", "index")
 
-    def __init__(self, was_empty: bool) -> None:
+    def __init__(self, was_empty: bool, index: int | None = None) -> None:
         self.was_empty = was_empty
         self.had_deletes = False
         # Keys whose database value need not equal the backup's: skipped or failed.
         self.unchecked: set[bytes] = set()
+        self.index = index  # the tree's index in a core.LmdbWriter
+
+
+def _tree_ends(trailer: Trailer | None) -> dict[str, tuple[int, int, bytes]]:
+    """tree name -> (items, bytes, digest) of its TREE_END, from a single file's trailer."""
+    return {name: (items, nbytes, digest) for name, items, nbytes, digest in (trailer or (0, 0, []))[2]}
+
+
+def _checked_by_tree_end(result: _TreeOutcome, prefix: bytes | None) -> bool:
+    """The tree now holds exactly its PUT records in the backup: restored whole (no prefix, no
+    record skipped or failed) into an empty tree, from a file without DELETE records for it."""
+    return result.was_empty and prefix is None and not result.unchecked and not result.had_deletes
+
+
+def _compare_digests(
+    name: str, got: tuple[int, int, bytes], want: tuple[int, int, bytes], *, applied: bool = True
+) -> None:
+    """DatabaseError unless the tree as written (`applied`: in the database, else in the staged
+    file that was to replace it) has the backup's digest."""
+    if got == want:
+        return
+    if applied:
+        raise DatabaseError(
+            f"tree {name!r} does not match the backup after the restore "
+            f"({got[0]} items in the database, {want[0]} in the backup): "
+            "the database dropped or altered data; check the storage and restore again"
+        )
+    raise DatabaseError(
+        f"tree {name!r} did not read back as the backup holds it ({got[0]} items written, "
+        f"{want[0]} in the backup): the restore was not applied and the database is as it was; "
+        "check the storage and restore again"
+    )
 
 
 def _check_options(options: Any, cls: type, name: str) -> Any:

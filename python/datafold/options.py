@@ -182,7 +182,10 @@ class RestoreOptions(_PrefixMixin):
 
     overwrite_existing: False keeps the values of keys that already exist (counted as skipped).
     tree_filter / key_prefix_filter: restore only these trees / keys (as in BackupOptions).
-    verify_before_restore: a full authenticated pass over the file before the database is touched.
+    verify_before_restore: a full authenticated pass over the file, ended before the database
+        changes. Into an empty LMDB database (a staged native restore, stores/lmdb.py) it runs
+        in a thread beside the write into the new data file, which replaces data.mdb only after
+        both passes; otherwise (or with a progress callback) it runs before anything is written.
     backup_before_restore: first write a safety backup of the trees the restore will touch;
         its path is in RestoreStats.safety_backup_path (beside the restored file unless
         safety_backup_path is given). Restoring it with overwrite_existing=True gives back the
@@ -190,7 +193,9 @@ class RestoreOptions(_PrefixMixin):
     continue_on_errors: record-level store errors are collected in RestoreStats.errors instead of
         aborting; integrity failures always abort.
     verify_after_restore: read back what was written and check it against the backup (per-tree
-        digests where a whole tree went into an empty tree, item by item otherwise).
+        digests where a whole tree went into an empty tree, item by item otherwise). A staged
+        native restore of one file is read back from its new data file while that syncs, before
+        it replaces data.mdb: a mismatch then leaves the database as it was.
     threads: threads that open segments, 0 = all cores (the Rust core; the pure core uses one).
     chain: for an incremental backup, the paths of its parents, oldest (the full backup) first.
         None: they are looked up by backup id among the backups in the same directory.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
-use super::{batch_limit, untracked_pair, with_bytes, IntArg};
+use super::{batch_limit, item_digester, untracked_pair, with_bytes, DigestResult, IntArg};
 use crate::lmdb_file::{Batch, DataFile, Scan, TreeRoot};
 use crate::lmdb_write::{EnvOptions, Tree, Writer, Written};
 
@@ -290,6 +290,30 @@ impl PyLmdbWriter {
     #[getter]
     fn max_key_size(&self) -> PyResult<usize> {
         Ok(self.writer.as_ref().ok_or_else(closed)?.max_key_size())
+    }
+
+    /// Ends the writing of a staged write (crate::lmdb_write, `Writer::seal`): its last records
+    /// are committed to the staging file, whose sync then runs in the background while
+    /// tree_digest() reads the file; commit() waits for the sync and publishes the file.
+    fn seal(&mut self, py: Python<'_>) -> PyResult<()> {
+        let mut job = AssertSend(self.writer.as_mut().ok_or_else(closed)?);
+        py.detach(move || job.run(|w| w.seal()))?;
+        Ok(())
+    }
+
+    /// digest_items(backup_key, ...) of the records of tree `index` as a sealed staged write
+    /// holds them: (items, bytes, digest), read back through LMDB before the file is published.
+    fn tree_digest<'py>(
+        &mut self,
+        py: Python<'py>,
+        index: usize,
+        backup_key: &Bound<'py, PyAny>,
+    ) -> PyResult<DigestResult<'py>> {
+        let mut digester = item_digester(backup_key)?;
+        let mut job = AssertSend((self.parts(index)?, &mut digester));
+        py.detach(move || job.run(|((w, t), d)| w.read_back(t, |k, v| d.add(k, Some(v)))))?;
+        let (tally, digest) = digester.finish();
+        Ok((tally.items, tally.bytes, PyBytes::new(py, &digest)))
     }
 
     /// Commits durably and closes the environment.

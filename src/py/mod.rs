@@ -310,7 +310,7 @@ fn digest_into(digester: &mut ItemDigester, items: &Bound<'_, PyAny>) -> PyResul
     Ok(())
 }
 
-type DigestResult<'py> = (u64, u64, Bound<'py, PyBytes>);
+pub(crate) type DigestResult<'py> = (u64, u64, Bound<'py, PyBytes>);
 
 /// (items, bytes, digest) of the records of `sources` (each an iterable of pairs or a RecordBatch).
 fn digest_sources<'py>(
@@ -318,13 +318,20 @@ fn digest_sources<'py>(
     backup_key: &Bound<'py, PyAny>,
     sources: impl IntoIterator<Item = PyResult<Bound<'py, PyAny>>>,
 ) -> PyResult<DigestResult<'py>> {
-    let key = SecretKey::from_slice(&secret_arg(backup_key)?, "backup key")?;
-    let mut digester = ItemDigester::new(derive_digest_key(key.as_bytes()).as_bytes());
+    let mut digester = item_digester(backup_key)?;
     for source in sources {
         digest_into(&mut digester, &source?)?;
     }
     let (tally, digest) = digester.finish();
     Ok((tally.items, tally.bytes, PyBytes::new(py, &digest)))
+}
+
+/// An ItemDigester with the digest key of `backup_key`.
+pub(crate) fn item_digester(backup_key: &Bound<'_, PyAny>) -> PyResult<ItemDigester> {
+    let key = SecretKey::from_slice(&secret_arg(backup_key)?, "backup key")?;
+    Ok(ItemDigester::new(
+        derive_digest_key(key.as_bytes()).as_bytes(),
+    ))
 }
 
 #[pyfunction]
