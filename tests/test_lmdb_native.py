@@ -16,6 +16,7 @@ from typing import Any
 import lmdb
 import pytest
 from datafold import EncryptedBackupManager, MasterKeyPair, RestoreOptions
+from datafold import manager as manager_module
 from datafold.core import load_core
 from datafold.errors import ArgumentTypeError, DatabaseError, IntegrityError, StoreError
 from datafold.stores import DbOperations
@@ -184,16 +185,16 @@ def test_verify_before_restore_ends_before_the_database_changes(
     data = path / "data.mdb"
     seen: list[tuple[str, int, int]] = []
     spy = NativeSpy(monkeypatch)
-    verify_backup = EncryptedBackupManager.verify_backup
+    verify_file = EncryptedBackupManager._verify_file
 
-    def slow_verify(self: EncryptedBackupManager, backup: Any, **kwargs: Any) -> Any:
+    def slow_verify(self: EncryptedBackupManager, *args: Any) -> Any:
         time.sleep(0.5)  # long after the records are written
         seen.append((threading.current_thread().name, data.stat().st_ino, spy.writers))
         if outcome == "fails":
             raise IntegrityError("the verify pass failed")
-        return verify_backup(self, backup, **kwargs)
+        return verify_file(self, *args)
 
-    monkeypatch.setattr(EncryptedBackupManager, "verify_backup", slow_verify)
+    monkeypatch.setattr(EncryptedBackupManager, "_verify_file", slow_verify)
     with DbOperations.open(path) as db:
         if into == "non-empty":
             db.put_many("other", [(b"k", b"v")])
@@ -210,6 +211,33 @@ def test_verify_before_restore_ends_before_the_database_changes(
         assert seen == [("datafold-verify", inode, 1)]  # beside the writer, before data.mdb changed
     else:
         assert seen == [(threading.current_thread().name, inode, 0)]  # before the writer opened
+
+
+def test_a_failed_staged_restore_stops_the_verify_pass_beside_it(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ended: list[BaseException] = []
+    verify_file = EncryptedBackupManager._verify_file
+
+    def late_verify(self: EncryptedBackupManager, *args: Any) -> Any:
+        time.sleep(0.3)  # the restore has failed by now
+        try:
+            return verify_file(self, *args)
+        except BaseException as e:
+            ended.append(e)
+            raise
+
+    def failing_write(*args: Any) -> Any:
+        raise StoreError("the disk is full")
+
+    monkeypatch.setattr(EncryptedBackupManager, "_verify_file", late_verify)
+    monkeypatch.setattr(manager_module, "_restore_tree_native", failing_write)
+    with DbOperations.open(tmp_path / "target") as db:
+        with pytest.raises(StoreError, match="the disk is full"):
+            manager(db).restore_backup(source)
+        assert db.tree_names() == []
+    # The pass ended at its first read after the failure, not at the end of the file.
+    assert [str(e) for e in ended] == ["the pass was stopped"]
 
 
 def test_unstorable_keys_fail_like_the_py_lmdb_path(tmp_path: Path) -> None:

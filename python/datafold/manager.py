@@ -87,6 +87,31 @@ class _Background:
         return self._result
 
 
+class _Stoppable:
+    """A backup file whose reads fail once `stop` is set: ends a pass no longer needed."""
+
+    def __init__(self, f: Any, stop: threading.Event) -> None:
+        self._f = f
+        self._stop = stop
+
+    def _check(self) -> None:
+        if self._stop.is_set():
+            raise BackupIOError("the pass was stopped")
+
+    def read(self, n: int = -1) -> bytes:
+        self._check()
+        data: bytes = self._f.read(n)
+        return data
+
+    def readinto(self, buffer: Any) -> int | None:
+        self._check()
+        n: int | None = self._f.readinto(buffer)
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 class EncryptedBackupManager:
     """Creates, restores, verifies and lists encrypted backups of one database.
 
@@ -384,9 +409,15 @@ class EncryptedBackupManager:
         parallel (0: all cores)."""
         path = check_path(path, "path")
         self._threads = check_threads(threads)
-        meter = Meter(progress)
+        return self._verify_file(path, Meter(progress))
+
+    def _verify_file(self, path: str, meter: Meter, stop: threading.Event | None = None) -> BackupMetadata:
+        """verify_backup's pass; `stop`: once set, the pass ends at its next read (BackupIOError)."""
         with _open_backup(path) as f:
-            preamble, header, trailer = self._scan(meter.reading(f, "verify"))
+            source: Any = meter.reading(f, "verify")
+            if stop is not None:
+                source = _Stoppable(source, stop)
+            preamble, header, trailer = self._scan(source)
             size = os.fstat(f.fileno()).st_size
         return BackupMetadata.from_parts(header, trailer, preamble, path=path, file_size=size)
 
@@ -475,11 +506,12 @@ class EncryptedBackupManager:
         # can: they never become Python objects (stores/lmdb.py, native_restore).
         native = not options.continue_on_errors and hasattr(self._core, "LmdbWriter")
 
-        def verify_chain() -> None:
+        stop_verifying = threading.Event()
+
+        def verify_chain(stop: threading.Event | None = None) -> None:
             for member in chain:
                 assert member.path is not None
-                self.verify_backup(member.path, progress=progress, threads=options.threads)
-            self._threads = options.threads
+                self._verify_file(member.path, Meter(progress), stop)
 
         verifying: _Background | None = None
         if options.backup_before_restore:
@@ -491,7 +523,7 @@ class EncryptedBackupManager:
                 # replaces data.mdb only once everything checked out, so the verify pass runs
                 # beside the write (if the writer does not stage, it waits for the pass). With a
                 # progress callback the passes run one after the other, each its own phase.
-                verifying = _Background(verify_chain, "datafold-verify")
+                verifying = _Background(lambda: verify_chain(stop_verifying), "datafold-verify")
             else:
                 verify_chain()
 
@@ -552,6 +584,7 @@ class EncryptedBackupManager:
                     writer.commit()
         finally:
             if verifying is not None:  # the restore failed first: its error is the one raised
+                stop_verifying.set()
                 verifying.join()
         if writer is None:
             with self._db.write_transaction() as txn:
