@@ -18,7 +18,9 @@
 //! hint to the kernel to start writing it back (so the disk works while the restore goes on), then
 //! syncs it and renames it over data.mdb: the database still changes all at once or not at all (a
 //! crash leaves the old data.mdb and a stale staging file, removed by the next staged write or open
-//! of the store). Meanwhile the writer holds the target's write transaction. No other process can
+//! of the store). With `EnvOptions::stage_writemap` the staging environment writes through its map,
+//! with the file allocated ahead of LMDB (`Room`). `seal` commits the last records and starts the
+//! final sync in a thread, so the caller can read the new file back (`read_back`) meanwhile. Meanwhile the writer holds the target's write transaction. No other process can
 //! have the old file open: none had the environment open when the writer began (byte 0 of lock.mdb,
 //! which each opener read-locks, could be write-locked), a py-lmdb opener fails on the lock-file
 //! format, and another writer of this crate waits on the flock every one holds
@@ -48,6 +50,9 @@ pub struct EnvOptions {
     /// Build the data file anew when the environment holds no tree (see the module doc; never
     /// with writemap, whose store preallocates the map in data.mdb).
     pub stage_when_empty: bool,
+    /// Open that new file with MDB_WRITEMAP (see `Room`): for records mostly on overflow pages,
+    /// whose pages LMDB otherwise mallocs fresh in every transaction and then copies to the file.
+    pub stage_writemap: bool,
 }
 
 /// Bytes of keys and values a staged write puts per transaction: what it holds in memory.
@@ -55,6 +60,127 @@ const STAGED_COMMIT_BYTES: usize = 16 << 20;
 
 /// The staging file's name in the environment directory.
 pub const STAGING_FILE: &str = "data.mdb.datafold-restore";
+
+/// Disk space of a staging environment opened with MDB_WRITEMAP. LMDB then writes its pages
+/// through a shared mapping of a sparse file (it sets the file to the map size), where a page the
+/// disk has no room for is a SIGBUS, not an error. So the writer allocates the file
+/// (posix_fallocate) ahead of LMDB: from the end of the last commit's pages, twice what the
+/// transaction may have added so far (`estimate` per record, with every page it could copy on
+/// write) and `ROOM_SLACK`; an allocation that fails is a StoreError before LMDB touches the page.
+/// At the end the file is cut to the pages in use.
+struct Room {
+    fd: c_int,
+    page_size: u64,
+    /// Bytes of the file allocated from offset 0, and the most it needs: the map size.
+    allocated: u64,
+    map_size: u64,
+    /// Bytes of pages in use after the last commit.
+    committed_end: u64,
+    /// What the current transaction may have added, by `estimate`.
+    txn_bytes: u64,
+}
+
+const ROOM_SLACK: u64 = 8 << 20;
+const ROOM_STEP: u64 = 64 << 20;
+/// Pages a put or delete that is not an append may copy on write (a path from root to leaf).
+const COPIED_PAGES: u64 = 8;
+
+impl Room {
+    fn new(env: *mut ffi::MDB_env) -> Result<Room> {
+        let mut fd: ffi::mdb_filehandle_t = -1;
+        let mut stat = std::mem::MaybeUninit::<ffi::MDB_stat>::uninit();
+        // SAFETY: a live environment; mdb_env_stat fills `stat`.
+        unsafe {
+            check(ffi::mdb_env_get_fd(env, &mut fd), "read the staging file")?;
+            check(
+                ffi::mdb_env_stat(env, stat.as_mut_ptr()),
+                "read the staging file",
+            )?;
+        }
+        let mut room = Room {
+            fd,
+            page_size: u64::from(unsafe { stat.assume_init() }.ms_psize),
+            allocated: 0,
+            map_size: 0,
+            committed_end: 0,
+            txn_bytes: 0,
+        };
+        room.committed(env)?;
+        Ok(room)
+    }
+
+    /// Bytes of pages a record may take: its node and page share, or its overflow pages; and
+    /// unless appended, the pages on its path.
+    fn estimate(&self, record_bytes: usize, appended: bool) -> u64 {
+        let copied = if appended {
+            0
+        } else {
+            COPIED_PAGES * self.page_size
+        };
+        record_bytes as u64 + 64 + copied
+    }
+
+    /// Allocates the file for a record of `estimate` bytes more in this transaction.
+    fn make_room(&mut self, estimate: u64) -> Result<()> {
+        self.txn_bytes += estimate;
+        let need = self.committed_end + 2 * self.txn_bytes + ROOM_SLACK;
+        if need <= self.allocated {
+            return Ok(());
+        }
+        // Past the map LMDB fails with MDB_MAP_FULL, before it writes a page there.
+        let target = (need + ROOM_STEP)
+            .next_multiple_of(1 << 20)
+            .min(self.map_size);
+        if target <= self.allocated {
+            return Ok(());
+        }
+        // SAFETY: posix_fallocate on the staging environment's open descriptor.
+        let rc = unsafe {
+            libc::posix_fallocate(
+                self.fd,
+                self.allocated as libc::off_t,
+                (target - self.allocated) as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Store(format!(
+                "cannot allocate {} MiB for the restored database: {}; free some disk space and \
+                 restore again",
+                target >> 20,
+                std::io::Error::from_raw_os_error(rc)
+            )));
+        }
+        self.allocated = target;
+        Ok(())
+    }
+
+    /// After a commit: the pages in use end where the environment says.
+    fn committed(&mut self, env: *mut ffi::MDB_env) -> Result<()> {
+        let mut info = std::mem::MaybeUninit::<ffi::MDB_envinfo>::uninit();
+        // SAFETY: a live environment; mdb_env_info fills `info`.
+        check(
+            unsafe { ffi::mdb_env_info(env, info.as_mut_ptr()) },
+            "read the staging file",
+        )?;
+        let info = unsafe { info.assume_init() };
+        self.map_size = info.me_mapsize as u64;
+        self.committed_end = (info.me_last_pgno as u64 + 1) * self.page_size;
+        self.txn_bytes = 0;
+        Ok(())
+    }
+
+    /// Cuts the file to the pages in use (LMDB set it to the map size).
+    fn trim(&self) -> Result<()> {
+        // SAFETY: ftruncate on the open descriptor; no page beyond the end is mapped in use.
+        if unsafe { libc::ftruncate(self.fd, self.committed_end as libc::off_t) } != 0 {
+            return Err(Error::Store(format!(
+                "cannot cut the staging file to its size: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+}
 
 fn lmdb_message(rc: c_int) -> String {
     // SAFETY: mdb_strerror returns a static NUL-terminated string for any code.
@@ -121,6 +247,8 @@ struct Staged {
     published: bool,
     /// `seal` committed the last records; the staging file's sync runs in this thread.
     sync: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    /// The staging environment writes through its map (`EnvOptions::stage_writemap`).
+    room: Option<Room>,
 }
 
 impl Writer {
@@ -195,8 +323,22 @@ impl Writer {
             }
         }
         let mode = meta.permissions().mode() & 0o7777;
-        let flags = ffi::MDB_NOSUBDIR | ffi::MDB_NOLOCK | ffi::MDB_NOSYNC;
-        let (env, txn) = match open_env(&staging_path, options, flags, mode) {
+        let mut flags = ffi::MDB_NOSUBDIR | ffi::MDB_NOLOCK | ffi::MDB_NOSYNC;
+        if options.stage_writemap {
+            flags |= ffi::MDB_WRITEMAP;
+        }
+        let opened = open_env(&staging_path, options, flags, mode).and_then(|(env, txn)| {
+            let room = options.stage_writemap.then(|| Room::new(env)).transpose();
+            if room.is_err() {
+                // SAFETY: the handles just opened, closed on this error.
+                unsafe {
+                    ffi::mdb_txn_abort(txn);
+                    ffi::mdb_env_close(env);
+                }
+            }
+            Ok((env, txn, room?))
+        });
+        let (env, txn, room) = match opened {
             Ok(handles) => handles,
             Err(e) => {
                 let _ = std::fs::remove_file(&staging_path);
@@ -212,6 +354,7 @@ impl Writer {
             owner,
             published: false,
             sync: None,
+            room,
         });
         self.env = env;
         self.txn = txn;
@@ -338,6 +481,7 @@ impl Writer {
         if append {
             flags |= ffi::MDB_APPEND;
         }
+        self.make_room(key.len() + value.len(), append)?;
         let cursor = self.cursor(tree)?;
         let mut k = val(key);
         let mut v = val(value);
@@ -368,6 +512,7 @@ impl Writer {
         if key.is_empty() || key.len() > self.max_key {
             return Ok(false);
         }
+        self.make_room(key.len(), false)?;
         let cursor = self.cursor(tree)?;
         let (mut k, mut v) = (val(key), val(b""));
         // SAFETY: a cursor of the live write transaction.
@@ -402,12 +547,26 @@ impl Writer {
         Ok(tree.cursor)
     }
 
-    /// Counts `nbytes` written; a staged write commits once it holds `commit_every` bytes.
-    fn wrote(&mut self, nbytes: usize) -> Result<()> {
-        if self.staged.is_none() {
+    /// A staged write through the map: the file allocated for this record (`Room`).
+    fn make_room(&mut self, record_bytes: usize, appended: bool) -> Result<()> {
+        let Some(room) = self.staged.as_mut().and_then(|s| s.room.as_mut()) else {
             return Ok(());
-        }
-        self.pending += nbytes;
+        };
+        let made = room.make_room(room.estimate(record_bytes, appended));
+        self.failed |= made.is_err();
+        made
+    }
+
+    /// Counts `nbytes` written; a staged write commits once it holds `commit_every` bytes (by
+    /// `Room`'s estimate when it writes through the map, which bounds the room it needs).
+    fn wrote(&mut self, nbytes: usize) -> Result<()> {
+        let Some(staged) = self.staged.as_ref() else {
+            return Ok(());
+        };
+        self.pending = match &staged.room {
+            Some(room) => room.txn_bytes as usize,
+            None => self.pending + nbytes,
+        };
         if self.pending < self.commit_every {
             return Ok(());
         }
@@ -424,8 +583,20 @@ impl Writer {
         }
         self.txn_serial += 1;
         self.pending = 0;
+        self.committed()?;
         start_writeback(self.env);
         Ok(())
+    }
+
+    /// After a staging commit: `Room` learns where the pages in use end.
+    fn committed(&mut self) -> Result<()> {
+        let env = self.env;
+        let Some(room) = self.staged.as_mut().and_then(|s| s.room.as_mut()) else {
+            return Ok(());
+        };
+        let done = room.committed(env);
+        self.failed |= done.is_err();
+        done
     }
 
     /// Ends the writing of a staged write: commits its last records to the staging file and
@@ -443,6 +614,12 @@ impl Writer {
         let rc = unsafe { ffi::mdb_txn_commit(txn) };
         if rc != 0 {
             return Err(self.fail(rc, "commit"));
+        }
+        self.committed()?;
+        if let Some(room) = &self.staged.as_ref().expect("staged").room {
+            let trimmed = room.trim();
+            self.failed |= trimmed.is_err();
+            trimmed?;
         }
         let mut fd: ffi::mdb_filehandle_t = -1;
         // SAFETY: the live staging environment.
@@ -863,6 +1040,7 @@ mod tests {
             max_readers: 16,
             writemap: false,
             stage_when_empty: false,
+            stage_writemap: false,
         }
     }
 
@@ -1043,6 +1221,67 @@ mod tests {
         let mut w = Writer::open(&dir, staging(64 << 20)).unwrap();
         assert!(!w.staged());
         assert!(w.seal().is_err());
+    }
+
+    #[test]
+    fn a_staged_write_through_the_map_allocates_ahead_and_is_cut_to_its_pages() {
+        let (dir, data, before) = empty_environment("staged-map");
+        let options = EnvOptions {
+            stage_writemap: true,
+            ..staging(256 << 20)
+        };
+        let mut w = Writer::open(&dir, options).unwrap();
+        assert!(w.staged());
+        w.set_commit_every(1 << 20);
+        let mut t = w.open_tree(b"t").unwrap();
+        let records: Records = (0..300).map(|i| (key(i), vec![i as u8; 10_000])).collect();
+        let staging_file = dir.join(STAGING_FILE);
+        for (k, v) in &records {
+            w.put(&mut t, k, v, true).unwrap();
+            let room = w.staged.as_ref().unwrap().room.as_ref().unwrap();
+            // Every page LMDB may have touched is allocated on disk.
+            assert!(room.allocated >= room.committed_end + 2 * room.txn_bytes);
+            let blocks = std::fs::metadata(&staging_file).unwrap().blocks();
+            assert!(
+                blocks * 512 >= room.allocated,
+                "{blocks} {}",
+                room.allocated
+            );
+        }
+        assert!(w.txn_serial >= 2, "{}", w.txn_serial);
+        // LMDB set the file to the map size (sparse) ...
+        assert_eq!(std::fs::metadata(&staging_file).unwrap().len(), 256 << 20);
+        w.commit().unwrap();
+        drop(w);
+        // ... and the published file holds only the pages in use.
+        let size = std::fs::metadata(&data).unwrap().len();
+        assert!(
+            size % 4096 == 0 && (3_000_000..4 << 20).contains(&size),
+            "{size}"
+        );
+        assert_ne!(inode(&data), before);
+        assert_eq!(read_tree(&dir, "t"), records);
+    }
+
+    #[test]
+    fn room_that_cannot_be_allocated_is_an_error() {
+        let dir = tempdir("room");
+        std::fs::write(dir.join("f"), b"").unwrap();
+        let read_only = File::open(dir.join("f")).unwrap();
+        let mut room = Room {
+            fd: read_only.as_raw_fd(),
+            page_size: 4096,
+            allocated: 0,
+            map_size: 1 << 30,
+            committed_end: 8192,
+            txn_bytes: 0,
+        };
+        let e = room.make_room(100).unwrap_err().to_string();
+        assert!(
+            e.contains("cannot allocate") && e.contains("free some disk space"),
+            "{e}"
+        );
+        assert_eq!(room.allocated, 0);
     }
 
     #[test]

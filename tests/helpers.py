@@ -216,8 +216,8 @@ class NativeSpy:
         spy = self
 
         @contextmanager
-        def native_writer(db: DbOperations) -> Iterator[Any]:
-            with original(db) as writer:
+        def native_writer(db: DbOperations, mean_record_bytes: float = 0.0) -> Iterator[Any]:
+            with original(db, mean_record_bytes) as writer:
                 if writer is not None:
                     spy.writers += 1
                     spy.staged += writer.staged

@@ -102,9 +102,9 @@ native = False
 
 
 @contextmanager
-def native_writer(db):
+def native_writer(db, mean_record_bytes=0.0):
     global native
-    with native_original(db) as writer:
+    with native_original(db, mean_record_bytes) as writer:
         native = writer is not None
         yield writer
 

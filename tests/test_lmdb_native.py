@@ -5,6 +5,7 @@ leave exactly what the py-lmdb path leaves, with the same stats and the same err
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -238,6 +239,30 @@ def test_a_failed_staged_restore_stops_the_verify_pass_beside_it(
         assert db.tree_names() == []
     # The pass ended at its first read after the failure, not at the end of the file.
     assert [str(e) for e in ended] == ["the pass was stopped"]
+
+
+def test_large_values_are_staged_through_the_map(tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records of more than half a page on average go to a staging file written through its map
+    (LmdbWriter stage_writemap), cut to the pages in use before it replaces data.mdb."""
+    rnd = random.Random(SEED)
+    with DbOperations.open(tmp_path / "big") as db:
+        db.put_many("blobs", [(f"blob:{i:05d}".encode(), rnd.randbytes(9000)) for i in range(500)])
+        manager(db).create_backup(tmp_path / "big.dfb")
+    through_map = []
+    hand_over = lmdb_store._SharedEnv.hand_over
+
+    def spy(self: Any, *, stage_writemap: bool = False) -> Any:
+        through_map.append(stage_writemap)
+        return hand_over(self, stage_writemap=stage_writemap)
+
+    monkeypatch.setattr(lmdb_store._SharedEnv, "hand_over", spy)
+    native, plain = restore_both(tmp_path, tmp_path / "big.dfb", RestoreOptions())
+    assert native == plain and native[0] == 500
+    size = (tmp_path / "target-True" / "data.mdb").stat().st_size
+    assert size % 4096 == 0 and 500 * 9000 < size < 2 * 500 * 9000  # not the map size
+    with DbOperations.open(tmp_path / "small-records") as db:
+        manager(db).restore_backup(source)
+    assert through_map == [True, False]
 
 
 def test_unstorable_keys_fail_like_the_py_lmdb_path(tmp_path: Path) -> None:

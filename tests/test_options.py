@@ -614,7 +614,7 @@ def faulty_put(monkeypatch: pytest.MonkeyPatch, backend: str, fault: str) -> Non
     monkeypatch.setattr(cls, "put", put)
     monkeypatch.setattr(cls, "put_many", put_many)
     # The faults live in the write transaction: keep the LMDB store's native writer out of it.
-    monkeypatch.setattr(DbOperations, "_native_writer", lambda db: nullcontext(None))
+    monkeypatch.setattr(DbOperations, "_native_writer", lambda db, mean_record_bytes=0.0: nullcontext(None))
 
 
 @pytest.mark.parametrize("fault", ["drop", "alter"])

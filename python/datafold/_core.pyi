@@ -258,7 +258,10 @@ class LmdbWriter:
 
     Staged: when the environment holds no tree, no other process has it open and writemap is off,
     the records go into a new file, STAGING_FILE in the directory, committed every 16 MiB (memory
-    stays flat), which commit() syncs and renames over data.mdb with data.mdb's permissions."""
+    stays flat), which commit() syncs and renames over data.mdb with data.mdb's permissions.
+    stage_writemap: that file is written through its map (MDB_WRITEMAP), allocated ahead of LMDB's
+    pages (posix_fallocate: a full disk is a StoreError, never a SIGBUS) and cut to the pages in use
+    at the end; for large values, whose pages LMDB would otherwise malloc and then copy."""
 
     STAGING_FILE: str  # "data.mdb.datafold-restore"
 
@@ -271,6 +274,7 @@ class LmdbWriter:
         max_readers: int,
         writemap: bool,
         stage_when_empty: bool = True,
+        stage_writemap: bool = False,
     ) -> None:
         """Opens the environment directory path (os.fsencode); StoreError if LMDB refuses, as it does
         when another process has the environment open (py-lmdb's lock file format differs). Waits

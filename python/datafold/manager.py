@@ -561,7 +561,9 @@ class EncryptedBackupManager:
         checked_early: set[str] = set()
         # The whole backup (chain) checked out when scan() returns: then the transaction commits.
         try:
-            with self._db._native_writer() if native else nullcontext(None) as writer:
+            items = sum(m.total_items for m in chain)
+            mean_record_bytes = sum(m.total_bytes for m in chain) / items if items else 0.0
+            with self._db._native_writer(mean_record_bytes) if native else nullcontext(None) as writer:
                 if verifying is not None and (writer is None or not writer.staged):
                     verifying.result()  # nothing is written before the pass ends
                     verifying = None

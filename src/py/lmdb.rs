@@ -226,9 +226,12 @@ impl PyLmdbWriter {
 
     /// `path`: the environment directory as bytes (os.fsencode: any file name);
     /// `stage_when_empty`: build a new data file when the environment holds no tree (see
-    /// src/lmdb_write.rs).
+    /// src/lmdb_write.rs); `stage_writemap`: write that file through its map (for large values).
     #[new]
-    #[pyo3(signature = (path, *, map_size, max_dbs, max_readers, writemap, stage_when_empty=true))]
+    #[pyo3(signature = (
+        path, *, map_size, max_dbs, max_readers, writemap, stage_when_empty=true, stage_writemap=false
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         path: Vec<u8>,
@@ -237,6 +240,7 @@ impl PyLmdbWriter {
         max_readers: u32,
         writemap: bool,
         stage_when_empty: bool,
+        stage_writemap: bool,
     ) -> PyResult<Self> {
         let options = EnvOptions {
             map_size,
@@ -244,6 +248,7 @@ impl PyLmdbWriter {
             max_readers,
             writemap,
             stage_when_empty,
+            stage_writemap,
         };
         let path = PathBuf::from(std::ffi::OsString::from_vec(path));
         let writer = py

@@ -259,9 +259,10 @@ class Store(ABC):
     def snapshot(self) -> AbstractContextManager[ReadSnapshot]:
         """A ReadSnapshot held open for the with block; released on exit."""
 
-    def native_writer(self) -> AbstractContextManager[Any | None]:
+    def native_writer(self, mean_record_bytes: float = 0.0) -> AbstractContextManager[Any | None]:
         """A writer of the Rust core that takes a restore's records without Python objects, for the
-        with block, or None (the default: write through write_transaction())."""
+        with block, or None (the default: write through write_transaction()). `mean_record_bytes`:
+        keys + values per record of what will be written, if known (0: not known)."""
         return nullcontext(None)
 
     def reserve(self, nbytes: int, *, records: int = 0) -> None:
@@ -377,9 +378,9 @@ class DbOperations:
         """
         return self._live().write_transaction()
 
-    def _native_writer(self) -> AbstractContextManager[Any | None]:
+    def _native_writer(self, mean_record_bytes: float = 0.0) -> AbstractContextManager[Any | None]:
         """The backup manager's restore path: Store.native_writer()."""
-        return self._live().native_writer()
+        return self._live().native_writer(mean_record_bytes)
 
     def snapshot(self) -> AbstractContextManager[ReadSnapshot]:
         """A consistent read view of all trees at one point in time, for the duration of the with block.

@@ -68,7 +68,11 @@ over data.mdb and fsyncs the directory: the database still changes all at once o
 Meanwhile the writer holds the target's write transaction; no other process can open the old file
 in between (see src/lmdb_write.rs), and after the writer closes, the next opener rebuilds LMDB's
 lock table from the new file. A kill midway leaves the old data.mdb and the staging
-file, which the next open of the store (or staged restore) removes. Not staged: a database with a
+file, which the next open of the store (or staged restore) removes. Records of more than half a page
+on average (native_writer's mean_record_bytes) are staged through the new file's map
+(MDB_WRITEMAP): LMDB would otherwise malloc their overflow pages anew in every transaction and copy
+them to the file; the core allocates the file ahead of LMDB's pages (a full disk is a StoreError,
+not a SIGBUS) and cuts it to the pages in use at the end. Not staged: a database with a
 tree, writemap=True, or a data.mdb that is a symlink, has other hard links, or belongs to another
 user (unless root).
 
@@ -560,7 +564,7 @@ class _SharedEnv:
             return True
 
     @contextmanager
-    def hand_over(self) -> Iterator[Any | None]:
+    def hand_over(self, *, stage_writemap: bool = False) -> Iterator[Any | None]:
         """Close the py-lmdb environment and open it with the Rust core's LMDB (core.LmdbWriter: one
         write transaction) for the with block, then open it with py-lmdb again.
 
@@ -586,6 +590,7 @@ class _SharedEnv:
                         max_dbs=self.limits[0],
                         max_readers=self.limits[1],
                         writemap=self.writemap,
+                        stage_writemap=stage_writemap,
                     )
                 except StoreError:
                     writer = None
@@ -911,15 +916,17 @@ class LmdbStore(Store):
         txn._finish(commit=True)
 
     @contextmanager
-    def native_writer(self) -> Iterator[Any | None]:
+    def native_writer(self, mean_record_bytes: float = 0.0) -> Iterator[Any | None]:
         """The environment handed to the Rust core's LMDB for one write transaction: a
         core.LmdbWriter (commit it inside the block; leaving it otherwise rolls back), or None when
-        that is off (native_restore=False, the pure core) or cannot be had now (_SharedEnv.hand_over)."""
+        that is off (native_restore=False, the pure core) or cannot be had now (_SharedEnv.hand_over).
+        Records of more than half a page on average (mostly on overflow pages) are staged through
+        the new file's map (see the module doc)."""
         self._check_open()
         if not self._native_restore:
             yield None
             return
-        with self._shared.hand_over() as writer:
+        with self._shared.hand_over(stage_writemap=mean_record_bytes > self._shared.page_size / 2) as writer:
             yield writer
 
     def reserve(self, nbytes: int, *, records: int = 0) -> None:
