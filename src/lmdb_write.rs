@@ -78,6 +78,10 @@ struct Room {
     committed_end: u64,
     /// What the current transaction may have added, by `estimate`.
     txn_bytes: u64,
+    /// Allocated beyond the estimate (`ROOM_SLACK`), and at least this much more at a time
+    /// (`ROOM_STEP`).
+    slack: u64,
+    step: u64,
 }
 
 const ROOM_SLACK: u64 = 8 << 20;
@@ -104,15 +108,18 @@ impl Room {
             map_size: 0,
             committed_end: 0,
             txn_bytes: 0,
+            slack: ROOM_SLACK,
+            step: ROOM_STEP,
         };
         room.committed(env)?;
         Ok(room)
     }
 
     /// Bytes of pages a record may take: its node and page share, or its overflow pages; and
-    /// unless appended, the pages on its path.
-    fn estimate(&self, record_bytes: usize, appended: bool) -> u64 {
-        let copied = if appended {
+    /// unless `path_copied` already (an append after another in this transaction), the pages on
+    /// its path.
+    fn estimate(&self, record_bytes: usize, path_copied: bool) -> u64 {
+        let copied = if path_copied {
             0
         } else {
             COPIED_PAGES * self.page_size
@@ -123,13 +130,13 @@ impl Room {
     /// Allocates the file for a record of `estimate` bytes more in this transaction.
     fn make_room(&mut self, estimate: u64) -> Result<()> {
         self.txn_bytes += estimate;
-        let need = self.committed_end + 2 * self.txn_bytes + ROOM_SLACK;
+        let need = self.committed_end + 2 * self.txn_bytes + self.slack;
         if need <= self.allocated {
             return Ok(());
         }
         // Past the map LMDB fails with MDB_MAP_FULL, before it writes a page there.
-        let target = (need + ROOM_STEP)
-            .next_multiple_of(1 << 20)
+        let target = (need + self.step)
+            .next_multiple_of(self.page_size)
             .min(self.map_size);
         if target <= self.allocated {
             return Ok(());
@@ -440,6 +447,7 @@ impl Writer {
         }
         // SAFETY: mdb_stat returned 0, so it filled `stat`.
         let was_empty = unsafe { stat.assume_init() }.ms_entries == 0;
+        self.make_room(name.len(), false)?; // its record in the main database
         Ok(Tree {
             dbi,
             cursor,
@@ -481,7 +489,9 @@ impl Writer {
         if append {
             flags |= ffi::MDB_APPEND;
         }
-        self.make_room(key.len() + value.len(), append)?;
+        // The first write to a tree in a transaction copies its path, append or not.
+        let path_copied = append && tree.txn_serial == self.txn_serial;
+        self.make_room(key.len() + value.len(), path_copied)?;
         let cursor = self.cursor(tree)?;
         let mut k = val(key);
         let mut v = val(value);
@@ -548,11 +558,11 @@ impl Writer {
     }
 
     /// A staged write through the map: the file allocated for this record (`Room`).
-    fn make_room(&mut self, record_bytes: usize, appended: bool) -> Result<()> {
+    fn make_room(&mut self, record_bytes: usize, path_copied: bool) -> Result<()> {
         let Some(room) = self.staged.as_mut().and_then(|s| s.room.as_mut()) else {
             return Ok(());
         };
-        let made = room.make_room(room.estimate(record_bytes, appended));
+        let made = room.make_room(room.estimate(record_bytes, path_copied));
         self.failed |= made.is_err();
         made
     }
@@ -1264,6 +1274,54 @@ mod tests {
     }
 
     #[test]
+    fn room_estimates_cover_the_pages_lmdb_uses() {
+        // Without slack or steps: the estimate alone must stay ahead of LMDB, across commits, many
+        // trees written in turn, small and overflow values, puts out of order and deletes.
+        let (dir, _, _) = empty_environment("room-estimate");
+        let options = EnvOptions {
+            stage_writemap: true,
+            max_dbs: 200,
+            ..staging(256 << 20)
+        };
+        let mut w = Writer::open(&dir, options).unwrap();
+        w.set_commit_every(256 << 10);
+        let room = w.staged.as_mut().unwrap().room.as_mut().unwrap();
+        (room.slack, room.step) = (0, 0);
+        let mut trees: Vec<Tree> = (0..150)
+            .map(|i| w.open_tree(format!("t{i}").as_bytes()).unwrap())
+            .collect();
+        let check = |w: &Writer| {
+            let room = w.staged.as_ref().unwrap().room.as_ref().unwrap();
+            assert!(
+                room.committed_end <= room.allocated,
+                "{} > {}",
+                room.committed_end,
+                room.allocated
+            );
+        };
+        for round in 0..40u32 {
+            for (i, t) in trees.iter_mut().enumerate() {
+                let value = vec![round as u8; if i % 3 == 0 { 5000 } else { 40 }];
+                w.put(
+                    t,
+                    &key(round * 7 % 40 + 1000 * (i as u32 % 2)),
+                    &value,
+                    true,
+                )
+                .unwrap();
+                check(&w);
+            }
+        }
+        for t in trees.iter_mut().step_by(2) {
+            w.delete(t, &key(7)).unwrap();
+        }
+        w.seal().unwrap();
+        check(&w);
+        assert!(w.txn_serial > 5, "{}", w.txn_serial);
+        w.commit().unwrap();
+    }
+
+    #[test]
     fn room_that_cannot_be_allocated_is_an_error() {
         let dir = tempdir("room");
         std::fs::write(dir.join("f"), b"").unwrap();
@@ -1275,6 +1333,8 @@ mod tests {
             map_size: 1 << 30,
             committed_end: 8192,
             txn_bytes: 0,
+            slack: ROOM_SLACK,
+            step: ROOM_STEP,
         };
         let e = room.make_room(100).unwrap_err().to_string();
         assert!(
