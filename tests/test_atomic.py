@@ -87,6 +87,32 @@ def test_read_back_beside_a_failing_writer_ends_with_it(
     db.close()
 
 
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_the_read_back_runs_beside_the_writer_with_all_cores_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    """A given number of threads bounds those that seal or open segments at once: the read-back
+    check then runs after the writer."""
+    from datafold import manager
+    from datafold.options import BackupOptions
+
+    started: list[str] = []
+
+    class Spy(manager._Background):
+        def __init__(self, call: object, name: str) -> None:
+            started.append(name)
+            super().__init__(call, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(manager, "_Background", Spy)
+    db = DbOperations.open(tmp_path / "db")
+    db.put_many("t", [(b"k%05d" % i, os.urandom(200)) for i in range(5_000)])
+    keys = MasterKeyPair.generate()
+    EncryptedBackupManager(db, keys, core="rust").create_backup(str(tmp_path / "b.dfb"), BackupOptions(threads=threads))
+    assert started == (["datafold-read-back"] if threads == 0 else [])
+    assert EncryptedBackupManager(db, keys).verify_backup(tmp_path / "b.dfb").total_items == 5_000
+    db.close()
+
+
 def test_growing_file_reads_what_is_written_as_it_is_written(tmp_path: Path) -> None:
     out = atomic.AtomicFile(str(tmp_path / "f"))
     reader = out.growing()

@@ -176,12 +176,14 @@ def test_a_staged_restore_is_checked_before_it_replaces_the_data_file(
 
 
 @pytest.mark.parametrize("outcome", ["passes", "fails"])
-@pytest.mark.parametrize("into", ["empty", "non-empty"])
+@pytest.mark.parametrize("into", ["empty", "non-empty", "empty, threads=1"])
 def test_verify_before_restore_ends_before_the_database_changes(
     tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch, into: str, outcome: str
 ) -> None:
-    """Into an empty database the verify pass runs beside the staged write, into any other before the
-    write; either way it ends before the database changes, and a pass that fails changes nothing."""
+    """Into an empty database the verify pass runs beside the staged write, into any other (or with a
+    given number of threads) before the write; either way it ends before the database changes, and
+    a pass that fails changes nothing."""
+    options = RestoreOptions(threads=1 if "threads=1" in into else 0)
     path = tmp_path / "target"
     data = path / "data.mdb"
     seen: list[tuple[str, int, int]] = []
@@ -202,11 +204,11 @@ def test_verify_before_restore_ends_before_the_database_changes(
         before, inode = snapshot(db), data.stat().st_ino
         if outcome == "fails":
             with pytest.raises(IntegrityError, match="the verify pass failed"):
-                manager(db).restore_backup(source)
+                manager(db).restore_backup(source, options)
             assert snapshot(db) == before and data.stat().st_ino == inode
             assert sorted(os.listdir(path)) == ["data.mdb", "lock.mdb"]
         else:
-            assert manager(db).restore_backup(source).verified
+            assert manager(db).restore_backup(source, options).verified
             assert db.count("text") == 100_000
     if into == "empty":
         assert seen == [("datafold-verify", inode, 1)]  # beside the writer, before data.mdb changed

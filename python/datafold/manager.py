@@ -340,9 +340,10 @@ class EncryptedBackupManager:
         with AtomicFile(path) as out:
             # The read-back check reads the file as it is written, in a thread beside the writer
             # (both cores busy); with a progress callback it runs after the writer instead, so its
-            # progress is reported as its own phase.
+            # progress is reported as its own phase, and with a given number of threads, so that
+            # no more threads than that seal or open segments at once.
             beside = None
-            if verify and not meter.active:
+            if verify and not meter.active and self._threads == 0:
                 growing: Any = out.growing()  # read like the file it becomes
                 beside = _Background(lambda: self._scan(growing)[2], "datafold-read-back")
             try:
@@ -518,11 +519,12 @@ class EncryptedBackupManager:
             # Also a full authenticated pass, so verify_before_restore needs no second one.
             stats.safety_backup_path = self._safety_backup(path, targets, prefix, options, scan, meter)
         elif options.verify_before_restore:
-            if native and not meter.active and not self._db.tree_names():
+            if native and not meter.active and options.threads == 0 and not self._db.tree_names():
                 # Into an empty database the native writer stages the records in a new file that
                 # replaces data.mdb only once everything checked out, so the verify pass runs
                 # beside the write (if the writer does not stage, it waits for the pass). With a
-                # progress callback the passes run one after the other, each its own phase.
+                # progress callback (each pass its own phase) or a given number of threads (no
+                # more than that open segments at once) the passes run one after the other.
                 verifying = _Background(lambda: verify_chain(stop_verifying), "datafold-verify")
             else:
                 verify_chain()
