@@ -20,7 +20,8 @@
 //! crash leaves the old data.mdb and a stale staging file, removed by the next staged write or open
 //! of the store). With `EnvOptions::stage_writemap` the staging environment writes through its map,
 //! with the file allocated ahead of LMDB (`Room`). `seal` commits the last records and starts the
-//! final sync in a thread, so the caller can read the new file back (`read_back`) meanwhile. Meanwhile the writer holds the target's write transaction. No other process can
+//! final sync in a thread, so the caller can read the new file back (`read_back`) during the sync.
+//! Meanwhile the writer holds the target's write transaction. No other process can
 //! have the old file open: none had the environment open when the writer began (byte 0 of lock.mdb,
 //! which each opener read-locks, could be write-locked), a py-lmdb opener fails on the lock-file
 //! format, and another writer of this crate waits on the flock every one holds
@@ -679,8 +680,8 @@ impl Writer {
         }
         let walked = (|| {
             let mut cursor = ptr::null_mut();
-            // SAFETY: the live read transaction; the cursor is freed with it (read-only cursors
-            // are not, so it is closed below).
+            // SAFETY: the live read transaction (a read-only transaction's cursor is closed
+            // explicitly, below).
             let rc = unsafe { ffi::mdb_cursor_open(txn, tree.dbi, &mut cursor) };
             if rc != 0 {
                 return Err(rc);
