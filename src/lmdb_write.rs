@@ -581,13 +581,8 @@ impl Writer {
         if self.pending < self.commit_every {
             return Ok(());
         }
-        let txn = std::mem::replace(&mut self.txn, ptr::null_mut());
-        // SAFETY: the live staging transaction (mdb_txn_commit frees it whatever it returns),
-        // then a new one of the same environment.
-        let rc = unsafe { ffi::mdb_txn_commit(txn) };
-        if rc != 0 {
-            return Err(self.fail(rc, "commit"));
-        }
+        self.commit_txn()?;
+        // SAFETY: a new write transaction of the same environment.
         let rc = unsafe { ffi::mdb_txn_begin(self.env, ptr::null_mut(), 0, &mut self.txn) };
         if rc != 0 {
             return Err(self.fail(rc, "begin a write transaction"));
@@ -614,18 +609,13 @@ impl Writer {
     /// starts syncing that file in a background thread. `read_back` can then read what was
     /// written while the disk works; `commit` waits for the sync and publishes the file.
     pub fn seal(&mut self) -> Result<()> {
-        let txn = self.live()?;
+        self.live()?;
         if self.staged.is_none() {
             return Err(Error::invalid(
                 "only a staged write can be sealed; commit() this one",
             ));
         }
-        self.txn = ptr::null_mut();
-        // SAFETY: the transaction is live; mdb_txn_commit frees it whatever it returns.
-        let rc = unsafe { ffi::mdb_txn_commit(txn) };
-        if rc != 0 {
-            return Err(self.fail(rc, "commit"));
-        }
+        self.commit_txn()?;
         self.committed()?;
         if let Some(room) = &self.staged.as_ref().expect("staged").room {
             let trimmed = room.trim();
@@ -649,6 +639,18 @@ impl Writer {
             }
         });
         self.staged.as_mut().expect("staged").sync = Some(sync);
+        Ok(())
+    }
+
+    /// Commits the live transaction; none is left afterwards.
+    fn commit_txn(&mut self) -> Result<()> {
+        let txn = self.live()?;
+        self.txn = ptr::null_mut();
+        // SAFETY: the live transaction; mdb_txn_commit frees it whatever it returns.
+        let rc = unsafe { ffi::mdb_txn_commit(txn) };
+        if rc != 0 {
+            return Err(self.fail(rc, "commit"));
+        }
         Ok(())
     }
 
@@ -722,14 +724,7 @@ impl Writer {
     /// it over data.mdb, after `seal` if that was not called); the writer is spent afterwards.
     pub fn commit(&mut self) -> Result<()> {
         if self.staged.is_none() {
-            let txn = self.live()?;
-            self.txn = ptr::null_mut();
-            // SAFETY: the transaction is live; mdb_txn_commit frees it whatever it returns.
-            let rc = unsafe { ffi::mdb_txn_commit(txn) };
-            if rc != 0 {
-                return Err(self.fail(rc, "commit"));
-            }
-            return Ok(());
+            return self.commit_txn();
         }
         if !self.sealed() {
             self.seal()?;

@@ -562,9 +562,9 @@ class EncryptedBackupManager:
         # Trees already checked (a staged write's, before its file replaced data.mdb).
         checked_early: set[str] = set()
         # The whole backup (chain) checked out when scan() returns: then the transaction commits.
+        items = sum(m.total_items for m in chain)
+        mean_record_bytes = sum(m.total_bytes for m in chain) / items if items else 0.0
         try:
-            items = sum(m.total_items for m in chain)
-            mean_record_bytes = sum(m.total_bytes for m in chain) / items if items else 0.0
             with self._db._native_writer(mean_record_bytes) if native else nullcontext(None) as writer:
                 if verifying is not None and (writer is None or not writer.staged):
                     verifying.result()  # nothing is written before the pass ends
@@ -744,10 +744,6 @@ class EncryptedBackupManager:
         backup_key = self._file_key(path)
         expected = _tree_ends(trailer)
 
-        def whole(name: str) -> bool:
-            result = outcome[name]
-            return result.was_empty and prefix is None and not result.unchecked
-
         def database_digest(snap: ReadSnapshot, name: str) -> tuple[int, int, bytes]:
             return tuple(self._core.digest_batches(backup_key, meter.count_batches(snap.batches(name))))
 
@@ -767,7 +763,7 @@ class EncryptedBackupManager:
                 if name not in second_pass:
                     return
                 batches = iter(lambda: reader.read_items(READ_BATCH), [])
-                if whole(name):
+                if _restored_whole(outcome[name], prefix):
                     puts = (item for batch in batches for item in batch if item[1] is not None)
                     want = tuple(self._core.digest_items(backup_key, puts))
                     _compare_digests(name, database_digest(snap, name), want)
@@ -820,10 +816,15 @@ def _tree_ends(trailer: Trailer | None) -> dict[str, tuple[int, int, bytes]]:
     return {name: (items, nbytes, digest) for name, items, nbytes, digest in (trailer or (0, 0, []))[2]}
 
 
+def _restored_whole(result: _TreeOutcome, prefix: bytes | None) -> bool:
+    """The tree was restored whole (no prefix, no record skipped or failed) into an empty tree."""
+    return result.was_empty and prefix is None and not result.unchecked
+
+
 def _checked_by_tree_end(result: _TreeOutcome, prefix: bytes | None) -> bool:
-    """The tree now holds exactly its PUT records in the backup: restored whole (no prefix, no
-    record skipped or failed) into an empty tree, from a file without DELETE records for it."""
-    return result.was_empty and prefix is None and not result.unchecked and not result.had_deletes
+    """The tree now holds exactly its PUT records in the backup: restored whole, from a file
+    without DELETE records for it."""
+    return _restored_whole(result, prefix) and not result.had_deletes
 
 
 def _compare_digests(
