@@ -1,8 +1,12 @@
 //! Spreading independent segment jobs over threads. Segments of a Tink stream seal and open
-//! independently, so a batch of them is cut into one contiguous run per thread; the caller
-//! keeps the order because every job writes to its own, pre-assigned output slice.
+//! independently; every job writes to its own, pre-assigned output slice, so the caller keeps
+//! the order whichever thread runs which job. Threads take the next job as they free up, so a
+//! thread that first had other work (`run_beside`'s `side` and `own`) does fewer of them.
 
-use crate::error::Result;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
 
 /// Below this many bytes per batch the work stays on the calling thread.
 const MIN_PARALLEL_BYTES: usize = 1 << 20;
@@ -21,62 +25,96 @@ pub fn run<J: Send>(
     threads: usize,
     f: impl Fn(J) -> Result<()> + Sync,
 ) -> Result<()> {
-    let threads = threads.max(1).min(jobs.len());
-    if threads <= 1 || bytes < MIN_PARALLEL_BYTES {
-        return jobs.into_iter().try_for_each(&f);
-    }
-    let per_thread = jobs.len().div_ceil(threads);
-    let mut groups: Vec<Vec<J>> = Vec::with_capacity(threads);
-    let mut jobs = jobs.into_iter().peekable();
-    while jobs.peek().is_some() {
-        groups.push(jobs.by_ref().take(per_thread).collect());
-    }
-    let f = &f;
-    std::thread::scope(|scope| {
-        let mut groups = groups.into_iter();
-        let first = groups.next().unwrap_or_default();
-        let handles: Vec<_> = groups
-            .map(|group| scope.spawn(move || group.into_iter().try_for_each(f)))
-            .collect();
-        let mut result = first.into_iter().try_for_each(f);
-        for h in handles {
-            let r = h.join().expect("segment worker panicked");
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        result
-    })
+    let threads = threads.min(jobs.len());
+    run_beside(jobs, bytes, threads, || {}, || {}, f)
 }
 
-/// `run`, with `side` (the digest of plaintext, say) running meanwhile on a thread of its own
-/// when the batch is large enough to spread: the jobs then get `threads - 1` threads, so with
-/// two cores one digests while the other seals or opens. Small batches or one thread: `side`
-/// first, then the jobs, on the calling thread.
+/// `run`, with two more tasks: `side` (the digest of plaintext, say) on a thread of its own
+/// and `own` (reading the next batch, say: it may take the GIL) on the calling thread, each
+/// before that thread turns to the jobs; so with two cores the jobs fill whatever time the
+/// other two tasks leave. Small batches or one thread: `side`, `own`, then the jobs, on the
+/// calling thread.
 pub fn run_beside<J: Send>(
     jobs: Vec<J>,
     bytes: usize,
     threads: usize,
     side: impl FnOnce() + Send,
+    own: impl FnOnce(),
     f: impl Fn(J) -> Result<()> + Sync,
 ) -> Result<()> {
     if threads <= 1 || bytes < MIN_PARALLEL_BYTES {
         side();
-        return run(jobs, bytes, threads, f);
+        own();
+        return jobs.into_iter().try_for_each(f);
     }
+    let queue = Queue::new(jobs);
+    let (queue, f) = (&queue, &f);
     std::thread::scope(|scope| {
-        let side = scope.spawn(side);
-        let result = run(jobs, bytes, threads - 1, f);
-        side.join().expect("digest worker panicked");
-        result
-    })
+        let mut helpers = vec![scope.spawn(move || {
+            side();
+            queue.work(f);
+        })];
+        // The other threads have only jobs to do: no more of them than jobs.
+        let more = (threads - 2).min(queue.jobs.len().saturating_sub(1));
+        helpers.extend((0..more).map(|_| scope.spawn(move || queue.work(f))));
+        own();
+        queue.work(f);
+        for h in helpers {
+            h.join().expect("segment worker panicked");
+        }
+    });
+    queue.first_error()
+}
+
+/// Jobs handed out in order to whichever thread asks next.
+struct Queue<J> {
+    jobs: Vec<Mutex<Option<J>>>,
+    next: AtomicUsize,
+    /// The failed job of lowest index so far, and its error.
+    error: Mutex<Option<(usize, Error)>>,
+}
+
+impl<J> Queue<J> {
+    fn new(jobs: Vec<J>) -> Self {
+        Queue {
+            jobs: jobs.into_iter().map(|j| Mutex::new(Some(j))).collect(),
+            next: AtomicUsize::new(0),
+            error: Mutex::new(None),
+        }
+    }
+
+    fn work(&self, f: impl Fn(J) -> Result<()>) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = self.jobs.get(i) else {
+                return;
+            };
+            let job = slot
+                .lock()
+                .expect("job slot")
+                .take()
+                .expect("each job once");
+            if let Err(e) = f(job) {
+                let mut first = self.error.lock().expect("error slot");
+                if !matches!(*first, Some((j, _)) if j < i) {
+                    *first = Some((i, e));
+                }
+            }
+        }
+    }
+
+    fn first_error(&self) -> Result<()> {
+        match self.error.lock().expect("error slot").take() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::error::Error;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
     fn runs_every_job_and_reports_the_first_error() {
@@ -98,10 +136,55 @@ mod tests {
         assert_eq!(r.unwrap_err().to_string(), "job 3");
     }
 
+    /// Threads take jobs as they free up: a busy `side` task leaves the jobs to the other
+    /// threads, and a job failing later in time but earlier in order is the error reported.
     #[test]
-    fn run_beside_runs_the_side_job_once_whatever_the_size() {
+    fn jobs_go_to_free_threads_and_the_first_error_in_job_order_is_reported() {
+        use std::time::Duration;
+        let done = AtomicUsize::new(0);
+        let side_thread = Mutex::new(None);
+        let ran_by: Vec<Mutex<Option<std::thread::ThreadId>>> =
+            (0..6).map(|_| Mutex::new(None)).collect();
+        let r = run_beside(
+            (0..6).collect::<Vec<usize>>(),
+            1 << 30,
+            3,
+            || {
+                *side_thread.lock().unwrap() = Some(std::thread::current().id());
+                while done.load(Ordering::SeqCst) < 6 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            },
+            || {},
+            |j| {
+                *ran_by[j].lock().unwrap() = Some(std::thread::current().id());
+                let r = match j {
+                    1 => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        Err(Error::integrity("job 1"))
+                    }
+                    4 => Err(Error::integrity("job 4")),
+                    _ => Ok(()),
+                };
+                done.fetch_add(1, Ordering::SeqCst);
+                r
+            },
+        );
+        assert_eq!(r.unwrap_err().to_string(), "job 1");
+        let side = side_thread.lock().unwrap().expect("side ran");
+        assert!(ran_by
+            .iter()
+            .all(|t| t.lock().unwrap().is_some_and(|t| t != side)));
+    }
+
+    #[test]
+    fn run_beside_runs_the_side_and_own_tasks_once_whatever_the_size() {
         for (bytes, threads) in [(0, 1), (0, 4), (1 << 30, 1), (1 << 30, 2), (1 << 30, 3)] {
-            let (count, side) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            let (count, side, own) = (
+                AtomicUsize::new(0),
+                AtomicUsize::new(0),
+                AtomicUsize::new(0),
+            );
             let jobs: Vec<usize> = (0..7).collect();
             run_beside(
                 jobs,
@@ -109,6 +192,9 @@ mod tests {
                 threads,
                 || {
                     side.fetch_add(1, Ordering::Relaxed);
+                },
+                || {
+                    own.fetch_add(1, Ordering::Relaxed);
                 },
                 |_| {
                     count.fetch_add(1, Ordering::Relaxed);
@@ -118,6 +204,7 @@ mod tests {
             .unwrap();
             assert_eq!(count.load(Ordering::Relaxed), 7);
             assert_eq!(side.load(Ordering::Relaxed), 1);
+            assert_eq!(own.load(Ordering::Relaxed), 1);
         }
     }
 }

@@ -160,6 +160,17 @@ impl BackupDecoder {
     /// Decrypts the next segments, in order, onto the end of the plaintext, spread over
     /// `threads` threads. Only the final one may be flagged last.
     pub fn push_segments(&mut self, segments: &[(&[u8], bool)], threads: usize) -> Result<()> {
+        self.push_segments_beside(segments, threads, || {})
+    }
+
+    /// `push_segments`, running `own` (reading the next segments, say) on the calling thread
+    /// meanwhile, before it turns to the segments (`parallel::run_beside`).
+    pub fn push_segments_beside(
+        &mut self,
+        segments: &[(&[u8], bool)],
+        threads: usize,
+        own: impl FnOnce(),
+    ) -> Result<()> {
         self.guarded(|s| {
             let mut index = s.next_segment;
             let mut ended = s.ended;
@@ -206,6 +217,7 @@ impl BackupDecoder {
                 total,
                 threads,
                 || digests.absorb(parsed),
+                own,
                 |(i, last, seg, out)| cipher.open_to(i, last, seg, out),
             )?;
             std::mem::swap(&mut s.plain, &mut s.spare);
@@ -584,36 +596,66 @@ impl SegmentFeeder {
     }
 }
 
-/// Reads batches of ciphertext segments into one buffer reused from batch to batch (no fresh
-/// memory per segment). It reads one byte past the batch, so that, as with `SegmentFeeder`, a
-/// segment is last only when no byte follows it; that byte is carried to the front of the buffer
-/// for the next batch.
+/// Reads batches of ciphertext segments into two buffers reused from batch to batch (no fresh
+/// memory per segment): while one batch is opened, the next can be read into the other
+/// (`split`). It reads one byte past each batch, so that, as with `SegmentFeeder`, a segment is
+/// last only when no byte follows it; that byte is carried to the front of the next batch.
 #[derive(Default)]
 pub struct SegmentReader {
-    buf: Vec<u8>,
-    /// `buf[start..end]`: bytes read but not yet handed out.
-    start: usize,
-    end: usize,
+    /// The batch handed out last.
+    current: Batch,
+    /// The batch after it, once read (`ready`); else a spare buffer.
+    next: Batch,
+    ready: bool,
 }
 
-impl SegmentReader {
-    /// The next segments, whose full lengths are `lens`, each with whether it is the last; fewer
-    /// when the input ends earlier (the one it ends in is flagged last, and may be short or empty).
-    /// `read_into(dst)` reads up to `dst.len()` bytes into `dst` and returns how many, 0 only at
-    /// the end of the input.
-    pub fn next_batch<E>(
+#[derive(Default)]
+struct Batch {
+    buf: Vec<u8>,
+    /// `buf[..end]` was read; `buf[consumed..end]` (the byte read past the batch) belongs to the
+    /// batch after it.
+    end: usize,
+    consumed: usize,
+    /// Each segment's range in `buf` and whether it is the last.
+    cuts: Vec<(usize, usize, bool)>,
+    /// The full segment lengths this batch was read for.
+    lens: Vec<usize>,
+}
+
+impl Batch {
+    fn carried(&self) -> &[u8] {
+        &self.buf[self.consumed..self.end]
+    }
+
+    fn segments(&self) -> Vec<(&[u8], bool)> {
+        self.cuts
+            .iter()
+            .map(|&(a, b, last)| (&self.buf[a..b], last))
+            .collect()
+    }
+
+    fn ends_input(&self) -> bool {
+        self.cuts.last().is_some_and(|c| c.2)
+    }
+
+    /// Reads the segments of full lengths `lens`, after `carried` (the byte read past the batch
+    /// before); fewer when the input ends earlier (the one it ends in is flagged last, and may be
+    /// short or empty).
+    fn fill<E>(
         &mut self,
+        carried: &[u8],
         lens: &[usize],
         mut read_into: impl FnMut(&mut [u8]) -> std::result::Result<usize, E>,
-    ) -> std::result::Result<Vec<(&[u8], bool)>, E> {
-        // The byte(s) read ahead last time go to the front.
-        self.buf.copy_within(self.start..self.end, 0);
-        self.end -= self.start;
-        self.start = 0;
+    ) -> std::result::Result<(), E> {
         let want = lens.iter().sum::<usize>() + 1;
         if self.buf.len() < want {
             self.buf.resize(want, 0);
         }
+        self.buf[..carried.len()].copy_from_slice(carried);
+        self.end = carried.len();
+        self.cuts.clear();
+        self.lens.clear();
+        self.lens.extend_from_slice(lens);
         while self.end < want {
             let n = read_into(&mut self.buf[self.end..want])?;
             if n == 0 {
@@ -623,27 +665,82 @@ impl SegmentReader {
             // itself; never trust it here either.
             self.end += n.min(want - self.end);
         }
-        let mut out = Vec::with_capacity(lens.len());
         let mut pos = 0;
         for &len in lens {
             let stop = (pos + len).min(self.end);
             let last = stop == self.end;
-            out.push((pos, stop, last));
+            self.cuts.push((pos, stop, last));
             pos = stop;
             if last {
                 break;
             }
         }
-        self.start = pos;
-        let buf = &self.buf;
-        Ok(out.into_iter().map(|(a, b, l)| (&buf[a..b], l)).collect())
+        self.consumed = pos;
+        Ok(())
+    }
+}
+
+/// Reads the batch after the current one (from `SegmentReader::split`), on any thread.
+pub struct ReadAhead<'a> {
+    carried: &'a [u8],
+    next: &'a mut Batch,
+    ready: &'a mut bool,
+}
+
+impl ReadAhead<'_> {
+    /// Reads the segments of full lengths `lens` that follow the current batch; the next
+    /// `advance` must ask for the same lengths.
+    pub fn read<E>(
+        self,
+        lens: &[usize],
+        read_into: impl FnMut(&mut [u8]) -> std::result::Result<usize, E>,
+    ) -> std::result::Result<(), E> {
+        self.next.fill(self.carried, lens, read_into)?;
+        *self.ready = true;
+        Ok(())
+    }
+}
+
+impl SegmentReader {
+    /// Makes the next batch the current one, reading it unless it was read ahead: the segments
+    /// of full lengths `lens` (fewer when the input ends earlier; the one it ends in is flagged
+    /// last, and may be short or empty). `read_into(dst)` reads up to `dst.len()` bytes into
+    /// `dst` and returns how many, 0 only at the end of the input.
+    pub fn advance<E>(
+        &mut self,
+        lens: &[usize],
+        read_into: impl FnMut(&mut [u8]) -> std::result::Result<usize, E>,
+    ) -> std::result::Result<(), E> {
+        if self.ready {
+            assert_eq!(
+                self.next.lens, lens,
+                "the batch read ahead has other segments"
+            );
+        } else {
+            self.next.fill(self.current.carried(), lens, read_into)?;
+        }
+        std::mem::swap(&mut self.current, &mut self.next);
+        self.ready = false;
+        Ok(())
     }
 
-    /// Gives up the buffer for good (something outside may still write to it) and starts afresh.
-    pub fn leak_buffer(&mut self) {
-        std::mem::forget(std::mem::take(&mut self.buf));
-        self.start = 0;
-        self.end = 0;
+    /// The current batch's segments, and a reader for the batch after it to run meanwhile
+    /// (None once the current batch ends the input).
+    pub fn split(&mut self) -> (Vec<(&[u8], bool)>, Option<ReadAhead<'_>>) {
+        let ahead = (!self.current.ends_input()).then(|| ReadAhead {
+            carried: self.current.carried(),
+            next: &mut self.next,
+            ready: &mut self.ready,
+        });
+        (self.current.segments(), ahead)
+    }
+
+    /// Gives up both buffers for good (something outside may still write to them) and starts
+    /// afresh.
+    pub fn leak_buffers(&mut self) {
+        std::mem::forget(std::mem::take(&mut self.current));
+        std::mem::forget(std::mem::take(&mut self.next));
+        self.ready = false;
     }
 }
 
@@ -758,28 +855,39 @@ mod tests {
                 }
             }
             for (batch, chunk) in [(1usize, 1usize), (2, 3), (3, 100), (1, 4)] {
-                let mut reader = SegmentReader::default();
-                let (mut got, mut pos, mut i) = (Vec::new(), 0usize, 0u64);
-                'outer: loop {
-                    let want: Vec<usize> = (i..i + batch as u64).map(lens).collect();
-                    let segs = reader
-                        .next_batch(&want, |dst| -> Result<usize> {
-                            let n = dst.len().min(chunk).min(data.len() - pos);
-                            dst[..n].copy_from_slice(&data[pos..pos + n]);
-                            pos += n;
-                            Ok(n)
-                        })
-                        .unwrap();
-                    assert!(!segs.is_empty());
-                    for (seg, last) in segs {
-                        got.push((seg.to_vec(), last));
-                        i += 1;
-                        if last {
-                            break 'outer;
+                // Every batch read when asked for, or every batch after the first read ahead
+                // while the one before is handed out (as the binding does).
+                for read_ahead in [false, true] {
+                    let mut reader = SegmentReader::default();
+                    let (mut got, mut pos, mut i) = (Vec::new(), 0usize, 0u64);
+                    let mut read = |dst: &mut [u8]| -> Result<usize> {
+                        let n = dst.len().min(chunk).min(data.len() - pos);
+                        dst[..n].copy_from_slice(&data[pos..pos + n]);
+                        pos += n;
+                        Ok(n)
+                    };
+                    loop {
+                        let want: Vec<usize> = (i..i + batch as u64).map(lens).collect();
+                        reader.advance(&want, &mut read).unwrap();
+                        let (segs, ahead) = reader.split();
+                        assert!(!segs.is_empty());
+                        let ends = segs.last().unwrap().1;
+                        assert_eq!(ahead.is_none(), ends);
+                        i += segs.len() as u64;
+                        got.extend(segs.into_iter().map(|(s, l)| (s.to_vec(), l)));
+                        if ends {
+                            break;
+                        }
+                        if read_ahead {
+                            let want: Vec<usize> = (i..i + batch as u64).map(lens).collect();
+                            ahead.unwrap().read(&want, &mut read).unwrap();
                         }
                     }
+                    assert_eq!(
+                        got, expected,
+                        "total {total} batch {batch} chunk {chunk} read ahead {read_ahead}"
+                    );
                 }
-                assert_eq!(got, expected, "total {total} batch {batch} chunk {chunk}");
             }
         }
     }

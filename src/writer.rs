@@ -422,6 +422,7 @@ impl BackupEncoder {
             start,
             self.threads,
             || digests.absorb(unhashed),
+            || {},
             |(i, last, src, dst)| cipher.seal_to(i, last, src, dst),
         )?;
         self.hashed = self.plain.len();

@@ -134,3 +134,73 @@ def test_metered_file_counts_readinto() -> None:
     f = meter.reading(io.BytesIO(data))
     assert _read(f) == EXPECTED
     assert meter.bytes == len(data)
+
+
+class FailsLater(Misbehaving):
+    """Misbehaves from its `after`-th readinto() on: inside a feed that reads the next batch ahead
+    while the workers decrypt (threads > 1)."""
+
+    def __init__(self, data: bytes, mode: str, after: int) -> None:
+        super().__init__(data, mode)
+        self.after = after
+        self.calls = 0
+
+    def readinto(self, b: Any) -> Any:
+        self.calls += 1
+        if self.calls < self.after:
+            data = self._f.read(len(b))
+            b[: len(data)] = data
+            return len(data)
+        return super().readinto(b)
+
+
+def _big_backup(segment_size: int) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    items = [(b"%05d" % i, bytes([i % 251]) * 100_000) for i in range(80)]  # 8 MB: batches over 1 MiB
+    out = io.BytesIO()
+    w = core.BackupWriter(out, KEY, b"{}", segment_size=segment_size)
+    w.begin_tree("t")
+    w.add_items(items)
+    w.end_tree()
+    w.finish()
+    return out.getvalue(), items
+
+
+@pytest.mark.parametrize("segment_size", [4096, 1 << 20])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(
+    ("mode", "error"), [("oserror", BackupIOError), ("too_many", BackupError), ("keep_slice", BackupError)]
+)
+@pytest.mark.parametrize("after", [2, 3])
+def test_a_failed_read_ahead_poisons_the_reader(
+    segment_size: int, threads: int, mode: str, error: type[Exception], after: int
+) -> None:
+    data, _ = _big_backup(segment_size)
+    src = FailsLater(data, mode, after)
+    r = core.BackupReader(src, threads=threads)
+    r.unlock(KEY)  # segment 0 alone: nothing read ahead yet
+    with pytest.raises(error):
+        while r.next_tree() is not None:
+            while r.read_items():
+                pass
+    assert src.calls == after  # reported by the feed that read ahead, not read again
+    with pytest.raises(BackupError):
+        r.next_tree()
+    for view in src.kept:
+        view[0] = 1  # given up for good: harmless
+
+
+@pytest.mark.parametrize("segment_size", [4096, 1 << 20])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_reading_ahead_reads_the_same_and_not_past_the_header_on_unlock(segment_size: int, threads: int) -> None:
+    data, items = _big_backup(segment_size)
+    src = ReadIntoOnly(data, step=1000)
+    r = core.BackupReader(src, threads=threads)
+    r.unlock(KEY)
+    # read_metadata() unlocks and then reads the tail: unlock() reads segment 0 and one byte more.
+    assert src._f.tell() == r.preamble.preamble_length + 40 + segment_size - 40 + 1
+    got = []
+    while r.next_tree() is not None:
+        while batch := r.read_items(max_items=7):
+            got.extend(batch)
+    assert got == items
+    assert src._f.tell() == len(data)

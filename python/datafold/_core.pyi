@@ -132,7 +132,10 @@ class BackupWriter:
 class BackupReader:
     """State machine: LOCKED -(unlock)-> READY -(next_tree)-> IN_TREE -(read_items until [])->
     READY ... -(next_tree returns None)-> DONE. Any error poisons it. __init__ reads and checks the
-    preamble only (no key needed, so a passphrase's KDF parameters can be read first)."""
+    preamble only (no key needed, so a passphrase's KDF parameters can be read first); unlock()
+    reads the first segment and no further. With threads > 1 the Rust core then reads each batch of
+    segments (2 per thread) while other threads open the one before, on the calling thread with the
+    GIL held, so the source is read up to one batch ahead of the records handed out."""
 
     def __init__(self, source: _Source, *, threads: int = 0) -> None: ...
     @property

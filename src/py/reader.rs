@@ -20,6 +20,7 @@ use crate::reader::{
     check_key, parse_tail_trailer, trailer_record_length, truncated, BackupDecoder, Item, Layout,
     SegmentReader, Step,
 };
+use crate::stream::StreamParams;
 
 #[pyclass(module = "datafold._core", name = "Preamble", frozen)]
 pub struct PyPreamble(pub Preamble);
@@ -213,8 +214,22 @@ fn read_into(
     Ok(n)
 }
 
-/// Read-ahead bound: at most this many ciphertext bytes are read per feed.
-const READ_AHEAD_BYTES: usize = 64 << 20;
+/// At most this many ciphertext bytes are read per feed.
+const BATCH_BYTES: usize = 64 << 20;
+
+/// The full lengths of the segments a feed reads from segment `index` on: segment 0 (the
+/// header) alone so that unlock() returns quickly, then two per thread.
+fn batch_lengths(params: StreamParams, index: u64, threads: usize) -> Vec<usize> {
+    let want = if index == 0 { 1 } else { 2 * threads };
+    let mut lens = Vec::with_capacity(want);
+    let mut bytes = 0;
+    while lens.len() < want && bytes < BATCH_BYTES {
+        let len = params.ciphertext_length(index + lens.len() as u64);
+        lens.push(len);
+        bytes += len;
+    }
+    lens
+}
 
 #[pyclass(module = "datafold._core", name = "BackupReader")]
 pub struct PyBackupReader {
@@ -225,6 +240,8 @@ pub struct PyBackupReader {
     segments: SegmentReader,
     /// Whether the source has `readinto()` (else segments are read with `read()` and copied).
     readinto: bool,
+    /// Whether each feed reads the next batch while the workers decrypt (`feed`).
+    read_ahead: bool,
     poisoned: bool,
     finished_by_summary: bool,
     threads: usize,
@@ -263,37 +280,58 @@ impl PyBackupReader {
     }
 
     /// Reads the next segments from the source (a few per thread) and decrypts them into the
-    /// decoder, in parallel and with the GIL released.
+    /// decoder, in parallel and with the GIL released. With `read_ahead`, the calling thread
+    /// reads the batch after them meanwhile (before it helps to decrypt), so the next feed
+    /// finds it read.
     fn feed(&mut self, py: Python<'_>) -> PyResult<()> {
-        let source = self.source.bind(py).clone();
-        let threads = self.threads;
+        let (threads, readinto) = (self.threads, self.readinto);
+        let source = &self.source;
         let dec = self.dec.as_mut().expect("unlocked");
         let params = dec.params();
         let index = dec.next_segment_index();
-        // Segment 0 carries the header: read it alone so unlock() returns quickly.
-        let want = if index == 0 { 1 } else { 2 * threads };
-        let mut lens = Vec::with_capacity(want);
-        let mut bytes = 0;
-        while lens.len() < want && bytes < READ_AHEAD_BYTES {
-            let len = params.ciphertext_length(index + lens.len() as u64);
-            lens.push(len);
-            bytes += len;
-        }
-        let (readinto, mut leaked) = (self.readinto, false);
-        let batch = match self
+        let mut leaked = false;
+        let read = self
             .segments
-            .next_batch(&lens, |dst| read_into(&source, readinto, dst, &mut leaked))
-        {
-            Ok(batch) => batch,
-            Err(e) => {
-                if leaked {
-                    self.segments.leak_buffer();
-                }
-                return Err(e);
+            .advance(&batch_lengths(params, index, threads), |dst| {
+                read_into(source.bind(py), readinto, dst, &mut leaked)
+            });
+        if let Err(e) = read {
+            if leaked {
+                self.segments.leak_buffers();
             }
+            return Err(e);
+        }
+        let (batch, ahead) = self.segments.split();
+        // Segment 0 (the header) is read alone and nothing after it: unlock() and
+        // read_metadata() need no more.
+        let ahead = ahead.filter(|_| self.read_ahead && index > 0);
+        let next_lengths = batch_lengths(params, index + batch.len() as u64, threads);
+        let mut read_ahead = None;
+        let opened = py.detach(|| {
+            dec.push_segments_beside(&batch, threads, || {
+                if let Some(ahead) = ahead {
+                    read_ahead = Some(Python::attach(|py| {
+                        let mut leaked = false;
+                        let read = ahead.read(&next_lengths, |dst| {
+                            read_into(source.bind(py), readinto, dst, &mut leaked)
+                        });
+                        (read, leaked)
+                    }));
+                }
+            })
+        });
+        let read_ahead = match read_ahead {
+            Some((read, leaked)) => {
+                if leaked {
+                    self.segments.leak_buffers();
+                }
+                read
+            }
+            None => Ok(()),
         };
-        py.detach(|| dec.push_segments(&batch, threads))?;
-        Ok(())
+        // An error in the segments read first is the one to report.
+        opened?;
+        read_ahead
     }
 
     /// The current tree's next record, copied into `into`'s buffers (for merging a backup
@@ -348,12 +386,15 @@ impl PyBackupReader {
         let preamble = Preamble::parse(&head)?;
         let _ = py;
         let readinto = source.hasattr("readinto").unwrap_or(false);
+        // One thread would read and decrypt one after the other all the same.
+        let read_ahead = threads > 1;
         Ok(PyBackupReader {
             source: source.unbind(),
             preamble,
             dec: None,
             segments: SegmentReader::default(),
             readinto,
+            read_ahead,
             poisoned: false,
             finished_by_summary: false,
             threads,
