@@ -240,8 +240,6 @@ pub struct PyBackupReader {
     segments: SegmentReader,
     /// Whether the source has `readinto()` (else segments are read with `read()` and copied).
     readinto: bool,
-    /// Whether each feed reads the next batch while the workers decrypt (`feed`).
-    read_ahead: bool,
     poisoned: bool,
     finished_by_summary: bool,
     threads: usize,
@@ -280,9 +278,9 @@ impl PyBackupReader {
     }
 
     /// Reads the next segments from the source (a few per thread) and decrypts them into the
-    /// decoder, in parallel and with the GIL released. With `read_ahead`, the calling thread
-    /// reads the batch after them meanwhile (before it helps to decrypt), so the next feed
-    /// finds it read.
+    /// decoder, in parallel and with the GIL released. With more than one thread, the calling
+    /// thread reads the batch after them meanwhile (before it helps to decrypt), so the next
+    /// feed finds it read.
     fn feed(&mut self, py: Python<'_>) -> PyResult<()> {
         let (threads, readinto) = (self.threads, self.readinto);
         let source = &self.source;
@@ -303,8 +301,9 @@ impl PyBackupReader {
         }
         let (batch, ahead) = self.segments.split();
         // Segment 0 (the header) is read alone and nothing after it: unlock() and
-        // read_metadata() need no more.
-        let ahead = ahead.filter(|_| self.read_ahead && index > 0);
+        // read_metadata() need no more. One thread would read and decrypt one after the other
+        // all the same.
+        let ahead = ahead.filter(|_| threads > 1 && index > 0);
         let next_lengths = batch_lengths(params, index + batch.len() as u64, threads);
         let mut read_ahead = None;
         let opened = py.detach(|| {
@@ -386,15 +385,12 @@ impl PyBackupReader {
         let preamble = Preamble::parse(&head)?;
         let _ = py;
         let readinto = source.hasattr("readinto").unwrap_or(false);
-        // One thread would read and decrypt one after the other all the same.
-        let read_ahead = threads > 1;
         Ok(PyBackupReader {
             source: source.unbind(),
             preamble,
             dec: None,
             segments: SegmentReader::default(),
             readinto,
-            read_ahead,
             poisoned: false,
             finished_by_summary: false,
             threads,
