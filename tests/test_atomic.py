@@ -128,3 +128,31 @@ def test_growing_file_reads_what_is_written_as_it_is_written(tmp_path: Path) -> 
     again = out.growing()
     assert again.readinto(buffer) == 4 and buffer == b"abcd"
     out.discard()
+
+
+def test_growing_file_releases_its_views_of_the_buffer_even_if_its_frame_is_kept(tmp_path: Path) -> None:
+    """A traceback kept past the call (an unraisable-exception hook's, say) keeps readinto()'s frame
+    and its locals: its views of the buffer must be released by then, or the core's reader, which
+    checks that no view outlives the call, fails the read-back."""
+    import sys
+
+    out = atomic.AtomicFile(str(tmp_path / "f"))
+    out.sink.write(b"abcdefgh")
+    out.writing_over()
+    frames: list[object] = []
+
+    def keep(frame: object, event: str, arg: object) -> None:
+        if getattr(frame, "f_code", None) is atomic.GrowingFile.readinto.__code__:
+            frames.append(frame)
+
+    buffer = bytearray(4)
+    lent = memoryview(buffer)
+    sys.settrace(keep)  # type: ignore[arg-type]
+    try:
+        n = out.growing().readinto(lent)
+    finally:
+        sys.settrace(None)
+    assert frames and n == 4 and buffer == b"abcd"
+    lent.release()  # as the core does after the call
+    buffer.append(0)  # a bytearray cannot resize while any view of it is alive
+    out.discard()

@@ -120,11 +120,15 @@ class GrowingFile:
             return max(0, min(want, owner._written - self._offset))
 
     def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        n = self._available(len(view))
-        if n == 0:
-            return 0
-        got = os.preadv(self._owner.file.fileno(), [view[:n]], self._offset)
+        # The views are released on the way out even if something keeps this frame alive (a
+        # traceback an unraisable-exception hook stored, say): the core's reader refuses a source
+        # that still holds a view of its buffer after readinto() returns.
+        with memoryview(buffer) as whole, whole.cast("B") as view:
+            n = self._available(len(view))
+            if n == 0:
+                return 0
+            with view[:n] as part:
+                got = os.preadv(self._owner.file.fileno(), [part], self._offset)
         self._offset += got
         return got
 
