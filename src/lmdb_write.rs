@@ -14,9 +14,9 @@
 //! commit, so one transaction holding a whole restore grows the process by about the size of the
 //! database. When the environment holds no tree yet and no other process has it open, the writer
 //! instead builds a new data file beside it (`data.mdb.datafold-restore`, an environment of its own
-//! without a lock file or syncs) in transactions of `STAGED_COMMIT_BYTES` each, each followed by a
-//! hint to the kernel to start writing it back (so the disk works while the restore goes on), then
-//! syncs it and renames it over data.mdb: the database still changes all at once or not at all (a
+//! without a lock file or syncs) in transactions of `STAGED_COMMIT_BYTES` each, each followed by an
+//! fdatasync of the file in a thread unless the one before still runs (write-behind: the disk works
+//! while the restore goes on), then syncs it and renames it over data.mdb: the database still changes all at once or not at all (a
 //! crash leaves the old data.mdb and a stale staging file, removed by the next staged write or open
 //! of the store). With `EnvOptions::stage_writemap` the staging environment writes through its map,
 //! with the file allocated ahead of LMDB (`Room`). `seal` commits the last records and starts the
@@ -253,8 +253,10 @@ struct Staged {
     owner: (u32, u32),
     /// The staging file was renamed over data.mdb.
     published: bool,
-    /// `seal` committed the last records; the staging file's sync runs in this thread.
-    sync: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    /// `seal` committed the last records; the staging file's final sync runs in this thread.
+    sync: Option<SyncThread>,
+    /// The latest write-behind sync of the staging file, started after a commit.
+    write_behind: Option<SyncThread>,
     /// The staging environment writes through its map (`EnvOptions::stage_writemap`).
     room: Option<Room>,
 }
@@ -362,6 +364,7 @@ impl Writer {
             owner,
             published: false,
             sync: None,
+            write_behind: None,
             room,
         });
         self.env = env;
@@ -590,8 +593,37 @@ impl Writer {
         self.txn_serial += 1;
         self.pending = 0;
         self.committed()?;
-        start_writeback(self.env);
+        self.write_behind()
+    }
+
+    /// After a staging commit: syncs the staging file in a thread, unless the sync started after
+    /// an earlier commit still runs (the next one, or `seal`'s final sync, covers these pages).
+    /// Syncing as the restore goes on leaves the final sync little to write; a plain hint to start
+    /// writeback (sync_file_range) was slower here.
+    fn write_behind(&mut self) -> Result<()> {
+        let fd = self.staging_fd()?;
+        let staged = self.staged.as_mut().expect("staged");
+        if staged
+            .write_behind
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
+        {
+            return Ok(());
+        }
+        let before = staged.write_behind.take();
+        staged.write_behind = Some(sync_in_thread(fd, before));
         Ok(())
+    }
+
+    /// The staging environment's file descriptor.
+    fn staging_fd(&mut self) -> Result<ffi::mdb_filehandle_t> {
+        let mut fd: ffi::mdb_filehandle_t = -1;
+        // SAFETY: the live staging environment.
+        let rc = unsafe { ffi::mdb_env_get_fd(self.env, &mut fd) };
+        if rc != 0 {
+            return Err(self.fail(rc, "sync the staging file"));
+        }
+        Ok(fd)
     }
 
     /// After a staging commit: `Room` learns where the pages in use end.
@@ -622,23 +654,10 @@ impl Writer {
             self.failed |= trimmed.is_err();
             trimmed?;
         }
-        let mut fd: ffi::mdb_filehandle_t = -1;
-        // SAFETY: the live staging environment.
-        let rc = unsafe { ffi::mdb_env_get_fd(self.env, &mut fd) };
-        if rc != 0 {
-            return Err(self.fail(rc, "sync the staging file"));
-        }
-        // The descriptor stays open until the thread is joined (by `commit`, or `Drop` before it
-        // closes the environment). fdatasync is what mdb_env_sync does for this environment.
-        let sync = std::thread::spawn(move || {
-            // SAFETY: fdatasync on an open descriptor.
-            if unsafe { libc::fdatasync(fd) } == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-        self.staged.as_mut().expect("staged").sync = Some(sync);
+        let fd = self.staging_fd()?;
+        let staged = self.staged.as_mut().expect("staged");
+        let before = staged.write_behind.take();
+        staged.sync = Some(sync_in_thread(fd, before));
         Ok(())
     }
 
@@ -748,14 +767,22 @@ impl Writer {
         published
     }
 
-    /// Waits for the sync `seal` started; Ok if there was none.
+    /// Waits for the syncs of the staging file (`seal`'s, or a write-behind one before `seal`);
+    /// Ok if there was none. They use the staging environment's descriptor: joined before it
+    /// closes.
     fn join_sync(&mut self) -> std::io::Result<()> {
-        match self.staged.as_mut().and_then(|s| s.sync.take()) {
-            Some(sync) => sync
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("the sync thread panicked"))),
-            None => Ok(()),
+        let Some(staged) = self.staged.as_mut() else {
+            return Ok(());
+        };
+        let threads = [staged.sync.take(), staged.write_behind.take()];
+        let mut result = Ok(());
+        for thread in threads.into_iter().flatten() {
+            let joined = join_sync_thread(thread);
+            if result.is_ok() {
+                result = joined;
+            }
         }
+        result
     }
 }
 
@@ -829,22 +856,30 @@ fn open_env(
     Ok((env, txn))
 }
 
-/// Lets the kernel start writing the staging file's dirty pages to disk now (the staging
-/// environment does not sync its commits), so the final sync has only the last ones left to wait
-/// for, instead of every byte of the restore. A hint: errors surface at that sync.
-fn start_writeback(env: *mut ffi::MDB_env) {
-    #[cfg(target_os = "linux")]
-    {
-        let mut fd: ffi::mdb_filehandle_t = -1;
-        // SAFETY: a live environment; sync_file_range only reads the descriptor.
-        unsafe {
-            if ffi::mdb_env_get_fd(env, &mut fd) == 0 {
-                libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-            }
+type SyncThread = std::thread::JoinHandle<std::io::Result<()>>;
+
+/// fdatasync(fd) in a thread that first waits for `before` (an earlier sync of the same file)
+/// and returns the first error of either: a failed fsync is reported once, and a later one may
+/// succeed without the data being on disk. fdatasync is what mdb_env_sync does for the staging
+/// environment. The descriptor must stay open until the thread is joined.
+fn sync_in_thread(fd: ffi::mdb_filehandle_t, before: Option<SyncThread>) -> SyncThread {
+    std::thread::spawn(move || {
+        if let Some(before) = before {
+            join_sync_thread(before)?;
         }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = env;
+        // SAFETY: fdatasync on a descriptor kept open until this thread is joined.
+        if unsafe { libc::fdatasync(fd) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    })
+}
+
+fn join_sync_thread(thread: SyncThread) -> std::io::Result<()> {
+    thread
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the sync thread panicked")))
 }
 
 /// This crate's writers take an exclusive flock(2) of lock.mdb (apart from LMDB's fcntl locks)
@@ -1204,8 +1239,9 @@ mod tests {
         assert!(read_back(&mut w, &t).is_err());
         w.seal().unwrap();
         assert_eq!(read_back(&mut w, &t).unwrap(), records);
-        assert!(w.put(&mut t, b"late", b"x", true).is_err()); // sealed: nothing more goes in
-                                                              // A visitor's error is the read's; dropping the sealed writer publishes nothing.
+        // Sealed: nothing more goes in.
+        assert!(w.put(&mut t, b"late", b"x", true).is_err());
+        // A visitor's error is the read's; dropping the sealed writer publishes nothing.
         let stop = w.read_back(&t, |_, _| Err(Error::invalid("stop")));
         assert_eq!(stop.unwrap_err().to_string(), "stop");
         drop(w);
@@ -1338,6 +1374,40 @@ mod tests {
             "{e}"
         );
         assert_eq!(room.allocated, 0);
+    }
+
+    /// A sync that fails passes its error on to the sync after it, which succeeds on its own:
+    /// a write-behind failure reaches `commit` even when the final sync does not fail.
+    #[test]
+    fn a_failed_sync_is_passed_on_to_the_next() {
+        let dir = tempdir("sync-chain");
+        let file = File::create(dir.join("f")).unwrap();
+        let failed = sync_in_thread(-1, None);
+        let next = sync_in_thread(file.as_raw_fd(), Some(failed));
+        let e = join_sync_thread(next).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+        assert!(join_sync_thread(sync_in_thread(file.as_raw_fd(), None)).is_ok());
+    }
+
+    /// Staged commits start write-behind syncs, and `seal`'s final sync takes over the last.
+    #[test]
+    fn staged_commits_sync_behind_and_seal_takes_over() {
+        let (dir, _, _) = empty_environment("write-behind");
+        let records: Records = (0..3000).map(|i| (key(i), vec![i as u8; 90])).collect();
+        let mut w = Writer::open(&dir, staging(64 << 20)).unwrap();
+        w.set_commit_every(64 << 10);
+        let mut t = w.open_tree(b"t").unwrap();
+        for (k, v) in &records {
+            w.put(&mut t, k, v, true).unwrap();
+        }
+        assert!(w.txn_serial > 3, "{}", w.txn_serial);
+        assert!(w.staged.as_ref().unwrap().write_behind.is_some());
+        w.seal().unwrap();
+        let staged = w.staged.as_ref().unwrap();
+        assert!(staged.write_behind.is_none() && staged.sync.is_some());
+        w.commit().unwrap();
+        drop(w);
+        assert_eq!(read_tree(&dir, "t"), records);
     }
 
     #[test]

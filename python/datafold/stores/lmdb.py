@@ -61,10 +61,11 @@ commit (without writemap), so a native restore into a database that already hold
 process by about what it writes. Into a database with no tree (new or emptied), when no other
 process has it open and writemap is off, the core's writer instead builds the restored database as
 a new file, STAGING_FILE in the directory (an LMDB environment of its own, no lock file, no syncs),
-committing every 16 MiB so memory stays flat (and asking the kernel to write each part back at
-once, so the disk works meanwhile), then fsyncs it (the restore's read-back check reads the file
-meanwhile: LmdbWriter.seal / tree_digest), gives it data.mdb's permissions (and owner), renames it
-over data.mdb and fsyncs the directory: the database still changes all at once or not at all.
+committing every 16 MiB so memory stays flat (each commit followed by an fdatasync of the file in
+a thread, unless the previous one still runs, so the disk works meanwhile), then fsyncs it (the
+restore's read-back check reads the file meanwhile: LmdbWriter.seal / tree_digest), gives it
+data.mdb's permissions (and owner), renames it over data.mdb and fsyncs the directory: the
+database still changes all at once or not at all.
 Meanwhile the writer holds the target's write transaction; no other process can open the old file
 in between (see src/lmdb_write.rs), and after the writer closes, the next opener rebuilds LMDB's
 lock table from the new file. A kill midway leaves the old data.mdb and the staging
