@@ -620,7 +620,7 @@ def dataset_bars(result: Result) -> list[Bar]:
         bars.append(Bar(label, "SKIP", "no time for the limit or for datafold"))
     else:
         share = limit / ours
-        bars.append(Bar(label, "PASS" if share >= 0.3 else "MISS", f"{share:.0%} of it (bar >= 30%)"))
+        bars.append(Bar(label, "PASS" if share >= 0.3 else "MISS", f"{share:.1%} of it (bar >= 30%)"))
     return bars
 
 
