@@ -5,10 +5,10 @@
 //! The LMDB store opens its environment with py-lmdb, which links its own LMDB. Two LMDB builds
 //! must never have one environment open in one process at once (the locks are per process), so
 //! the store closes its py-lmdb environment before it opens a `Writer` and reopens it after the
-//! writer is gone (python/datafold/stores/lmdb.py, `_SharedEnv.hand_over`). The bundled LMDB (mdb.master)
-//! writes data format 1, as py-lmdb's LMDB 0.9 does, and a different lock-file format: if any
-//! other process has the environment open, `Writer::open` fails with a version mismatch instead
-//! of sharing the lock table, and the store keeps writing through py-lmdb.
+//! writer is gone (python/datafold/stores/lmdb.py, `_SharedEnv.hand_over`). The bundled LMDB
+//! (mdb.master) writes data format 1, as py-lmdb's LMDB 0.9 does, and a different lock-file
+//! format: if any other process has the environment open, `Writer::open` fails with a version
+//! mismatch instead of sharing the lock table, and the store keeps writing through py-lmdb.
 //!
 //! Staged writes. LMDB keeps every page a write transaction dirties in malloc'd memory until the
 //! commit, so one transaction holding a whole restore grows the process by about the size of the
@@ -16,17 +16,17 @@
 //! instead builds a new data file beside it (`data.mdb.datafold-restore`, an environment of its own
 //! without a lock file or syncs) in transactions of `STAGED_COMMIT_BYTES` each, each followed by an
 //! fdatasync of the file in a thread unless the one before still runs (write-behind: the disk works
-//! while the restore goes on), then syncs it and renames it over data.mdb: the database still changes all at once or not at all (a
-//! crash leaves the old data.mdb and a stale staging file, removed by the next staged write or open
-//! of the store). With `EnvOptions::stage_writemap` the staging environment writes through its map,
-//! with the file allocated ahead of LMDB (`Room`). `seal` commits the last records and starts the
-//! final sync in a thread, so the caller can read the new file back (`read_back`) during the sync.
-//! Meanwhile the writer holds the target's write transaction. No other process can
-//! have the old file open: none had the environment open when the writer began (byte 0 of lock.mdb,
-//! which each opener read-locks, could be write-locked), a py-lmdb opener fails on the lock-file
-//! format, and another writer of this crate waits on the flock every one holds
-//! (`exclusive_writer_lock`). After the writer is gone the next opener is LMDB's first again and
-//! rebuilds the lock table from the new file.
+//! while the restore goes on), then syncs it and renames it over data.mdb: the database still
+//! changes all at once or not at all (a crash leaves the old data.mdb and a stale staging file,
+//! removed by the next staged write or open of the store). With `EnvOptions::stage_writemap` the
+//! staging environment writes through its map, with the file allocated ahead of LMDB (`Room`).
+//! `seal` commits the last records and starts the final sync in a thread, so the caller can read
+//! the new file back (`read_back`) during the sync. Meanwhile the writer holds the target's write
+//! transaction. No other process can have the old file open: none had the environment open when the
+//! writer began (byte 0 of lock.mdb, which each opener read-locks, could be write-locked), a
+//! py-lmdb opener fails on the lock-file format, and another writer of this crate waits on the
+//! flock every one holds (`exclusive_writer_lock`). After the writer is gone the next opener is
+//! LMDB's first again and rebuilds the lock table from the new file.
 
 use std::ffi::{c_int, CStr, CString};
 use std::fs::File;
