@@ -3,7 +3,6 @@
 //! the order whichever thread runs which job. Threads take the next job as they free up, so a
 //! thread that first had other work (`run_beside`'s `side` and `own`) does fewer of them.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
@@ -47,6 +46,8 @@ pub fn run_beside<J: Send>(
         own();
         return jobs.into_iter().try_for_each(f);
     }
+    // The other threads have only jobs to do: no more of them than jobs.
+    let more = (threads - 2).min(jobs.len().saturating_sub(1));
     let queue = Queue::new(jobs);
     let (queue, f) = (&queue, &f);
     std::thread::scope(|scope| {
@@ -54,8 +55,6 @@ pub fn run_beside<J: Send>(
             side();
             queue.work(f);
         })];
-        // The other threads have only jobs to do: no more of them than jobs.
-        let more = (threads - 2).min(queue.jobs.len().saturating_sub(1));
         helpers.extend((0..more).map(|_| scope.spawn(move || queue.work(f))));
         own();
         queue.work(f);
@@ -66,10 +65,9 @@ pub fn run_beside<J: Send>(
     queue.first_error()
 }
 
-/// Jobs handed out in order to whichever thread asks next.
+/// Jobs handed out in order, with their index, to whichever thread asks next.
 struct Queue<J> {
-    jobs: Vec<Mutex<Option<J>>>,
-    next: AtomicUsize,
+    jobs: Mutex<std::iter::Enumerate<std::vec::IntoIter<J>>>,
     /// The failed job of lowest index so far, and its error.
     error: Mutex<Option<(usize, Error)>>,
 }
@@ -77,23 +75,17 @@ struct Queue<J> {
 impl<J> Queue<J> {
     fn new(jobs: Vec<J>) -> Self {
         Queue {
-            jobs: jobs.into_iter().map(|j| Mutex::new(Some(j))).collect(),
-            next: AtomicUsize::new(0),
+            jobs: Mutex::new(jobs.into_iter().enumerate()),
             error: Mutex::new(None),
         }
     }
 
     fn work(&self, f: impl Fn(J) -> Result<()>) {
         loop {
-            let i = self.next.fetch_add(1, Ordering::Relaxed);
-            let Some(slot) = self.jobs.get(i) else {
+            let next = self.jobs.lock().expect("job queue").next();
+            let Some((i, job)) = next else {
                 return;
             };
-            let job = slot
-                .lock()
-                .expect("job slot")
-                .take()
-                .expect("each job once");
             if let Err(e) = f(job) {
                 let mut first = self.error.lock().expect("error slot");
                 if !matches!(*first, Some((j, _)) if j < i) {
@@ -115,6 +107,7 @@ impl<J> Queue<J> {
 mod tests {
     use super::*;
     use crate::error::Error;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
     fn runs_every_job_and_reports_the_first_error() {

@@ -304,14 +304,15 @@ impl PyBackupReader {
         // read_metadata() need no more. One thread would read and decrypt one after the other
         // all the same.
         let ahead = ahead.filter(|_| threads > 1 && index > 0);
-        let next_lengths = batch_lengths(params, index + batch.len() as u64, threads);
+        let next_index = index + batch.len() as u64;
         let mut read_ahead = None;
         let opened = py.detach(|| {
             dec.push_segments_beside(&batch, threads, || {
                 if let Some(ahead) = ahead {
                     read_ahead = Some(Python::attach(|py| {
                         let mut leaked = false;
-                        let read = ahead.read(&next_lengths, |dst| {
+                        let lengths = batch_lengths(params, next_index, threads);
+                        let read = ahead.read(&lengths, |dst| {
                             read_into(source.bind(py), readinto, dst, &mut leaked)
                         });
                         (read, leaked)
