@@ -306,7 +306,8 @@ impl Writer {
     }
 
     /// Moves the writer onto a staging environment if the target holds no tree and data.mdb is
-    /// a plain file this process may replace with one of the same owner; Ok(false) otherwise.
+    /// a plain file this process may replace with one of the same owner and extended attributes;
+    /// Ok(false) otherwise.
     fn stage_target(&mut self, path: &Path, options: EnvOptions) -> Result<bool> {
         let data_path = path.join("data.mdb");
         let Ok(meta) = std::fs::symlink_metadata(&data_path) else {
@@ -355,6 +356,18 @@ impl Writer {
                 return Err(e);
             }
         };
+        // The new file must carry data.mdb's extended attributes (POSIX ACLs, security labels,
+        // user attributes). Where one cannot be copied, the records go into data.mdb itself,
+        // which keeps them all.
+        if copy_xattrs(&data_path, &staging_path).is_err() {
+            // SAFETY: the handles just opened, closed on this fallback.
+            unsafe {
+                ffi::mdb_txn_abort(txn);
+                ffi::mdb_env_close(env);
+            }
+            let _ = std::fs::remove_file(&staging_path);
+            return Ok(false);
+        }
         self.staged = Some(Staged {
             env: self.env,
             txn: self.txn,
@@ -814,6 +827,82 @@ fn publish(staged: &mut Staged) -> Result<()> {
     })
 }
 
+/// Copies every extended attribute of the file `from` onto the file `to` (neither a symlink).
+fn copy_xattrs(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(test)]
+    if tests::FAIL_XATTR_COPY.with(|f| f.get()) {
+        return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+    }
+    let from = CString::new(from.as_os_str().as_bytes())?;
+    let to = CString::new(to.as_os_str().as_bytes())?;
+    for name in list_xattrs(&from)? {
+        set_xattr(&to, &name, &get_xattr(&from, &name)?)?;
+    }
+    Ok(())
+}
+
+/// The names of a file's extended attributes; none on a file system without them.
+fn list_xattrs(path: &CStr) -> std::io::Result<Vec<CString>> {
+    // SAFETY: a NUL-terminated path; `buf` holds `len` writable bytes, or is NULL with `len` 0.
+    let names =
+        match xattr_read(|buf, len| unsafe { libc::llistxattr(path.as_ptr(), buf.cast(), len) }) {
+            Ok(names) => names,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP | libc::ENOSYS)) => {
+                return Ok(Vec::new())
+            }
+            Err(e) => return Err(e),
+        };
+    names
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| Ok(CString::new(n)?))
+        .collect()
+}
+
+fn get_xattr(path: &CStr, name: &CStr) -> std::io::Result<Vec<u8>> {
+    // SAFETY: as in list_xattrs, and a NUL-terminated name.
+    xattr_read(|buf, len| unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), buf.cast(), len) })
+}
+
+fn set_xattr(path: &CStr, name: &CStr, value: &[u8]) -> std::io::Result<()> {
+    // SAFETY: NUL-terminated path and name, `value` readable for its length.
+    let rc = unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Runs a list/get-xattr call twice, first for the size: its bytes. Retries while the
+/// attribute grows between the two calls (ERANGE).
+fn xattr_read(mut call: impl FnMut(*mut u8, usize) -> libc::ssize_t) -> std::io::Result<Vec<u8>> {
+    loop {
+        let len = call(ptr::null_mut(), 0);
+        if len < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; len as usize];
+        let got = call(buf.as_mut_ptr(), buf.len());
+        if got >= 0 {
+            buf.truncate(got as usize);
+            return Ok(buf);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) {
+            return Err(e);
+        }
+    }
+}
+
 /// Creates and opens an environment (`flags`; the file mode for new files) and begins a write
 /// transaction in it.
 fn open_env(
@@ -1066,6 +1155,76 @@ mod tests {
     use super::*;
 
     type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
+    thread_local! {
+        /// Makes `copy_xattrs` fail on this thread, as it does where a security label or ACL
+        /// cannot be set on a new file.
+        pub(super) static FAIL_XATTR_COPY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    fn c_path(path: &Path) -> CString {
+        CString::new(path.as_os_str().as_bytes()).unwrap()
+    }
+
+    fn add_xattr(path: &Path, name: &str, value: &[u8]) {
+        set_xattr(&c_path(path), &CString::new(name).unwrap(), value).unwrap();
+    }
+
+    /// The file's extended attributes, sorted by name.
+    fn xattrs(path: &Path) -> Vec<(CString, Vec<u8>)> {
+        let path = c_path(path);
+        let mut out: Vec<_> = list_xattrs(&path)
+            .unwrap()
+            .into_iter()
+            .map(|name| {
+                let value = get_xattr(&path, &name).unwrap();
+                (name, value)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_staged_write_keeps_the_extended_attributes_of_data_mdb() {
+        let (dir, data, before) = empty_environment("xattr");
+        add_xattr(&data, "user.datafold.a", b"first");
+        add_xattr(&data, "user.datafold.big", &[7u8; 3000]);
+        add_xattr(&data, "user.datafold.empty", b"");
+        let want = xattrs(&data);
+        assert_eq!(want.len(), 3);
+
+        let mut w = Writer::open(&dir, staging(64 << 20)).unwrap();
+        assert!(w.staged());
+        let mut t = w.open_tree(b"t").unwrap();
+        w.put(&mut t, b"k", b"v", true).unwrap();
+        w.commit().unwrap();
+        drop(w);
+        assert_ne!(inode(&data), before);
+        assert_eq!(xattrs(&data), want);
+        assert_eq!(read_tree(&dir, "t"), vec![(b"k".to_vec(), b"v".to_vec())]);
+    }
+
+    #[test]
+    fn a_write_whose_staging_file_cannot_take_the_attributes_goes_into_data_mdb() {
+        let (dir, data, before) = empty_environment("xattr-fail");
+        add_xattr(&data, "user.datafold.a", b"kept");
+        FAIL_XATTR_COPY.with(|f| f.set(true));
+        let mut w = Writer::open(&dir, staging(64 << 20)).unwrap();
+        FAIL_XATTR_COPY.with(|f| f.set(false));
+        assert!(!w.staged());
+        assert!(!dir.join(STAGING_FILE).exists());
+        let mut t = w.open_tree(b"t").unwrap();
+        w.put(&mut t, b"k", b"v", true).unwrap();
+        w.commit().unwrap();
+        drop(w);
+        assert_eq!(inode(&data), before);
+        assert_eq!(
+            xattrs(&data),
+            vec![(c"user.datafold.a".to_owned(), b"kept".to_vec())]
+        );
+        assert_eq!(read_tree(&dir, "t"), vec![(b"k".to_vec(), b"v".to_vec())]);
+    }
 
     fn tempdir(tag: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("datafold-lmdbw-{tag}-{}", std::process::id()));

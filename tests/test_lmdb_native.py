@@ -122,12 +122,18 @@ def test_damage_met_mid_restore_leaves_the_database_unchanged(tmp_path: Path, so
 
 def test_a_restore_into_an_empty_database_replaces_its_data_file(tmp_path: Path, source: Path) -> None:
     """Staged: the records go to a new file, committed every 16 MiB, renamed over data.mdb; the
-    file keeps data.mdb's permissions, and a staging file a crash left behind is removed."""
+    file keeps data.mdb's permissions and extended attributes, and a staging file a crash left
+    behind is removed."""
     assert rust.LmdbWriter.STAGING_FILE == lmdb_store.STAGING_FILE == "data.mdb.datafold-restore"
     path = tmp_path / "target"
     DbOperations.open(path).close()
     data = path / "data.mdb"
     data.chmod(0o600)
+    try:  # an attribute as an ACL or a security label would be
+        os.setxattr(data, "user.datafold-test", b"kept")
+        attributes = [("user.datafold-test", b"kept")]
+    except OSError:  # a file system without user attributes
+        attributes = []
     inode = data.stat().st_ino
     (path / "data.mdb.datafold-restore").write_bytes(b"left by a crash")
     with DbOperations.open(path) as db:
@@ -136,6 +142,7 @@ def test_a_restore_into_an_empty_database_replaces_its_data_file(tmp_path: Path,
         stats = manager(db).restore_backup(source)
         assert stats.verified and db.count("text") == 100_000
         assert data.stat().st_ino != inode and data.stat().st_mode & 0o777 == 0o600
+        assert [(name, os.getxattr(data, name)) for name in os.listxattr(data)] == attributes
         assert sorted(os.listdir(path)) == ["data.mdb", "lock.mdb"]
         # The database holds trees now: the next restore writes in its own transaction.
         inode = data.stat().st_ino
@@ -479,6 +486,47 @@ def _holder(path: Path, code: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         text=True,
     )
+
+
+def test_a_writer_works_only_on_its_thread_and_may_be_freed_on_any(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LMDB ties a write transaction to the thread that began it: the writer refuses other threads
+    with a StoreError, and once closed it may be freed anywhere (as a kept traceback that holds it
+    is, on whichever thread collects it) without a word on stderr."""
+    path = tmp_path / "db"
+    DbOperations.open(path).close()
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    writer = rust.LmdbWriter(os.fsencode(path), map_size=1 << 26, max_dbs=8, max_readers=16, writemap=False)
+    index, _ = writer.open_tree("t")
+    errors: list[BaseException] = []
+
+    def elsewhere(writer: Any) -> None:
+        for use in (lambda: writer.open_tree("u"), lambda: writer.records, writer.commit, writer.close):
+            try:
+                use()
+            except BaseException as e:  # noqa: BLE001 - the test looks at every kind
+                errors.append(e)
+
+    thread = threading.Thread(target=elsewhere, args=(writer,))
+    thread.start()
+    thread.join()
+    assert [type(e) for e in errors] == [StoreError] * 4
+    assert all("only be used on the thread that began it" in str(e) for e in errors)
+    assert writer.records == 0 and writer.max_key_size > 0
+    writer.close()
+    assert writer.records == 0 and not writer.committed
+
+    box = [writer]
+    del writer
+    thread = threading.Thread(target=box.clear)  # the last reference goes on another thread
+    thread.start()
+    thread.join()
+    assert unraisable == []
+    with DbOperations.open(path) as db:  # nothing left locked or open
+        db.put("t", b"k", b"v")
+        assert db.get("t", b"k") == b"v"
 
 
 def test_opening_during_another_process_native_restore_says_so(tmp_path: Path) -> None:

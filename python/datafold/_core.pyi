@@ -257,11 +257,13 @@ class LmdbWriter:
     """An LMDB environment opened by the core's own LMDB (src/lmdb_write.rs) with one write
     transaction, which BackupReader.write_items fills. Only the lmdb store makes one, after it has
     closed its py-lmdb environment (two LMDB builds must not have one environment open in one
-    process). Bound to the thread that made it; leaving it uncommitted rolls back.
+    process). Bound to the thread that made it (any other thread gets a StoreError; once closed it
+    may be freed anywhere); leaving it uncommitted rolls back.
 
     Staged: when the environment holds no tree, no other process has it open and writemap is off,
     the records go into a new file, STAGING_FILE in the directory, committed every 16 MiB (memory
-    stays flat), which commit() syncs and renames over data.mdb with data.mdb's permissions.
+    stays flat), which commit() syncs and renames over data.mdb with data.mdb's permissions, owner
+    and extended attributes (copied when the file is created; where one cannot be, not staged).
     stage_writemap: that file is written through its map (MDB_WRITEMAP), allocated ahead of LMDB's
     pages (posix_fallocate: a full disk is a StoreError, never a SIGBUS) and cut to the pages in use
     at the end; for large values, whose pages LMDB would otherwise malloc and then copy."""

@@ -190,32 +190,93 @@ impl PyRecordBatchIter {
 }
 
 /// An LMDB environment opened by the core's own LMDB with one write transaction. The LMDB store
-/// hands its environment over first (python/datafold/stores/lmdb.py); `unsendable`: an LMDB write
-/// transaction belongs to the thread that began it.
-#[pyclass(module = "datafold._core", name = "LmdbWriter", unsendable)]
+/// hands its environment over first (python/datafold/stores/lmdb.py). Its transaction and cursors
+/// belong to the thread that began them (`ThreadBound`); the object itself may be freed anywhere.
+#[pyclass(module = "datafold._core", name = "LmdbWriter")]
 pub struct PyLmdbWriter {
-    /// None once committed or closed.
-    writer: Option<Writer>,
-    trees: Vec<Tree>,
+    state: ThreadBound<WriterState>,
     /// Records of a writer committed or closed.
     records: u64,
     committed: bool,
     staged: bool,
 }
 
+struct WriterState {
+    /// None once committed or closed.
+    writer: Option<Writer>,
+    trees: Vec<Tree>,
+}
+
 impl PyLmdbWriter {
     /// The writer and the tree `index` (from open_tree) for one write_items call.
     pub(crate) fn parts(&mut self, index: usize) -> PyResult<(&mut Writer, &mut Tree)> {
-        let writer = self.writer.as_mut().ok_or_else(closed)?;
-        let tree = self.trees.get_mut(index).ok_or_else(|| {
+        let state = self.state.get_mut()?;
+        let writer = state.writer.as_mut().ok_or_else(closed)?;
+        let tree = state.trees.get_mut(index).ok_or_else(|| {
             crate::error::Error::invalid(format!("no tree {index} in this writer"))
         })?;
         Ok((writer, tree))
+    }
+
+    fn writer(&mut self) -> PyResult<&mut Writer> {
+        self.state.get_mut()?.writer.as_mut().ok_or_else(closed)
     }
 }
 
 fn closed() -> PyErr {
     crate::error::Error::Store("this LMDB write transaction is committed or closed".into()).into()
+}
+
+/// A value only the thread that made it may use, as LMDB requires of a write transaction and
+/// its cursors. Freed on another thread (a traceback that kept it, collected there), it is
+/// leaked instead: after `close()`, as the LMDB store always does first, there is nothing left
+/// to leak.
+pub(crate) struct ThreadBound<T> {
+    value: std::mem::ManuallyDrop<T>,
+    owner: std::thread::ThreadId,
+}
+
+// SAFETY: the value is reached only through `get`/`get_mut`, which fail on any thread but the
+// owner, and dropped only on the owner.
+unsafe impl<T> Send for ThreadBound<T> {}
+unsafe impl<T> Sync for ThreadBound<T> {}
+
+impl<T> ThreadBound<T> {
+    pub(crate) fn new(value: T) -> Self {
+        ThreadBound {
+            value: std::mem::ManuallyDrop::new(value),
+            owner: std::thread::current().id(),
+        }
+    }
+
+    fn check(&self) -> PyResult<()> {
+        if std::thread::current().id() == self.owner {
+            Ok(())
+        } else {
+            Err(crate::error::Error::Store(
+                "an LMDB write transaction can only be used on the thread that began it".into(),
+            )
+            .into())
+        }
+    }
+
+    pub(crate) fn get(&self) -> PyResult<&T> {
+        self.check().map(|()| &*self.value)
+    }
+
+    pub(crate) fn get_mut(&mut self) -> PyResult<&mut T> {
+        self.check()?;
+        Ok(&mut self.value)
+    }
+}
+
+impl<T> Drop for ThreadBound<T> {
+    fn drop(&mut self) {
+        if std::thread::current().id() == self.owner {
+            // SAFETY: dropped once, here; never used again.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.value) }
+        }
+    }
 }
 
 #[pymethods]
@@ -256,8 +317,10 @@ impl PyLmdbWriter {
             .0;
         Ok(PyLmdbWriter {
             staged: writer.staged(),
-            writer: Some(writer),
-            trees: Vec::new(),
+            state: ThreadBound::new(WriterState {
+                writer: Some(writer),
+                trees: Vec::new(),
+            }),
             records: 0,
             committed: false,
         })
@@ -265,11 +328,11 @@ impl PyLmdbWriter {
 
     /// Opens (creates) a tree: (its index for write_items, whether it had no record).
     fn open_tree(&mut self, name: &str) -> PyResult<(usize, bool)> {
-        let writer = self.writer.as_mut().ok_or_else(closed)?;
-        let tree = writer.open_tree(name.as_bytes())?;
+        let tree = self.writer()?.open_tree(name.as_bytes())?;
         let was_empty = tree.was_empty;
-        self.trees.push(tree);
-        Ok((self.trees.len() - 1, was_empty))
+        let trees = &mut self.state.get_mut()?.trees;
+        trees.push(tree);
+        Ok((trees.len() - 1, was_empty))
     }
 
     /// The transaction was committed.
@@ -287,21 +350,22 @@ impl PyLmdbWriter {
 
     /// Records put or deleted in this transaction so far (skipped ones not counted).
     #[getter]
-    fn records(&self) -> u64 {
-        self.writer.as_ref().map_or(self.records, |w| w.records)
+    fn records(&self) -> PyResult<u64> {
+        let writer = self.state.get()?.writer.as_ref();
+        Ok(writer.map_or(self.records, |w| w.records))
     }
 
     /// The largest key LMDB stores.
     #[getter]
-    fn max_key_size(&self) -> PyResult<usize> {
-        Ok(self.writer.as_ref().ok_or_else(closed)?.max_key_size())
+    fn max_key_size(&mut self) -> PyResult<usize> {
+        Ok(self.writer()?.max_key_size())
     }
 
     /// Ends the writing of a staged write (crate::lmdb_write, `Writer::seal`): its last records
     /// are committed to the staging file, whose sync then runs in the background while
     /// tree_digest() reads the file; commit() waits for the sync and publishes the file.
     fn seal(&mut self, py: Python<'_>) -> PyResult<()> {
-        let mut job = AssertSend(self.writer.as_mut().ok_or_else(closed)?);
+        let mut job = AssertSend(self.writer()?);
         py.detach(move || job.run(|w| w.seal()))?;
         Ok(())
     }
@@ -323,7 +387,7 @@ impl PyLmdbWriter {
 
     /// Commits durably and closes the environment.
     fn commit(&mut self, py: Python<'_>) -> PyResult<()> {
-        let writer = self.writer.take().ok_or_else(closed)?;
+        let writer = self.state.get_mut()?.writer.take().ok_or_else(closed)?;
         self.records = writer.records;
         let mut job = AssertSend(writer);
         // The environment closes inside too: its last fsync is done, the unmap may take a while.
@@ -333,11 +397,14 @@ impl PyLmdbWriter {
     }
 
     /// Aborts the transaction if it is still open and closes the environment.
-    fn close(&mut self) {
-        if let Some(w) = self.writer.take() {
+    fn close(&mut self) -> PyResult<()> {
+        let state = self.state.get_mut()?;
+        // The trees' cursors belong to the transaction: they go first.
+        state.trees.clear();
+        if let Some(w) = state.writer.take() {
             self.records = w.records;
         }
-        self.trees.clear();
+        Ok(())
     }
 }
 

@@ -64,7 +64,8 @@ a new file, STAGING_FILE in the directory (an LMDB environment of its own, no lo
 committing every 16 MiB so memory stays flat (each commit followed by an fdatasync of the file in
 a thread, unless the previous one still runs, so the disk works meanwhile), then fsyncs it (the
 restore's read-back check reads the file meanwhile: LmdbWriter.seal / tree_digest), gives it
-data.mdb's permissions (and owner), renames it over data.mdb and fsyncs the directory: the
+data.mdb's permissions, owner and extended attributes (ACLs, security labels; copied when
+the file is created), renames it over data.mdb and fsyncs the directory: the
 database still changes all at once or not at all.
 Meanwhile the writer holds the target's write transaction; no other process can open the old file
 in between (see src/lmdb_write.rs), and after the writer closes, the next opener rebuilds LMDB's
@@ -74,8 +75,8 @@ on average (native_writer's mean_record_bytes) are staged through the new file's
 (MDB_WRITEMAP): LMDB would otherwise malloc their overflow pages anew in every transaction and copy
 them to the file; the core allocates the file ahead of LMDB's pages (a full disk is a StoreError,
 not a SIGBUS) and cuts it to the pages in use at the end. Not staged: a database with a
-tree, writemap=True, or a data.mdb that is a symlink, has other hard links, or belongs to another
-user (unless root).
+tree, writemap=True, or a data.mdb that is a symlink, has other hard links, belongs to another
+user (unless root), or has an extended attribute the new file cannot take.
 
 writemap (opt-in, off by default): LMDB's MDB_WRITEMAP. Without it LMDB keeps every page a write
 transaction dirties in malloc'd memory until the commit, so one big transaction (a restore is one)
