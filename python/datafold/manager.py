@@ -339,13 +339,15 @@ class EncryptedBackupManager:
         key, kdf_id, kdf_params = self._write_key()
         with AtomicFile(path) as out:
             # The read-back check reads the file as it is written, in a thread beside the writer
-            # (both cores busy); with a progress callback it runs after the writer instead, so its
-            # progress is reported as its own phase, and with a given number of threads, so that
-            # no more threads than that seal or open segments at once.
+            # (both cores busy), its progress reported as the "verify" phase after "backup"; with a
+            # given number of threads it runs after the writer, so that no more threads than that
+            # seal or open segments at once.
             beside = None
-            if verify and not meter.active and self._threads == 0:
-                growing: Any = out.growing()  # read like the file it becomes
-                beside = _Background(lambda: self._scan(growing)[2], "datafold-read-back")
+            if verify and self._threads == 0:
+                side = meter.beside(first=False)
+                side.meter.begin("verify")  # total_bytes once the writer is done
+                growing: Any = side.meter.reading(out.growing())  # read like the file it becomes
+                beside = _Background(lambda: side.run(lambda: self._scan(growing)[2]), "datafold-read-back")
             try:
                 writer = self._core.BackupWriter(
                     meter.writing(out.sink),
@@ -360,10 +362,13 @@ class EncryptedBackupManager:
                 fill(writer)
                 trailer = writer.finish()
                 meter.end()  # the "backup" phase of create_backup ends with the trailer
+                if beside is not None:
+                    side.meter.total_bytes = writer.bytes_written
                 out.writing_over()
                 out.start_sync()  # the disk syncs while the file is verified from the page cache
                 if verify:
                     if beside is not None:
+                        meter.relay()
                         verified = beside.result()
                     else:
                         out.file.seek(0)
@@ -415,9 +420,7 @@ class EncryptedBackupManager:
     def _verify_file(self, path: str, meter: Meter, stop: threading.Event | None = None) -> BackupMetadata:
         """verify_backup's pass; `stop`: once set, the pass ends at its next read (BackupIOError)."""
         with _open_backup(path) as f:
-            source: Any = meter.reading(f, "verify")
-            if stop is not None:
-                source = _Stoppable(source, stop)
+            source: Any = meter.reading(f if stop is None else _Stoppable(f, stop), "verify")
             preamble, header, trailer = self._scan(source)
             size = os.fstat(f.fileno()).st_size
         return BackupMetadata.from_parts(header, trailer, preamble, path=path, file_size=size)
@@ -509,23 +512,26 @@ class EncryptedBackupManager:
 
         stop_verifying = threading.Event()
 
-        def verify_chain(stop: threading.Event | None = None) -> None:
+        def verify_chain(stop: threading.Event | None = None, side: Meter | None = None) -> None:
             for member in chain:
                 assert member.path is not None
-                self._verify_file(member.path, Meter(progress), stop)
+                self._verify_file(member.path, Meter(progress) if side is None else side, stop)
 
         verifying: _Background | None = None
         if options.backup_before_restore:
             # Also a full authenticated pass, so verify_before_restore needs no second one.
             stats.safety_backup_path = self._safety_backup(path, targets, prefix, options, scan, meter)
         elif options.verify_before_restore:
-            if native and not meter.active and options.threads == 0 and not self._db.tree_names():
+            if native and options.threads == 0 and not self._db.tree_names():
                 # Into an empty database the native writer stages the records in a new file that
                 # replaces data.mdb only once everything checked out, so the verify pass runs
-                # beside the write (if the writer does not stage, it waits for the pass). With a
-                # progress callback (each pass its own phase) or a given number of threads (no
-                # more than that open segments at once) the passes run one after the other.
-                verifying = _Background(lambda: verify_chain(stop_verifying), "datafold-verify")
+                # beside the write (if the writer does not stage, it waits for the pass), its
+                # progress reported before the restore's. With a given number of threads (no more
+                # than that open segments at once) the passes run one after the other.
+                side = meter.beside(first=True)
+                verifying = _Background(
+                    lambda: side.run(lambda: verify_chain(stop_verifying, side.meter)), "datafold-verify"
+                )
             else:
                 verify_chain()
 
@@ -567,6 +573,7 @@ class EncryptedBackupManager:
         try:
             with self._db._native_writer(mean_record_bytes) if native else nullcontext(None) as writer:
                 if verifying is not None and (writer is None or not writer.staged):
+                    meter.relay()
                     verifying.result()  # nothing is written before the pass ends
                     verifying = None
                 if writer is not None:
@@ -577,6 +584,7 @@ class EncryptedBackupManager:
                         )
                     )
                     if verifying is not None:
+                        meter.relay()
                         verifying.result()
                         verifying = None
                     if options.verify_after_restore and writer.staged:

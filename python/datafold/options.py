@@ -129,8 +129,8 @@ class BackupOptions(_PrefixMixin):
         needs the zstandard package for it (pip install 'datafold[zstd]').
     verify_during_creation: read the file back and verify it (a full authenticated pass) before
         it is put in place. It reads the file as it is being written, in a thread beside the
-        writer (after the writer when a progress callback is given, to report it as its own phase,
-        or when `threads` is not 0).
+        writer (after the writer when `threads` is not 0); a progress callback hears it as the
+        "verify" phase after "backup" either way.
     segment_size: the Tink ciphertext segment size (docs/FORMAT.md).
     threads: threads that seal segments, 0 = all cores (the Rust core; the pure core uses one).
         A number other than 0 also keeps the read-back check after the writer, so that no more
@@ -188,8 +188,8 @@ class RestoreOptions(_PrefixMixin):
     verify_before_restore: a full authenticated pass over the file, ended before the database
         changes. Into an empty LMDB database (a staged native restore, stores/lmdb.py) it runs
         in a thread beside the write into the new data file, which replaces data.mdb only after
-        both passes; otherwise (or with a progress callback, or `threads` not 0) it runs before
-        anything is written.
+        both passes; otherwise (or with `threads` not 0) it runs before anything is written. A
+        progress callback hears it as the "verify" phase before "restore" either way.
     backup_before_restore: first write a safety backup of the trees the restore will touch;
         its path is in RestoreStats.safety_backup_path (beside the restored file unless
         safety_backup_path is given). Restoring it with overwrite_existing=True gives back the

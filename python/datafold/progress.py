@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ PHASES = ("backup", "verify", "safety", "restore", "check")
 @dataclass(frozen=True)
 class ProgressEvent:
     """One progress report. Each phase starts with an event of items = bytes = 0 and ends with one
-    of done=True; in between, events come at most every 50 ms.
+    of done=True; in between, events come at most every 50 ms. Phases come one after the other, on
+    the thread that called the operation (a pass in a thread beside another reports through it).
 
     items: records processed so far in this phase (0 where a phase does not count them);
     bytes: bytes of the backup file written ("backup") or read (the other phases);
@@ -59,6 +61,10 @@ class Meter:
         self.total_bytes: int | None = None
         self._items_fn: Callable[[], int] | None = None
         self._last = 0.0
+        # A pass in another thread reporting through this meter (beside()), and with `first` the
+        # first event of this meter's phase, held back until that pass has reported.
+        self._side: Beside | None = None
+        self._held: ProgressEvent | None = None
 
     @property
     def active(self) -> bool:
@@ -99,7 +105,44 @@ class Meter:
         self._last = time.monotonic() if now is None else now
         if self._items_fn is not None:
             self.items = self._items_fn()
-        self._callback(ProgressEvent(self.phase, self.items, self.total_items, self.bytes, self.total_bytes, done))
+        event = ProgressEvent(self.phase, self.items, self.total_items, self.bytes, self.total_bytes, done)
+        side = self._side
+        if side is not None and side.first:
+            if not done and not side.over.is_set():
+                side.flush(self._callback)  # the pass beside reports first; this phase waits
+                if self._held is None:
+                    self._held = event
+                return
+            self.relay()  # then this phase's first event and where it is now
+            if not done:
+                return
+        self._callback(event)
+
+    def beside(self, first: bool) -> Beside:
+        """A pass that runs in another thread (Beside.run) and reports through this meter, so the
+        callback hears every phase in order and on the calling thread only. `first`: the pass's
+        phases come before this meter's current one (verify_before_restore beside the restore),
+        whose events are held back until the pass ends; otherwise they come after it, from
+        relay()."""
+        side = Beside(self._callback is not None, first)
+        if self._callback is not None:
+            self._side = side
+        return side
+
+    def relay(self) -> None:
+        """Waits for the pass beside() to end, passing its events on as they come; then this meter
+        reports on its own again."""
+        side, self._side = self._side, None
+        if side is None:
+            return
+        assert self._callback is not None
+        while not side.over.wait(self.INTERVAL):
+            side.flush(self._callback)
+        side.flush(self._callback)
+        held, self._held = self._held, None
+        if held is not None:
+            self._callback(held)
+            self._emit(False)
 
     def count(self, items: Iterable[T]) -> Iterable[T]:
         """Passes `items` through, counting them."""
@@ -129,7 +172,7 @@ class Meter:
             self.items += n
             self.tick()
 
-    def reading(self, f: IO[bytes], phase: str | None = None) -> Any:
+    def reading(self, f: Any, phase: str | None = None) -> Any:
         """`f` with the bytes read from it counted (a MeteredFile); with `phase`, that phase begins
         (total_bytes: the rest of the file). Without a callback, `f` itself."""
         if self._callback is None:
@@ -157,6 +200,42 @@ class _CountingWriter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._f, name)
+
+
+class Beside:
+    """A pass in another thread whose progress goes through the Meter that made it (Meter.beside):
+    `meter` counts the pass; its events wait here until that Meter passes them on. Every phase's
+    first and last event is kept; of those in between, the newest."""
+
+    def __init__(self, active: bool, first: bool) -> None:
+        self.first = first
+        self.over = threading.Event()
+        self._lock = threading.Lock()
+        self._due: list[ProgressEvent] = []
+        self._latest: ProgressEvent | None = None
+        self.meter = Meter(self._record if active else None)
+
+    def _record(self, event: ProgressEvent) -> None:
+        with self._lock:
+            if event.done or (event.items == 0 and event.bytes == 0):
+                self._due.append(event)
+                self._latest = None
+            else:
+                self._latest = event
+
+    def run(self, call: Callable[[], T]) -> T:
+        """call(), the pass, in its thread; the pass is over when it returns or raises."""
+        try:
+            return call()
+        finally:
+            self.over.set()
+
+    def flush(self, callback: ProgressCallback) -> None:
+        with self._lock:
+            events = self._due if self._latest is None else [*self._due, self._latest]
+            self._due, self._latest = [], None
+        for event in events:
+            callback(event)
 
 
 class MeteredFile:
