@@ -69,6 +69,17 @@ def test_a_pass_beside_that_reports_first_holds_the_phase_back() -> None:
     assert recorder.threads == {threading.get_ident()}
 
 
+def test_a_phase_that_begins_after_the_pass_beside_ended_reports_whole() -> None:
+    recorder = Recorder()
+    meter = Meter(recorder)
+    side = meter.beside(first=True)
+    side.run(lambda: (side.meter.begin("verify"), side.meter.end()))
+    meter.begin("restore", 2)
+    meter.add_items(2)
+    meter.end()
+    assert phases(recorder.take()) == ["verify", "restore"]
+
+
 def test_a_pass_beside_that_reports_after_waits_for_relay() -> None:
     recorder = Recorder()
     meter = Meter(recorder)

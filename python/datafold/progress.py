@@ -113,9 +113,7 @@ class Meter:
                 if self._held is None:
                     self._held = event
                 return
-            self.relay()  # then this phase's first event and where it is now
-            if not done:
-                return
+            self.relay()  # then this phase's first event, and where it is now
         self._callback(event)
 
     def beside(self, first: bool) -> Beside:
@@ -142,7 +140,6 @@ class Meter:
         held, self._held = self._held, None
         if held is not None:
             self._callback(held)
-            self._emit(False)
 
     def count(self, items: Iterable[T]) -> Iterable[T]:
         """Passes `items` through, counting them."""
