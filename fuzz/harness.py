@@ -115,6 +115,10 @@ def check(data: bytes) -> dict[str, tuple[str, Any]]:
                     f"cores raise different errors on the {what} read: pure {a[1][0].__name__} ({a[1][1]}), "
                     f"rust {b[1][0].__name__} ({b[1][1]})"
                 )
+            if a[0] == "error" and a[1][0] is b[1][0] and a[1][1] != b[1][1]:
+                raise Finding(
+                    f"cores word the error differently on the {what} read: pure {a[1][1]!r}, rust {b[1][1]!r}"
+                )
     return results
 
 

@@ -175,27 +175,34 @@ impl BackupDecoder {
             let mut index = s.next_segment;
             let mut ended = s.ended;
             let mut total = 0;
+            // A segment of a wrong length fails the read, but only after the segments before it
+            // are opened: the first damage in file order is the one reported, as by the pure core.
+            let mut bad_length = None;
             for &(segment, last) in segments {
-                if ended {
-                    return Err(Error::integrity(
-                        "data follows the last segment of the backup",
-                    ));
-                }
                 let full = s.cipher.params.ciphertext_length(index);
-                if segment.len() > full || (!last && segment.len() != full) {
-                    return Err(Error::integrity(
+                bad_length = if ended {
+                    Some(Error::integrity(
+                        "data follows the last segment of the backup",
+                    ))
+                } else if segment.len() > full || (!last && segment.len() != full) {
+                    Some(Error::integrity(
                         "backup segment has the wrong length (corrupted file)",
-                    ));
-                }
-                if segment.len() < TAG_LENGTH {
-                    return Err(Error::integrity(format!(
+                    ))
+                } else if segment.len() < TAG_LENGTH {
+                    Some(Error::integrity(format!(
                         "backup is truncated or corrupted (segment {index} is shorter than its tag)"
-                    )));
+                    )))
+                } else {
+                    None
+                };
+                if bad_length.is_some() {
+                    break;
                 }
                 total += segment.len() - TAG_LENGTH;
                 index += 1;
                 ended = last;
             }
+            let segments = &segments[..(index - s.next_segment) as usize];
             // The new plaintext goes to the spare buffer, after what is not parsed yet; what is
             // parsed but not digested is digested meanwhile, then the buffers swap.
             let start = s.end - s.pos;
@@ -220,6 +227,9 @@ impl BackupDecoder {
                 own,
                 |(i, last, seg, out)| cipher.open_to(i, last, seg, out),
             )?;
+            if let Some(e) = bad_length {
+                return Err(e);
+            }
             std::mem::swap(&mut s.plain, &mut s.spare);
             s.end = start + total;
             s.pos = 0;
@@ -302,14 +312,18 @@ impl BackupDecoder {
         };
         match kind {
             REC_TREE_BEGIN => {
-                let Step::Done(n) = self.blob_len() else {
-                    return self.need_more();
-                };
-                if n == 0 || n > MAX_TREE_NAME_LENGTH {
+                // The length is checked before the name is waited for (and buffered).
+                let a = self.available();
+                if a.len() >= 5
+                    && !(1..=MAX_TREE_NAME_LENGTH).contains(&(u32_le(&a[1..5]) as usize))
+                {
                     return Err(Error::integrity(
                         "backup holds a tree with an invalid name length",
                     ));
                 }
+                let Step::Done(n) = self.blob_len() else {
+                    return self.need_more();
+                };
                 let name = std::str::from_utf8(&self.available()[5..5 + n])
                     .map_err(|_| Error::integrity("backup holds a tree name that is not UTF-8"))?
                     .to_owned();
@@ -495,7 +509,9 @@ fn unexpected(kind: u8, wanted: &str) -> Error {
         | REC_BLOCK => Error::integrity(format!(
             "backup record order is invalid: found record type {kind:#04x}, expected {wanted}"
         )),
-        _ => Error::format(format!("backup holds an unknown record type {kind:#04x}")),
+        _ => Error::format(format!(
+            "backup holds an unknown record type {kind:#04x} (written by a newer datafold?)"
+        )),
     }
 }
 

@@ -31,7 +31,6 @@ from .format import (
     LEN_HEADER,
     MAX_FIELD_LENGTH,
     MAX_TREE_NAME_LENGTH,
-    MIN_TRAILER_PAYLOAD_LENGTH,
     PUT_HEADER,
     REC_BLOCK,
     REC_DELETE,
@@ -54,6 +53,7 @@ from .format import (
     encode_preamble,
     encode_trailer,
     parse_preamble,
+    quoted,
 )
 from .stream import MAX_SEGMENTS, NONCE_PREFIX_LENGTH, TAG_LENGTH, SegmentCipher, check_threads, header_length
 
@@ -569,14 +569,13 @@ _R_STATE_NAMES = {
 
 
 def _cut_by_block() -> NoReturn:
-    raise IntegrityError("backup is corrupted: a block ends inside a record")
+    raise IntegrityError("backup holds a block that ends inside a record")
 
 
 def _unexpected(rtype: int, expected: str) -> NoReturn:
-    name = RECORD_NAMES.get(rtype)
-    if name is None:
-        raise FormatError(f"unknown record type {rtype:#04x} in the backup (written by a newer datafold?)")
-    raise IntegrityError(f"backup is corrupted: a {name} record where {expected} was expected")
+    if rtype not in RECORD_NAMES:
+        raise FormatError(f"backup holds an unknown record type {rtype:#04x} (written by a newer datafold?)")
+    raise IntegrityError(f"backup record order is invalid: found record type {rtype:#04x}, expected {expected}")
 
 
 class BackupReader:
@@ -698,7 +697,7 @@ class BackupReader:
             self._peek = self._read_exact(1)
             last = not self._peek
         if len(ct) < TAG_LENGTH:
-            raise IntegrityError(f"backup is truncated or was tampered with (segment {index} is incomplete)")
+            raise IntegrityError(f"backup is truncated or corrupted (segment {index} is shorter than its tag)")
         if index >= MAX_SEGMENTS:
             raise IntegrityError("backup is corrupted (more than 2^32 segments)")
         pt = cipher.decrypt(index, ct, last)
@@ -729,7 +728,7 @@ class BackupReader:
         while avail < n:
             pt = self._next_segment()
             if pt is None:
-                raise IntegrityError("backup is corrupted: the stream ends before its TRAILER record")
+                raise IntegrityError("backup is truncated: the stream ends before its trailer")
             parts.append(pt)
             avail += len(pt)
         self._data = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -758,13 +757,13 @@ class BackupReader:
             key = _check_key(backup_key)
             if derive_key_id(key) != self._preamble.key_id:
                 raise EncryptionKeyError(
-                    "this backup was made with a different key (its key id does not match the key given)"
+                    "this backup was made with a different key: use the master key (or passphrase) it was created with"
                 )
             head = self._read_exact(HEADER_LENGTH)
             if len(head) < HEADER_LENGTH:
-                raise IntegrityError("backup is truncated (the file ends inside the stream header)")
+                raise IntegrityError("backup stream is truncated inside its header")
             if head[0] != HEADER_LENGTH:
-                raise IntegrityError("backup is corrupted or was tampered with (bad stream header)")
+                raise IntegrityError("backup stream header is corrupted (wrong header length byte)")
             salt = head[1 : 1 + SALT_LENGTH]
             prefix = head[1 + SALT_LENGTH :]
             self._cipher = SegmentCipher(key, salt, prefix, self._preamble.raw, self._preamble.segment_size)
@@ -774,7 +773,7 @@ class BackupReader:
             self._need(1)
             rtype = self._data[self._pos]
             if rtype != REC_HEADER:
-                _unexpected(rtype, "HEADER")
+                _unexpected(rtype, "the HEADER record")
             length = self._len_record()
             self._need(LEN_HEADER.size + length)
             start = self._pos + LEN_HEADER.size
@@ -801,7 +800,7 @@ class BackupReader:
             if rtype == REC_TRAILER:
                 self._read_trailer()
                 return None
-            _unexpected(rtype, "TREE_BEGIN or TRAILER")
+            _unexpected(rtype, "a TREE_BEGIN or TRAILER")
         except BaseException:
             self._state = _R_POISONED
             raise
@@ -809,15 +808,15 @@ class BackupReader:
     def _tree_begin(self) -> str:
         length = self._len_record()
         if not 1 <= length <= MAX_TREE_NAME_LENGTH:
-            raise IntegrityError(f"backup is corrupted: tree name length {length} is out of range")
+            raise IntegrityError("backup holds a tree with an invalid name length")
         self._need(LEN_HEADER.size + length)
         start = self._pos + LEN_HEADER.size
         try:
             name = self._data[start : start + length].decode("utf-8")
         except UnicodeDecodeError:
-            raise IntegrityError("backup is corrupted: a tree name is not UTF-8") from None
+            raise IntegrityError("backup holds a tree name that is not UTF-8") from None
         if name in self._names:
-            raise IntegrityError(f"backup is corrupted: tree {name!r} appears twice")
+            raise IntegrityError(f"backup holds tree {quoted(name)} twice")
         self._names.add(name)
         self._pos = start + length
         self._flush_hash()  # TREE_BEGIN goes into the stream digest only
@@ -832,19 +831,17 @@ class BackupReader:
         self._flush_hash()
         self._hashing = False  # the stream digest covers everything before the TRAILER
         length = self._len_record()
-        if length < MIN_TRAILER_PAYLOAD_LENGTH:
-            raise IntegrityError("backup is corrupted: its trailer is malformed")
-        self._need(LEN_HEADER.size + length)
+        self._need(LEN_HEADER.size + length)  # then decode_trailer_payload checks it, as the Rust core
         start = self._pos + LEN_HEADER.size
         payload = self._data[start : start + length]
         self._pos = start + length
         trailer = decode_trailer_payload(payload)
         if trailer[2] != self._summaries:
-            raise IntegrityError("backup is corrupted: its trailer disagrees with the trees it holds")
+            raise IntegrityError("backup trailer disagrees with the trees read")
         if trailer[3] != self._stream_hasher.digest():
-            raise IntegrityError("backup is corrupted: the stream digest does not match")
+            raise IntegrityError("backup stream digest does not match its content")
         if self._pos != len(self._data) or not self._ended:
-            raise IntegrityError("backup is corrupted: data follows its TRAILER record")
+            raise IntegrityError("backup has data after its trailer")
         self._trailer = trailer
         self._state = _R_DONE
 
@@ -921,8 +918,9 @@ class BackupReader:
                 nbytes += klen
                 pos = end
             elif pos < block_end:
-                name = RECORD_NAMES.get(rtype, f"type {rtype:#04x}")
-                raise IntegrityError(f"backup is corrupted: a {name} record inside a block")
+                raise IntegrityError(
+                    f"backup holds a block with a record of type {rtype:#04x}; blocks hold only PUT and DELETE records"
+                )
             elif rtype == REC_BLOCK:
                 self._pos = pos
                 self._splice_block()
@@ -936,7 +934,7 @@ class BackupReader:
                 return out
             else:
                 self._pos = pos
-                _unexpected(rtype, "PUT, DELETE, BLOCK or TREE_END")
+                _unexpected(rtype, "a PUT, DELETE, BLOCK or TREE_END")
             count += 1
         self._pos = pos
         self._block_end = block_end
@@ -968,11 +966,11 @@ class BackupReader:
         self._tree_hasher = None
         if item_count != self._tree_items or byte_count != self._tree_bytes:
             raise IntegrityError(
-                f"backup is corrupted: tree {self._tree_name!r} says it holds {item_count} items of "
-                f"{byte_count} bytes, but {self._tree_items} items of {self._tree_bytes} bytes were read"
+                f"tree {quoted(self._tree_name)}: the backup says {item_count} items / {byte_count} bytes "
+                f"but holds {self._tree_items} / {self._tree_bytes}"
             )
         if digest != tree_digest:
-            raise IntegrityError(f"backup is corrupted: the digest of tree {self._tree_name!r} does not match")
+            raise IntegrityError(f"tree {quoted(self._tree_name)}: digest does not match its records")
         self._summaries.append((self._tree_name, item_count, byte_count, digest))
         self._state = _R_TREE_END
 
@@ -1002,11 +1000,11 @@ class BackupReader:
         except OSError as exc:
             raise BackupIOError(f"reading the backup failed: {exc}") from exc
         if stream_len < HEADER_LENGTH + TAG_LENGTH:
-            raise IntegrityError("backup is truncated (no complete segment follows the stream header)")
+            raise IntegrityError("backup is truncated (the stream is shorter than one segment)")
         n = max(1, -(-stream_len // css))
         last_start = HEADER_LENGTH if n == 1 else (n - 1) * css
         if stream_len - last_start < TAG_LENGTH:
-            raise IntegrityError("backup is truncated or corrupted (its size does not fit its segment size)")
+            raise IntegrityError("backup is truncated or has extra bytes (its size does not fit the segment size)")
         if n > MAX_SEGMENTS:
             raise IntegrityError("backup is corrupted (more than 2^32 segments)")
 
@@ -1028,21 +1026,19 @@ class BackupReader:
         while have < 4:
             j -= 1
             if j < 0:
-                raise IntegrityError("backup is corrupted: no room for a TRAILER record")
+                raise IntegrityError("backup is truncated: the stream ends before its trailer")
             pt = segment(j)
             parts.insert(0, pt)
             have += len(pt)
         tail = b"".join(parts)
         (length,) = U32.unpack_from(tail, len(tail) - 4)
-        if length < MIN_TRAILER_PAYLOAD_LENGTH:
-            raise IntegrityError("backup is corrupted: its trailer is malformed")
         while len(tail) < length + LEN_HEADER.size:
             j -= 1
             if j < 0:
-                raise IntegrityError("backup is corrupted: its trailer is longer than the stream")
+                raise IntegrityError("backup is truncated: the stream ends before its trailer")
             tail = segment(j) + tail
         record = tail[len(tail) - length - LEN_HEADER.size :]
         rtype, front_length = LEN_HEADER.unpack_from(record)
         if rtype != REC_TRAILER or front_length != length:
-            raise IntegrityError("backup is corrupted: the stream does not end with a TRAILER record")
+            raise IntegrityError("backup does not end with a valid trailer")
         return decode_trailer_payload(record[LEN_HEADER.size :])

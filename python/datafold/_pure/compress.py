@@ -84,11 +84,11 @@ def parse_block_header(data: Any, pos: int) -> tuple[int, int, int]:
         raise FormatError(f"backup holds a block with an unknown codec {codec} (written by a newer datafold?)")
     if not 0 < raw_len <= MAX_BLOCK_RAW_LENGTH or data_len > MAX_BLOCK_RAW_LENGTH:
         raise IntegrityError(
-            f"backup is corrupted: a block has invalid lengths (raw {raw_len}, stored {data_len}; "
+            f"backup holds a block with invalid lengths (raw {raw_len}, stored {data_len}; "
             f"the limit is {MAX_BLOCK_RAW_LENGTH})"
         )
     if codec == CODEC_RAW and data_len != raw_len:
-        raise IntegrityError("backup is corrupted: a stored block's lengths disagree")
+        raise IntegrityError("backup holds a stored block whose lengths disagree")
     return codec, raw_len, data_len
 
 
@@ -97,7 +97,7 @@ def decode_block(codec: int, raw_len: int, data: bytes) -> bytes:
     if codec == CODEC_RAW:
         return data
     zstd = _zstandard("reading this compressed backup")
-    bad = "backup is corrupted: a compressed block does not decompress to its stated length"
+    bad = "backup holds a compressed block that does not decompress to its stated length"
     try:
         # One frame; its declared size (if any) must be raw_len, so nothing larger is allocated.
         declared = zstd.frame_content_size(data)

@@ -6,6 +6,7 @@ The pure-Python twin of src/format.rs; both must produce and accept exactly the 
 from __future__ import annotations
 
 import struct
+import unicodedata
 from typing import TYPE_CHECKING
 
 from ..errors import ArgumentTypeError, FormatError, IntegrityError, InvalidArgumentError, VersionMismatchError
@@ -106,6 +107,22 @@ MIN_TRAILER_PAYLOAD_LENGTH = 8 + 8 + 4 + DIGEST_LENGTH + 4
 TreeSummary = tuple[str, int, int, bytes]
 # (total_items, total_bytes, [TreeSummary, ...], stream digest32)
 Trailer = tuple[int, int, list[TreeSummary], bytes]
+
+
+def quoted(name: str) -> str:
+    """`name` as the Rust core's messages quote it (Rust's `{:?}` of a str), so that both cores say
+    the same: in double quotes, with quotes, backslashes, unprintable characters and combining
+    marks escaped."""
+    escapes = {'"': '\\"', "\\": "\\\\", "\t": "\\t", "\r": "\\r", "\n": "\\n", "\0": "\\0"}
+
+    def shown(c: str) -> str:
+        if c in escapes:
+            return escapes[c]
+        if c.isprintable() and unicodedata.category(c) not in ("Mn", "Me"):
+            return c
+        return f"\\u{{{ord(c):x}}}"
+
+    return '"' + "".join(map(shown, name)) + '"'
 
 
 def as_bytes(obj: object, what: str) -> bytes:
@@ -278,7 +295,7 @@ def encode_trailer(total_items: int, total_bytes: int, trees: list[TreeSummary],
 
 def decode_trailer_payload(payload: bytes) -> Trailer:
     """Parses a TRAILER payload (without type byte and leading length) and checks its sums."""
-    bad = "backup is corrupted: its trailer is malformed"
+    bad = "backup trailer is malformed"
     size = len(payload)
     if size < MIN_TRAILER_PAYLOAD_LENGTH:
         raise IntegrityError(bad)
@@ -308,5 +325,5 @@ def decode_trailer_payload(payload: bytes) -> Trailer:
     if length != size:
         raise IntegrityError(bad)
     if sum(t[1] for t in trees) != total_items or sum(t[2] for t in trees) != total_bytes:
-        raise IntegrityError("backup is corrupted: its trailer totals do not add up")
+        raise IntegrityError("backup trailer totals do not add up")
     return (total_items, total_bytes, trees, digest)

@@ -114,7 +114,7 @@ class SegmentCipher:
             return self._aead.decrypt(self._nonce(index, last), ciphertext, None)
         except InvalidTag:
             raise IntegrityError(
-                f"backup is corrupted or was tampered with (segment {index} failed authentication)"
+                f"backup is corrupted, truncated or was tampered with (segment {index} failed authentication)"
             ) from None
 
 
@@ -211,10 +211,16 @@ def decrypt_stream(
     if ct.ndim != 1 or ct.itemsize != 1 or not ct.c_contiguous:
         ct = memoryview(ct.tobytes())
     total = ct.nbytes
+    # The checks and their words as the Rust core's (src/stream.rs, plaintext_length_for).
+    if total < hlen:
+        raise IntegrityError("stream is truncated inside its header")
     if total < hlen + TAG_LENGTH:
-        raise IntegrityError("ciphertext is truncated (shorter than the stream header and one tag)")
+        raise IntegrityError("stream is truncated (shorter than its header and one tag)")
+    after_first = total - css  # segment 0 ends at css, header included
+    if after_first > 0 and (after_first % css or css) < TAG_LENGTH:
+        raise IntegrityError("stream is truncated or has extra bytes (its last segment is shorter than a tag)")
     if ct[0] != hlen:
-        raise IntegrityError("ciphertext is corrupted (bad stream header length)")
+        raise IntegrityError("backup stream header is corrupted (wrong header length byte)")
     s = ct[1 : 1 + size].tobytes()
     prefix = ct[1 + size : hlen].tobytes()
     cipher = SegmentCipher(k, s, prefix, a, css, h, size)
@@ -223,8 +229,6 @@ def decrypt_stream(
     index = 0
     while True:
         end = min(total, (index + 1) * css)
-        if end - start < TAG_LENGTH:
-            raise IntegrityError(f"ciphertext is truncated (segment {index} is shorter than a tag)")
         if index >= MAX_SEGMENTS:
             raise IntegrityError("ciphertext is corrupted (more than 2^32 segments)")
         last = end == total
