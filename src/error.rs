@@ -46,10 +46,16 @@ impl fmt::Display for Error {
             | Error::InvalidArgument(m)
             | Error::Crypto(m)
             | Error::Store(m) => f.write_str(m),
+            // The same words as datafold.errors.VersionMismatchError, which Python users see.
             Error::VersionMismatch { found, expected } => write!(
                 f,
                 "backup format version {found} is not supported (this release reads version \
-                 {expected}); upgrade datafold to read it"
+                 {expected}); {}",
+                if found > expected {
+                    "upgrade datafold to read it"
+                } else {
+                    "no datafold release wrote it: the file is damaged or not a datafold backup"
+                }
             ),
             Error::Poisoned(what) => write!(
                 f,

@@ -422,6 +422,7 @@ def test_damaged_backups_exit_2(setup: Setup) -> None:
         "corrupted.dfb": good[:-3000] + bytes([good[-3000] ^ 1]) + good[-2999:],
         "truncated.dfb": good[: len(good) - 100],
         "newer.dfb": good[:8] + (2).to_bytes(4, "little") + good[12:],
+        "version-0.dfb": good[:8] + (0).to_bytes(4, "little") + good[12:],
     }
     messages = {
         "not-a-backup.dfb": "not a datafold backup",
@@ -429,6 +430,7 @@ def test_damaged_backups_exit_2(setup: Setup) -> None:
         "corrupted.dfb": "corrupted",
         "truncated.dfb": "truncated",
         "newer.dfb": "upgrade datafold",
+        "version-0.dfb": "no datafold release wrote it",
     }
     for name, data in cases.items():
         path = setup.tmp / name

@@ -240,6 +240,27 @@ def test_parent_found_elsewhere_with_chain_option(filled: Env) -> None:
     assert restored(filled, i1, options=RestoreOptions(chain=[moved])) == snapshot(filled.db)
 
 
+def test_the_chain_option_may_end_with_the_backup_itself(filled: Env) -> None:
+    full, i1 = _chain_of_two(filled)
+    assert restored(filled, i1, options=RestoreOptions(chain=[full, i1])) == snapshot(filled.db)
+    assert restored(filled, full, "full", RestoreOptions(chain=[full])) == restored(filled, full, "plain")
+
+
+def test_no_backup_goes_over_a_backup_of_the_chain(filled: Env) -> None:
+    """Neither a new incremental nor a restore's safety backup may replace a backup the call reads."""
+    full, i1 = _chain_of_two(filled)
+    files = {p: p.read_bytes() for p in (full, i1)}
+    for parent in (full, i1):
+        with pytest.raises(InvalidArgumentError, match="a backup this call reads"):
+            filled.backup(parent.name, incremental(i1))
+    target = filled.open_db("target")
+    for member in (full, i1):
+        options = RestoreOptions(backup_before_restore=True, safety_backup_path=str(member))
+        with pytest.raises(InvalidArgumentError, match="a backup this call reads"):
+            filled.manager_for(target).restore_backup(i1, options)
+    assert {p: p.read_bytes() for p in files} == files and snapshot(target) == {}
+
+
 @pytest.mark.parametrize("where", [200, -100])
 def test_tampered_parent(filled: Env, where: int) -> None:
     full, i1 = _chain_of_two(filled)

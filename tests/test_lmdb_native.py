@@ -250,6 +250,27 @@ def test_a_failed_staged_restore_stops_the_verify_pass_beside_it(
     assert [str(e) for e in ended] == ["the pass was stopped"]
 
 
+@pytest.mark.parametrize("fails_in", ["reserve", "progress"])
+def test_a_restore_that_fails_before_writing_leaves_no_verify_pass_running(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch, fails_in: str
+) -> None:
+    """The verify pass beside a staged restore starts only where a failure stops and joins it."""
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise StoreError("failed on purpose")
+
+    progress = None
+    if fails_in == "reserve":
+        monkeypatch.setattr(DbOperations, "reserve", fail)
+    else:
+        progress = lambda event: fail() if event.phase == "verify" else None  # noqa: E731
+    with DbOperations.open(tmp_path / "target") as db:
+        with pytest.raises(StoreError, match="failed on purpose"):
+            manager(db).restore_backup(source, progress=progress)
+        assert [t.name for t in threading.enumerate() if t.name == "datafold-verify"] == []
+        assert db.tree_names() == []
+
+
 def test_large_values_are_staged_through_the_map(tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Records of more than half a page on average go to a staging file written through its map
     (LmdbWriter stage_writemap), cut to the pages in use before it replaces data.mdb."""

@@ -31,6 +31,7 @@ from datafold import (
     EncryptionKeyError,
     FormatError,
     IntegrityError,
+    InvalidArgumentError,
     MasterKeyPair,
     RestoreOptions,
     StoreError,
@@ -421,6 +422,41 @@ def test_unwritable_destination(filled: Env, where: str) -> None:
     assert isinstance(info.value, OSError)
     assert listing(filled.backups) == before and listing(filled.backups / "a-dir") == []
     assert (filled.backups / "plain-file").read_bytes() == b"x"
+
+
+def test_a_backup_never_goes_over_a_file_of_its_database(filled: Env) -> None:
+    """Every file the store lives in (DbOperations.files), by its own path or through a symlink, is
+    refused before anything is written; the database stays as it was."""
+    before = snapshot(filled.db)
+    link = filled.backups / "link.dfb"
+    for own in filled.db.files:
+        destinations = [own]
+        if os.path.exists(own):
+            link.unlink(missing_ok=True)
+            link.symlink_to(own)
+            destinations.append(str(link))
+        for destination in destinations:
+            with pytest.raises(InvalidArgumentError, match="is a file of the database"):
+                filled.manager.create_backup(destination)
+    assert snapshot(filled.db) == before
+    filled.manager.create_backup(filled.backups / "fine.dfb")  # and it still backs up
+
+
+def test_a_backup_is_written_through_a_symlink_and_never_over_a_special_file(filled: Env) -> None:
+    target = filled.backups / "dated.dfb"
+    target.write_bytes(b"an older file")
+    link = filled.backups / "latest.dfb"
+    link.symlink_to(target.name)
+    filled.manager.create_backup(link)
+    assert (
+        link.is_symlink()
+        and filled.manager.verify_backup(target).total_items == filled.manager.verify_backup(link).total_items
+    )
+    fifo = filled.backups / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(BackupIOError, match="not a regular file"):
+        filled.manager.create_backup(fifo)
+    assert fifo.is_fifo()
 
 
 SNAPSHOT_CLASSES = (_LmdbSnapshot, _SqliteSnapshot)

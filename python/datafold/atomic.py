@@ -3,7 +3,9 @@
 Linux: the data goes to an unnamed O_TMPFILE inode in the destination directory, so a crash or
 SIGKILL at any point before `commit()` leaves nothing behind; `commit()` fsyncs, links it under a
 temporary name and renames it into place, then fsyncs the directory. Where O_TMPFILE is not
-supported it falls back to a named hidden temporary file that is removed on any failure.
+supported it falls back to a named hidden temporary file that is removed on any failure. A path that
+is a symlink is written through (its target is replaced, the link stays); a device, pipe or socket
+there is refused, since a rename would replace it with a file.
 
 Write-behind: data written through `sink` is fdatasync()ed by a background thread every
 WRITE_BEHIND_BYTES, and `start_sync()` syncs the rest while the caller goes on (verifying the file
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 import threading
 import uuid
@@ -146,10 +149,19 @@ class GrowingFile:
 
 class AtomicFile:
     def __init__(self, path: str) -> None:
-        self.path = os.path.abspath(path)
+        # Through a symlink: its target is replaced (atomically), the link stays.
+        self.path = os.path.realpath(path)
         directory = os.path.dirname(self.path)
         if os.path.isdir(self.path) or path.endswith((os.sep, "/")):
             raise BackupIOError(f"cannot write backup to {path}: it is a directory; give a file path")
+        try:
+            mode = os.stat(self.path).st_mode
+        except OSError:
+            mode = None  # no file there yet (or none that can be seen): the rename will tell
+        if mode is not None and not stat.S_ISREG(mode):
+            raise BackupIOError(
+                f"cannot write backup to {path}: it is not a regular file (a device, pipe or socket); give a file path"
+            )
         if not os.path.isdir(directory):
             raise BackupIOError(f"cannot write backup to {path}: directory {directory} does not exist; create it first")
         self._dir = directory

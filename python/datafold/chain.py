@@ -44,12 +44,14 @@ def resolve_chain(
 ) -> list[BackupMetadata]:
     """The chain ending with `newest`, oldest (its full backup) first, every link checked.
 
-    `explicit`: the parents' paths, oldest first. Otherwise the parents are looked up by backup id
-    in `index(directory)` of the directory holding `newest`.
+    `explicit`: the parents' paths, oldest first (`newest` itself may end the list). Otherwise the
+    parents are looked up by backup id in `index(directory)` of the directory holding `newest`.
     """
     members = [newest]
     if explicit is not None:
         given = [read_metadata(p) for p in explicit]
+        if given and given[-1].backup_id == newest.backup_id:
+            given.pop()
         while members[-1].is_incremental and given:
             parent = given.pop()
             check_link(members[-1], parent)

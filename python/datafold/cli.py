@@ -42,7 +42,7 @@ from .keys import MasterKeyPair, derive_backup_key, derive_key_id
 from .manager import EncryptedBackupManager
 from .metadata import BackupMetadata
 from .options import BackupMode, BackupOptions, RestoreOptions
-from .passphrase import KDF_ARGON2ID, Passphrase, decode_kdf_params
+from .passphrase import KDF_ARGON2ID, WRONG_PASSPHRASE, Passphrase, decode_kdf_params
 from .progress import ProgressEvent
 from .stores import DbOperations
 
@@ -104,6 +104,8 @@ def _hint(exc: BaseException, ctx: Context) -> str | None:
     if isinstance(exc, (InvalidArgumentError, ArgumentTypeError)):
         return f"see `{PROG} {cmd} --help`"
     if isinstance(exc, VersionMismatchError):
+        if exc.found < exc.expected:
+            return f"{f} has a format version no datafold release wrote: it is damaged or not a datafold backup"
         return f"{f} was written by a newer datafold: upgrade datafold to read it"
     if isinstance(exc, FormatError):
         return f"{f} is not a datafold backup (or its first bytes are damaged): check the path"
@@ -125,6 +127,8 @@ def _hint(exc: BaseException, ctx: Context) -> str | None:
     if isinstance(exc, (StoreError, DatabaseError)):
         return f"check the database path{' ' + ctx.database if ctx.database else ''} and --db-backend"
     if isinstance(exc, OSError):
+        if cmd in ("verify", "inspect", "list"):
+            return "check that the path exists and that you may read it"
         return "check that the path exists, that its directory is writable and that the disk has free space"
     return "this is a bug in datafold: rerun with --debug and report the traceback"
 
@@ -415,9 +419,11 @@ def check_key(key: MasterKeyPair | Passphrase, preamble: Any, path: str) -> None
     check_kind(key, preamble, path)
     if isinstance(key, Passphrase):
         if derive_key_id(key.derive(bytes(preamble.kdf_params))) != bytes(preamble.key_id):
-            raise EncryptionKeyError("wrong passphrase: the key derived from it is not this backup's key")
+            raise EncryptionKeyError(WRONG_PASSPHRASE)
     elif derive_key_id(derive_backup_key(key)) != bytes(preamble.key_id):
-        raise EncryptionKeyError("this backup was made with a different key (its key id does not match the key given)")
+        raise EncryptionKeyError(
+            "this backup was made with a different key: use the master key (or passphrase) it was created with"
+        )
 
 
 def read_preamble(path: str) -> Any:
@@ -1240,7 +1246,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BACKUP",
         action="append",
         help="for an incremental backup: a parent, oldest (the full backup) first; repeat for each "
-        "(default: found by id in the backup's directory)",
+        "(the backup itself may come last; default: found by id in the backup's directory)",
     )
     p.set_defaults(run=cmd_restore)
 

@@ -32,10 +32,14 @@ class VersionMismatchError(BackupError):
     def __init__(self, found: int, expected: int, message: str | None = None) -> None:
         self.found = found
         self.expected = expected
+        advice = (
+            "upgrade datafold to read it"
+            if found > expected
+            else "no datafold release wrote it: the file is damaged or not a datafold backup"
+        )
         super().__init__(
             message
-            or f"backup format version {found} is not supported (this release reads version "
-            f"{expected}); upgrade datafold to read it"
+            or f"backup format version {found} is not supported (this release reads version {expected}); {advice}"
         )
 
     def __reduce__(self) -> tuple[type, tuple[int, int, str]]:  # pickling with the extra arguments

@@ -31,8 +31,8 @@ from .errors import (
 from .keys import MasterKeyPair, derive_backup_key
 from .metadata import BackupMetadata, BackupResult, BackupStats, RestoreStats, SourceInfo
 from .options import BackupMode, BackupOptions, RestoreOptions, check_path, check_threads
-from .passphrase import KDF_ARGON2ID, KDF_MASTER_KEY, Passphrase
-from .progress import Meter, MeteredFile, ProgressCallback
+from .passphrase import KDF_ARGON2ID, KDF_MASTER_KEY, WRONG_PASSPHRASE, Passphrase
+from .progress import Beside, Meter, MeteredFile, ProgressCallback
 from .stores import DbOperations, ReadSnapshot, WriteTransaction, is_metadata_tree
 
 __all__ = ["EncryptedBackupManager"]
@@ -85,6 +85,16 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._result
+
+
+def _same_file(a: str, b: str) -> bool:
+    """`a` and `b` name one file: one path once links are resolved, or (both existing) one inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 class _Stoppable:
@@ -184,7 +194,7 @@ class EncryptedBackupManager:
         except EncryptionKeyError as e:
             if self._passphrase is None:
                 raise
-            raise EncryptionKeyError("wrong passphrase: the key derived from it is not this backup's key") from e
+            raise EncryptionKeyError(WRONG_PASSPHRASE) from e
 
     def _file_key(self, path: str) -> bytes:
         with _open_backup(path) as f:
@@ -213,6 +223,7 @@ class EncryptedBackupManager:
         if options.mode is BackupMode.INCREMENTAL:
             assert options.parent is not None  # BackupOptions checks it
             chain = self._chain(self.read_metadata(str(options.parent)))
+        self._check_destination(path, "path", [m.path for m in chain or ()])
         # One read snapshot for the whole backup: every tree as of the same moment.
         with self._db.snapshot() as snap:
             metadata = self._create_from(snap, path, options, meter, chain)
@@ -518,9 +529,12 @@ class EncryptedBackupManager:
                 self._verify_file(member.path, Meter(progress) if side is None else side, stop)
 
         verifying: _Background | None = None
+        beside: Beside | None = None  # the verify pass to run beside the write, started in the try below
         if options.backup_before_restore:
             # Also a full authenticated pass, so verify_before_restore needs no second one.
-            stats.safety_backup_path = self._safety_backup(path, targets, prefix, options, scan, meter)
+            stats.safety_backup_path = self._safety_backup(
+                path, [m.path for m in chain], targets, prefix, options, scan, meter
+            )
         elif options.verify_before_restore:
             if native and options.threads == 0 and not self._db.tree_names():
                 # Into an empty database the native writer stages the records in a new file that
@@ -528,10 +542,7 @@ class EncryptedBackupManager:
                 # beside the write (if the writer does not stage, it waits for the pass), its
                 # progress reported before the restore's. With a given number of threads (no more
                 # than that open segments at once) the passes run one after the other.
-                side = meter.beside(first=True)
-                verifying = _Background(
-                    lambda: side.run(lambda: verify_chain(stop_verifying, side.meter)), "datafold-verify"
-                )
+                beside = meter.beside(first=True)
             else:
                 verify_chain()
 
@@ -571,6 +582,11 @@ class EncryptedBackupManager:
         items = sum(m.total_items for m in chain)
         mean_record_bytes = sum(m.total_bytes for m in chain) / items if items else 0.0
         try:
+            if beside is not None:
+                side = beside
+                verifying = _Background(
+                    lambda: side.run(lambda: verify_chain(stop_verifying, side.meter)), "datafold-verify"
+                )
             with self._db._native_writer(mean_record_bytes) if native else nullcontext(None) as writer:
                 if verifying is not None and (writer is None or not writer.staged):
                     meter.relay()
@@ -665,9 +681,22 @@ class EncryptedBackupManager:
                     result.unchecked.add(key)
         return result
 
+    def _check_destination(self, path: str, what: str, reads: Iterable[str | None]) -> None:
+        """Refuses to write a backup over a file of the database or over a backup this call reads."""
+        for own in self._db.files:
+            if _same_file(path, own):
+                raise InvalidArgumentError(
+                    f"{what} {path} is a file of the database {self._db.path}; choose another path"
+                )
+        for backup in reads:
+            if backup is not None and _same_file(path, backup):
+                alias = "" if os.path.abspath(path) == os.path.abspath(backup) else f" ({backup})"
+                raise InvalidArgumentError(f"{what} {path} is a backup this call reads{alias}; choose another path")
+
     def _safety_backup(
         self,
         path: str,
+        chain_paths: list[str | None],
         targets: list[str],
         prefix: bytes | None,
         options: RestoreOptions,
@@ -682,10 +711,7 @@ class EncryptedBackupManager:
         safety = options.safety_backup_path or os.path.join(
             os.path.dirname(os.path.abspath(path)), f"{base}.pre-restore-{stamp}.dfb"
         )
-        if os.path.abspath(safety) == os.path.abspath(path) or (
-            os.path.exists(safety) and os.path.samefile(safety, path)
-        ):
-            raise InvalidArgumentError(f"safety_backup_path {safety} is the backup being restored; choose another path")
+        self._check_destination(safety, "safety_backup_path", chain_paths)
         scan_prefix = prefix or b""
 
         def fill(writer: Any) -> None:

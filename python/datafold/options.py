@@ -192,8 +192,9 @@ class RestoreOptions(_PrefixMixin):
         progress callback hears it as the "verify" phase before "restore" either way.
     backup_before_restore: first write a safety backup of the trees the restore will touch;
         its path is in RestoreStats.safety_backup_path (beside the restored file unless
-        safety_backup_path is given). Restoring it with overwrite_existing=True gives back the
-        prior values of every key the restore wrote.
+        safety_backup_path is given; not a file of the database nor a backup of the chain being
+        restored: InvalidArgumentError). Restoring it with overwrite_existing=True gives back the
+        prior values of every key the restore wrote. It stays when the restore then fails.
     continue_on_errors: record-level store errors are collected in RestoreStats.errors instead of
         aborting; integrity failures always abort.
     verify_after_restore: read back what was written and check it against the backup (per-tree
@@ -202,7 +203,8 @@ class RestoreOptions(_PrefixMixin):
         it replaces data.mdb: a mismatch then leaves the database as it was.
     threads: threads that open segments, 0 = all cores (the Rust core; the pure core uses one).
         A number other than 0 also keeps the verify pass before the write (see above).
-    chain: for an incremental backup, the paths of its parents, oldest (the full backup) first.
+    chain: for an incremental backup, the paths of its parents, oldest (the full backup) first; the
+        backup being restored may end the list too.
         None: they are looked up by backup id among the backups in the same directory.
     """
 

@@ -24,6 +24,7 @@ __all__ = [
     "KDF_MASTER_KEY",
     "KDF_ARGON2ID",
     "KDF_NAMES",
+    "WRONG_PASSPHRASE",
     "encode_kdf_params",
     "decode_kdf_params",
     "derive_passphrase_key",
@@ -32,6 +33,12 @@ __all__ = [
 KDF_MASTER_KEY = 0
 KDF_ARGON2ID = 1
 KDF_NAMES = {KDF_MASTER_KEY: "master-key", KDF_ARGON2ID: "argon2id"}
+
+# The EncryptionKeyError of a passphrase whose key is not the backup's (its parameters are part of
+# the authenticated preamble, so an altered one also ends here).
+WRONG_PASSPHRASE = (
+    "wrong passphrase (or the backup's key parameters were altered): the key derived from it is not this backup's key"
+)
 
 PARAMS_VERSION = 1  # layout version of kdf_params for kdf_id 1 (Argon2id, Argon2 version 0x13)
 SALT_LENGTH = 16

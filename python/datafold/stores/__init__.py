@@ -228,6 +228,12 @@ class Store(ABC):
     @abstractmethod
     def closed(self) -> bool: ...
 
+    @property
+    @abstractmethod
+    def files(self) -> list[str]:
+        """The files the database lives in (also those that do not exist yet): a backup written over
+        one of them would destroy the database."""
+
     @abstractmethod
     def tree_names(self) -> list[str]: ...
 
@@ -325,6 +331,12 @@ class DbOperations:
     @property
     def closed(self) -> bool:
         return self._store.closed
+
+    @property
+    def files(self) -> list[str]:
+        """The files the database lives in, existing or not (lmdb: data.mdb and lock.mdb in its
+        directory; sqlite: the file and its -wal, -shm and -journal companions)."""
+        return self._store.files
 
     def _live(self) -> Store:
         if self._store.closed:

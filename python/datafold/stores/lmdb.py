@@ -669,6 +669,10 @@ class LmdbStore(Store):
         # Restores write through the Rust core's LMDB (module doc).
         self._native_restore = native_restore and hasattr(core, "LmdbWriter")
 
+    @property
+    def files(self) -> list[str]:
+        return [os.path.join(self.path, name) for name in ("data.mdb", "lock.mdb", STAGING_FILE)]
+
     @classmethod
     def open(cls, path: str, **options: Any) -> LmdbStore:
         unknown = sorted(set(options) - set(_OPTIONS))

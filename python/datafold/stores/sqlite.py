@@ -96,6 +96,10 @@ class SqliteStore(Store):
         self._readers: set[sqlite3.Connection] = set()  # every read connection, to close them all
         self._known_trees: set[str] = set()  # trees known to exist (trees are never dropped)
 
+    @property
+    def files(self) -> list[str]:
+        return [self.path + suffix for suffix in ("", "-wal", "-shm", "-journal")]
+
     @classmethod
     def open(cls, path: str, **options: Any) -> SqliteStore:
         unknown = sorted(set(options) - set(_OPTIONS))
