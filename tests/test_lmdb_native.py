@@ -19,7 +19,7 @@ import pytest
 from datafold import EncryptedBackupManager, MasterKeyPair, RestoreOptions
 from datafold import manager as manager_module
 from datafold.core import load_core
-from datafold.errors import ArgumentTypeError, DatabaseError, IntegrityError, StoreError
+from datafold.errors import ArgumentTypeError, BackupError, DatabaseError, IntegrityError, StoreError
 from datafold.stores import DbOperations
 from datafold.stores import lmdb as lmdb_store
 from helpers import SEED, NativeSpy, flip_byte, sample_data, segment_offset, snapshot, text_items
@@ -371,6 +371,46 @@ def test_another_process_holding_the_environment_means_py_lmdb(
         holder.stdin.close()
         holder.wait(timeout=30)
     assert holder.returncode == 0
+
+
+def test_reads_in_other_threads_during_native_restores(tmp_path: Path) -> None:
+    """Each native restore closes and reopens the environment; reads in other threads meanwhile
+    wait, then get tree handles published before their transaction (never one opened in a read
+    transaction, nor one from the closed environment)."""
+    with DbOperations.open(tmp_path / "src") as src:
+        src.put_many("t", [(b"%06d" % i, b"v" * 50) for i in range(5000)])
+        manager(src).create_backup(tmp_path / "b.dfb")
+    errors: list[str] = []
+    stop = time.monotonic() + 3.0
+    with DbOperations.open(tmp_path / "db") as db:
+        db.put("t", b"x", b"1")
+
+        def restorer() -> None:
+            while time.monotonic() < stop:
+                try:
+                    manager(db).restore_backup(tmp_path / "b.dfb", RestoreOptions(overwrite_existing=True))
+                except BackupError as e:
+                    errors.append(f"restore: {e}")
+
+        def reader() -> None:
+            while time.monotonic() < stop:
+                try:
+                    db.get("t", b"000001")
+                    with db.snapshot() as snap:
+                        snap.get("t", b"000001")
+                    db.count("t")
+                    next(iter(db.items("t")), None)
+                except BackupError as e:
+                    errors.append(f"reader: {e}")
+                time.sleep(0.002)  # lets the restorer take the environment over now and then
+
+        threads = [threading.Thread(target=restorer), threading.Thread(target=reader)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert db.count("t") == 5001
 
 
 def test_hand_over_waits_for_or_skips_open_transactions(tmp_path: Path) -> None:

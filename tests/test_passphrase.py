@@ -149,6 +149,15 @@ def test_master_key_pem_roundtrip() -> None:
         MasterKeyPair.from_pem(protected, b"wrong")
     with pytest.raises(InvalidArgumentError):
         MasterKeyPair.from_pem(b"not a key")
+    # A str passphrase is its UTF-8; an empty or too long one would leave the file unprotected
+    # or fail inside cryptography.
+    assert MasterKeyPair.from_pem(keys.private_pem("pässword"), "pässword".encode()) == keys
+    assert MasterKeyPair.from_pem(protected, "pw") == keys
+    for bad in (b"", "", "x" * 1024):
+        with pytest.raises(InvalidArgumentError, match="1 to 1023 bytes"):
+            keys.private_pem(bad)
+    with pytest.raises(ArgumentTypeError):
+        keys.private_pem(5)  # type: ignore[arg-type]
 
 
 def test_progress_events(tmp_path: Path, core_name: str) -> None:

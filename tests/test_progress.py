@@ -3,6 +3,7 @@ the calling thread, also when a pass runs beside another (Meter.beside)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
@@ -140,3 +141,24 @@ def test_progress_comes_in_phase_order_from_the_calling_thread(
     # (Beside a write that is not staged the pass starts too, and the write waits for it.)
     assert passes == (["datafold-verify"] if threads == 0 and env.core == "rust" else [])
     assert recorder.threads == {threading.get_ident()}
+
+
+def test_a_callback_that_raises_after_the_commit_says_so(
+    env: Env,  # noqa: F811 - the fixture
+) -> None:
+    source = env.open_db("source")
+    fill(source, sample_data())
+    path = env.backup_path()
+    env.manager_for(source).create_backup(path)
+
+    def stop_at_check(event: ProgressEvent) -> None:
+        if event.phase == "check":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        env.manager.restore_backup(path, progress=stop_at_check)
+    # A staged restore (Rust core, empty LMDB) checks before its new file replaces data.mdb.
+    staged = env.core == "rust" and env.backend == "lmdb"
+    assert env.db.count("users") == (0 if staged else source.count("users"))
+    notes = ["datafold: the restore was already committed when this was raised"]
+    assert getattr(info.value, "__notes__", []) == ([] if staged or sys.version_info < (3, 11) else notes)

@@ -109,6 +109,9 @@ def _hint(exc: BaseException, ctx: Context) -> str | None:
         return f"{f} was written by a newer datafold: upgrade datafold to read it"
     if isinstance(exc, FormatError):
         return f"{f} is not a datafold backup (or its first bytes are damaged): check the path"
+    if isinstance(exc, IntegrityError) and ("incremental of backup" in str(exc) or "not the parent of" in str(exc)):
+        # A chain that is incomplete or out of order (chain.py), not a damaged file.
+        return "give every parent with --chain PARENT, oldest (the full backup) first, or keep them in one directory"
     if isinstance(exc, IntegrityError):
         rolled_back = " The database was not changed." if cmd == "restore" else ""
         return f"{f} is corrupted, truncated or was tampered with: use another copy of it.{rolled_back}"

@@ -35,6 +35,24 @@ def hkdf_sha256(ikm: bytes, info: bytes, length: int = 32, salt: bytes | None = 
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
 
+# PKCS#8 PEM encryption (cryptography's BestAvailableEncryption) takes at most 1023 bytes.
+MAX_PEM_PASSPHRASE = 1023
+
+
+def _pem_passphrase(passphrase: object) -> bytes | None:
+    """A key file passphrase as bytes (str as UTF-8), or None."""
+    if passphrase is None:
+        return None
+    if isinstance(passphrase, str):
+        try:
+            return passphrase.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgumentError("passphrase is not valid Unicode text (it holds a lone surrogate)") from None
+    if isinstance(passphrase, (bytes, bytearray, memoryview)):
+        return bytes(passphrase)
+    raise ArgumentTypeError(f"passphrase must be bytes, str or None, not {type(passphrase).__name__}")
+
+
 class MasterKeyPair:
     """An Ed25519 master key pair. Its private seed is the root of every backup key."""
 
@@ -64,25 +82,33 @@ class MasterKeyPair:
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
         )
 
-    def private_pem(self, passphrase: bytes | None = None) -> bytes:
-        """The key as PKCS#8 PEM; with a passphrase, encrypted (BestAvailableEncryption)."""
+    def private_pem(self, passphrase: bytes | str | None = None) -> bytes:
+        """The key as PKCS#8 PEM; with a passphrase (str: UTF-8; 1 to 1023 bytes), encrypted
+        (BestAvailableEncryption)."""
+        secret = _pem_passphrase(passphrase)
+        if secret is not None and not 1 <= len(secret) <= MAX_PEM_PASSPHRASE:
+            raise InvalidArgumentError(
+                f"a key file passphrase must be 1 to {MAX_PEM_PASSPHRASE} bytes, not {len(secret)} "
+                "(None leaves the file unprotected)"
+            )
         encryption: serialization.KeySerializationEncryption = (
-            serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+            serialization.BestAvailableEncryption(secret) if secret is not None else serialization.NoEncryption()
         )
         return self._private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
     @classmethod
-    def from_pem(cls, data: bytes, passphrase: bytes | None = None) -> MasterKeyPair:
+    def from_pem(cls, data: bytes, passphrase: bytes | str | None = None) -> MasterKeyPair:
         """Loads a PKCS#8 PEM Ed25519 key (private_pem()). An encrypted one needs its passphrase:
         EncryptionKeyError if it is missing or wrong; InvalidArgumentError if data is no Ed25519 key."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ArgumentTypeError(f"PEM data must be bytes, not {type(data).__name__}")
         data = bytes(data)
+        secret = _pem_passphrase(passphrase)
         encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data
-        if encrypted and not passphrase:
+        if encrypted and not secret:
             raise EncryptionKeyError("the master key file is protected by a passphrase, and none was given")
         try:
-            key = serialization.load_pem_private_key(data, passphrase if encrypted else None)
+            key = serialization.load_pem_private_key(data, secret if encrypted else None)
         except (ValueError, TypeError) as e:
             if encrypted:
                 raise EncryptionKeyError("wrong passphrase for the protected master key file") from None

@@ -623,12 +623,19 @@ class EncryptedBackupManager:
                     )
                 )
 
-        if options.verify_after_restore:
-            if meter.phase != "check":
-                begin_check()
-            self._verify_restored(path, trailer, outcome, prefix, scan, meter, checked_early)
-            stats.verified = True
-        meter.end()
+        try:
+            if options.verify_after_restore:
+                if meter.phase != "check":
+                    begin_check()
+                self._verify_restored(path, trailer, outcome, prefix, scan, meter, checked_early)
+                stats.verified = True
+            meter.end()
+        except BackupError:
+            raise  # its message says whether the restore was applied
+        except BaseException as e:  # the progress callback's, or an interrupt
+            if hasattr(e, "add_note"):  # Python >= 3.11
+                e.add_note("datafold: the restore was already committed when this was raised")
+            raise
         stats.duration_s = time.perf_counter() - started
         return stats
 
@@ -872,7 +879,8 @@ def _compare_digests(
         raise DatabaseError(
             f"tree {name!r} does not match the backup after the restore "
             f"({got[0]} items in the database, {want[0]} in the backup): "
-            "the database dropped or altered data; check the storage and restore again"
+            "the restore was committed, and since then another writer changed the tree or the storage "
+            "dropped or altered data; check for other writers and the storage, and restore again"
         )
     raise DatabaseError(
         f"tree {name!r} did not read back as the backup holds it ({got[0]} items written, "

@@ -183,7 +183,9 @@ class BackupOptions(_PrefixMixin):
 class RestoreOptions(_PrefixMixin):
     """How `restore_backup` applies a backup. The whole restore is one store transaction.
 
-    overwrite_existing: False keeps the values of keys that already exist (counted as skipped).
+    overwrite_existing: False keeps the values of keys that already exist (counted as skipped);
+        a key an incremental chain deleted is deleted all the same (a chain restores the state of
+        its newest backup).
     tree_filter / key_prefix_filter: restore only these trees / keys (as in BackupOptions).
     verify_before_restore: a full authenticated pass over the file, ended before the database
         changes. Into an empty LMDB database (a staged native restore, stores/lmdb.py) it runs

@@ -105,8 +105,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 import lmdb
@@ -292,13 +292,15 @@ PUT_BATCH = 4096
 class _Handle:
     """An lmdb transaction plus what the shared environment needs to account for it."""
 
-    __slots__ = ("txn", "write", "thread", "done")
+    __slots__ = ("txn", "write", "thread", "done", "published")
 
-    def __init__(self, txn: lmdb.Transaction[bytes], write: bool, thread: int) -> None:
+    def __init__(self, txn: lmdb.Transaction[bytes], write: bool, thread: int, published: Mapping[bytes, Any]) -> None:
         self.txn = txn
         self.write = write
         self.thread = thread
         self.done = False
+        # The tree handles published before the transaction began: valid in it (see begin_snapshot).
+        self.published = published
 
 
 class _SharedEnv:
@@ -337,7 +339,8 @@ class _SharedEnv:
         # mdb_dbi_open is not thread-safe in read transactions; serialize all of them.
         self.dbi_lock = threading.Lock()
         # Handles opened by a committed transaction: valid in every transaction started later.
-        self.published: dict[bytes, Any] = {}
+        # Replaced, never changed in place, so a transaction keeps the mapping of its start.
+        self.published: Mapping[bytes, Any] = {}
 
     # --- transactions ---
 
@@ -372,6 +375,7 @@ class _SharedEnv:
             )
         for _ in range(3):
             self._enter(me)
+            published = self.published  # before the transaction: only handles committed before it
             try:
                 txn = self.env.begin(write=write)
             except lmdb.MapResizedError:
@@ -384,7 +388,7 @@ class _SharedEnv:
                 raise
             if write:
                 self.writer = me
-            return _Handle(txn, write, me)
+            return _Handle(txn, write, me, published)
         raise StoreError("LMDB transaction could not start: the map keeps being resized by another process")
 
     def end(self, handle: _Handle, commit: bool) -> None:
@@ -438,8 +442,7 @@ class _SharedEnv:
             handle = self.begin(write=False)
             try:
                 names = _list_trees(handle.txn)
-                with self.dbi_lock:
-                    dbs = {name: self.published.get(name.encode()) for name in names}
+                dbs = {name: handle.published.get(name.encode()) for name in names}
             except BaseException:
                 self.end(handle, commit=True)
                 raise
@@ -468,7 +471,39 @@ class _SharedEnv:
             raise
         self.end(handle, commit=True)  # writes nothing: no page is written or synced
         with self.dbi_lock:
-            self.published.update(opened)
+            self.published = {**self.published, **opened}
+
+    @contextmanager
+    def reading(self, name: bytes) -> Iterator[tuple[lmdb.Transaction[bytes], Any]]:
+        """A read transaction and the handle of tree `name` in it (None: no such tree).
+
+        As for a snapshot, the handle is published before the transaction begins and no read
+        transaction opens one: LMDB forbids mdb_dbi_open while other transactions of the process
+        run, and a native restore (hand_over) reopens the environment with no handle open. The
+        thread holding the write transaction, which cannot publish, opens it in place.
+        """
+        handle = self._begin_reading(name)
+        try:
+            yield handle.txn, handle.published.get(name)
+        finally:
+            self.end(handle, commit=True)
+
+    def _begin_reading(self, name: bytes) -> _Handle:
+        for _ in range(_MAX_SNAPSHOT_ATTEMPTS):
+            handle = self.begin(write=False)
+            try:
+                if name in handle.published or len(name) > self.max_key_size or not _has_tree(handle.txn, name):
+                    return handle
+                if self.writer == handle.thread:
+                    db = self.open_db(handle.txn, name, create=False)
+                    handle.published = {**handle.published, name: db}
+                    return handle
+            except BaseException:
+                self.end(handle, commit=True)
+                raise
+            self.end(handle, commit=True)
+            self.publish([name])
+        raise StoreError("LMDB read could not start: the tree kept being dropped and created meanwhile")
 
     # --- map size ---
 
@@ -542,7 +577,7 @@ class _SharedEnv:
         except lmdb.Error:
             pass  # closed already: only a reopen matters
         with self.dbi_lock:
-            self.published.clear()  # handles of the closed environment
+            self.published = {}  # handles of the closed environment
 
     def _open_again(self, map_size: int) -> None:
         self.env = _open_env(self.path, map_size, *self.limits, self.writemap)
@@ -760,6 +795,10 @@ class LmdbStore(Store):
         finally:
             self._shared.end(handle, commit=True)
 
+    def _reading(self, name: bytes) -> AbstractContextManager[tuple[lmdb.Transaction[bytes], Any]]:
+        self._check_open()
+        return self._shared.reading(name)
+
     def _write(
         self, op: Callable[[lmdb.Transaction[bytes]], T], written: Callable[[], tuple[int, int]], action: str
     ) -> T:
@@ -799,8 +838,7 @@ class LmdbStore(Store):
         key = as_bytes(key, "key")
         if not self._storable(key):
             return None
-        with _errors("get"), self._read_txn() as txn:
-            db = self._shared.open_db(txn, name, create=False)
+        with _errors("get"), self._reading(name) as (txn, db):
             if db is None:
                 return None
             value: bytes | None = txn.get(key, db=db)
@@ -808,8 +846,7 @@ class LmdbStore(Store):
 
     def count(self, tree: str) -> int:
         name = check_tree(tree).encode()
-        with _errors("count"), self._read_txn() as txn:
-            db = self._shared.open_db(txn, name, create=False)
+        with _errors("count"), self._reading(name) as (txn, db):
             return 0 if db is None else int(txn.stat(db)["entries"])
 
     def items(self, tree: str, prefix: Buffer = b"") -> Items:
@@ -822,8 +859,7 @@ class LmdbStore(Store):
         # A generator: the read transaction starts at the first next() and ends when it is
         # exhausted, closed or garbage collected.
         try:
-            with self._read_txn() as txn:
-                db = self._shared.open_db(txn, name, create=False)
+            with self._reading(name) as (txn, db):
                 if db is not None:
                     yield from _scan(txn, db, prefix, self._shared.max_key_size)
         except lmdb.Error as e:
@@ -976,6 +1012,11 @@ def _chain_keeping(
     for pair in fresh:
         kept.append(pair)
         yield pair
+
+
+def _has_tree(txn: lmdb.Transaction[bytes], name: bytes) -> bool:
+    """The main database names the tree (LMDB 1.0 stores names NUL-terminated, see _list_trees)."""
+    return txn.get(name) is not None or txn.get(name + b"\x00") is not None
 
 
 def _list_trees(txn: lmdb.Transaction[bytes]) -> list[str]:
