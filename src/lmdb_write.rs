@@ -426,12 +426,18 @@ impl Writer {
     /// Marks the transaction failed (LMDB allows only an abort after most errors).
     fn fail(&mut self, rc: c_int, action: &str) -> Error {
         self.failed = true;
-        let hint = match rc {
-            ffi::MDB_MAP_FULL => "; reopen the database with a larger map_size option",
-            ffi::MDB_DBS_FULL => "; reopen with a larger max_dbs option",
-            _ => "",
-        };
-        Error::Store(format!("LMDB {action} failed: {}{hint}", lmdb_message(rc)))
+        let message = lmdb_message(rc);
+        Error::Store(match rc {
+            // As the LMDB store words it through py-lmdb (python/datafold/stores/lmdb.py, _translate).
+            ffi::MDB_DBS_FULL => format!(
+                "LMDB {action} failed: too many trees; reopen with a larger max_dbs option \
+                 (mdb_dbi_open: {message})"
+            ),
+            ffi::MDB_MAP_FULL => format!(
+                "LMDB {action} failed: {message}; reopen the database with a larger map_size option"
+            ),
+            _ => format!("LMDB {action} failed: {message}"),
+        })
     }
 
     /// Opens (creating it if missing) the named tree; the name is UTF-8 without NUL.

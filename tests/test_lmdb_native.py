@@ -663,9 +663,13 @@ def test_a_path_that_is_not_utf8_and_too_few_max_dbs(
         manager(db).restore_backup(source)
         assert db.count("text") == 100_000
     assert spy.writers == 1
-    # More trees than max_dbs allows: StoreError saying which option, nothing written.
+    # More trees than max_dbs allows: StoreError saying which option, in the same words through the
+    # core's LMDB and through py-lmdb; nothing written.
+    messages = []
     for native in (True, False):
         with DbOperations.open(tmp_path / f"few-{native}", max_dbs=2, native_restore=native) as db:
-            with pytest.raises(StoreError, match="max_dbs"):
+            with pytest.raises(StoreError, match="max_dbs") as info:
                 manager(db).restore_backup(source)
             assert db.tree_names() == []
+            messages.append(str(info.value))
+    assert messages[0] == messages[1]

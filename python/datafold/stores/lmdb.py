@@ -266,7 +266,12 @@ def _identity(path: str) -> tuple[int, int] | None:
 def _translate(e: lmdb.Error, action: str) -> StoreError:
     """A StoreError with a useful message for an lmdb error (the caller chains it)."""
     if isinstance(e, lmdb.DbsFullError):
-        return StoreError(f"LMDB {action} failed: too many trees; reopen with a larger max_dbs option ({e})")
+        # LMDB's own words, without py-lmdb's suffix: the same message as the core's writer
+        # (src/lmdb_write.rs, Writer::fail).
+        return StoreError(
+            f"LMDB {action} failed: too many trees; reopen with a larger max_dbs option "
+            "(mdb_dbi_open: MDB_DBS_FULL: Environment maxdbs limit reached)"
+        )
     if isinstance(e, lmdb.ReadersFullError):
         return StoreError(
             f"LMDB {action} failed: too many concurrent readers (open items() iterators?); close some "
