@@ -10,7 +10,10 @@ import gc
 import io
 import itertools
 import json
+import os
 import struct
+import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from types import ModuleType
@@ -18,6 +21,7 @@ from typing import Any
 
 import blake3
 import pytest
+from conftest import load_core
 from datafold.errors import (
     ArgumentTypeError,
     BackupError,
@@ -1128,8 +1132,61 @@ def test_read_items_batches_are_bounded_by_bytes(core: ModuleType, backup_key: b
     rest = reader.read_items(100)
     assert [k for k, _ in rest] == [b"%03d" % i for i in range(4, 20)]
     assert reader.read_items() == []
+    # skip_items ends its batch where read_items would (a pass in bounded steps).
+    reader = core.BackupReader(io.BytesIO(sink.getvalue()))
+    reader.unlock(backup_key)
+    assert reader.next_tree() == "big"
+    assert reader.skip_items(100, max_bytes=25_000) == 3
+    assert reader.skip_items(100, 1) == 1
+    assert reader.skip_items(100) == 16
+    assert reader.skip_items() == 0
     with pytest.raises(InvalidArgumentError):
-        reader.read_items(10, max_bytes=0)
+        reader.skip_items(1, max_bytes=0)
+
+
+def test_skipping_a_tree_lets_other_threads_run(backup_key: bytes) -> None:
+    """The Rust reader parses a skipped tree (next_tree while one is open) without the GIL:
+    another Python thread keeps running meanwhile (a read-back check beside the writer, or a
+    verify in a server's thread, would otherwise stall the rest of the program). Measured as the
+    part of the call in which the other thread made no progress for 5 ms or more: with the GIL
+    held while parsing, that was nearly all of it."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores: on one, the two threads take turns whatever the GIL does")
+    rust = load_core("rust")
+    sink = io.BytesIO()
+    # 2,000,000 tiny records in one segment: the call is mostly parsing.
+    writer = rust.BackupWriter(sink, backup_key, b"{}", segment_size=32 << 20)
+    writer.begin_tree("t")
+    writer.add_items((i.to_bytes(4, "big"), b"") for i in range(2_000_000))
+    writer.end_tree()
+    writer.finish()
+    reader = rust.BackupReader(io.BytesIO(sink.getvalue()), threads=1)
+    reader.unlock(backup_key)
+    assert reader.next_tree() == "t"
+    ticks: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.001)
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        time.sleep(0.01)
+        start = time.perf_counter()
+        assert reader.next_tree() is None  # skips all of "t", then reads the trailer
+        end = time.perf_counter()
+    finally:
+        stop.set()
+        ticker.join()
+        sys.setswitchinterval(switch)
+    assert reader.trailer is not None and reader.trailer[0] == 2_000_000
+    seen = [start, *(t for t in ticks if start < t < end), end]
+    stalled = sum(b - a for a, b in itertools.pairwise(seen) if b - a >= 0.005)
+    assert stalled < (end - start) / 2, f"the other thread stood still {stalled:.3f} s of {end - start:.3f} s"
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

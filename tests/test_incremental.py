@@ -345,6 +345,10 @@ def test_chain_merge_across_cores(core: ModuleType, reader_core: str, backup_key
     assert merge.skip_items(3) == 3  # a (deleted), b, c: what read_items would hand out
     assert merge.read_items() == [(b"d", b"2")]
     assert merge.skip_items() == 0
+    merge = rc.ChainMerge(_readers(rc, backup_key, [full, incr]))
+    assert merge.skip_items(10, max_bytes=3) == 2  # a (1 byte), b (2): the batch ends at 3 bytes
+    assert merge.skip_items(10, 1) == 1
+    assert merge.read_items() == [(b"d", b"2")]
 
     sink = io.BytesIO()
     w = rc.BackupWriter(sink, backup_key, b"{}", segment_size=4096)

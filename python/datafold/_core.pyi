@@ -152,10 +152,11 @@ class BackupReader:
         DELETE; the batch also ends once its keys and values reach max_bytes (at least one record
         is returned), so memory stays bounded with large values. [] once the tree's TREE_END was
         read and its count, bytes and digest checked. A limit < 1 is an InvalidArgumentError."""
-    def skip_items(self, max_items: int = 4096) -> int:
+    def skip_items(self, max_items: int = 4096, max_bytes: int = 16 << 20) -> int:
         """read_items without the records (no Python object per record): reads and checks up to
-        max_items records of the current tree and returns how many; 0 once its TREE_END was read
-        and checked. For counting (a verify's progress)."""
+        max_items records of the current tree, fewer once their keys and values reach max_bytes
+        (as read_items), and returns how many; 0 once its TREE_END was read and checked. For
+        counting (a verify's progress)."""
     def write_items(
         self, writer: LmdbWriter, tree: int, *, prefix: bytes | None = None, overwrite: bool, max_items: int = 65536
     ) -> tuple[int, int, int, list[bytes], bool]:
@@ -185,9 +186,10 @@ class ChainMerge:
         """The merged state in key order, as BackupReader.read_items: (key, value) where the
         newest member holds a PUT, (key, None) where it holds a DELETE. [] at the end, once every
         member's TREE_END was read and checked."""
-    def skip_items(self, max_items: int = 4096) -> int:
-        """read_items without the records: merges up to max_items keys and returns how many; 0 at
-        the end, once every member's TREE_END was read and checked."""
+    def skip_items(self, max_items: int = 4096, max_bytes: int = 16 << 20) -> int:
+        """read_items without the records: merges up to max_items keys (fewer once their keys and
+        values reach max_bytes) and returns how many; 0 at the end, once every member's TREE_END
+        was read and checked."""
     def write_items(
         self, writer: LmdbWriter, tree: int, *, prefix: bytes | None = None, overwrite: bool, max_items: int = 65536
     ) -> tuple[int, int, int, list[bytes], bool]:

@@ -8,7 +8,7 @@ use super::errors::{BackupError, InvalidArgumentError};
 use super::lmdb::{PyLmdbWriter, PyRecordBatch, WrittenTuple};
 use super::reader::PyBackupReader;
 use super::writer::PyBackupWriter;
-use super::{batch_limit, pair, untracked_pair, with_bytes, IntArg};
+use super::{batch_limit, batch_limits, pair, untracked_pair, with_bytes, IntArg};
 use crate::chain::{ChainMerge, Record, RecordSource};
 use crate::error::Error;
 use crate::lmdb_write::{write_record, Written};
@@ -104,10 +104,7 @@ impl PyChainMerge {
         max_items: IntArg<'py>,
         max_bytes: IntArg<'py>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let (max_items, max_bytes) = (
-            batch_limit(&max_items, "max_items")?,
-            batch_limit(&max_bytes, "max_bytes")?,
-        );
+        let (max_items, max_bytes) = batch_limits(&max_items, &max_bytes)?;
         self.with_sources(py, |merge, sources| {
             let list = PyList::empty(py);
             let mut bytes = 0usize;
@@ -126,14 +123,24 @@ impl PyChainMerge {
         })
     }
 
-    /// read_items without the records: merges up to `max_items` keys and returns how many (0 at
-    /// the end, once every member's TREE_END was read and checked).
-    #[pyo3(signature = (max_items=IntArg::Default(4096)))]
-    fn skip_items(&mut self, py: Python<'_>, max_items: IntArg<'_>) -> PyResult<usize> {
-        let max_items = batch_limit(&max_items, "max_items")?;
+    /// read_items without the records: merges up to `max_items` keys (fewer once their keys and
+    /// values reach `max_bytes`) and returns how many (0 at the end, once every member's
+    /// TREE_END was read and checked).
+    #[pyo3(signature = (max_items=IntArg::Default(4096), max_bytes=IntArg::Default(16 << 20)))]
+    fn skip_items(
+        &mut self,
+        py: Python<'_>,
+        max_items: IntArg<'_>,
+        max_bytes: IntArg<'_>,
+    ) -> PyResult<usize> {
+        let (max_items, max_bytes) = batch_limits(&max_items, &max_bytes)?;
         self.with_sources(py, |merge, sources| {
-            let mut count = 0;
-            while count < max_items && merge.next(sources)?.is_some() {
+            let (mut count, mut bytes) = (0, 0usize);
+            while count < max_items && bytes < max_bytes {
+                let Some((key, value)) = merge.next(sources)? else {
+                    break;
+                };
+                bytes += key.len() + value.map_or(0, <[u8]>::len);
                 count += 1;
             }
             Ok(count)

@@ -173,6 +173,18 @@ pub(crate) fn batch_limit(value: &IntArg<'_>, name: &str) -> PyResult<usize> {
     })
 }
 
+/// The limits of a batch of records (read_items, skip_items): `max_items` and `max_bytes` of
+/// keys and values, each at least 1.
+pub(crate) fn batch_limits(
+    max_items: &IntArg<'_>,
+    max_bytes: &IntArg<'_>,
+) -> PyResult<(usize, usize)> {
+    Ok((
+        batch_limit(max_items, "max_items")?,
+        batch_limit(max_bytes, "max_bytes")?,
+    ))
+}
+
 /// The `compression_level` argument: an int (not a bool) in 0..=22, checked as the pure core does.
 pub(crate) fn level_arg(level: &IntArg<'_>) -> PyResult<i32> {
     let level: i64 = level.get("compression_level", |v| {

@@ -12,7 +12,7 @@ use pyo3::types::{PyBytes, PyList};
 use super::errors::{BackupError, FormatError, InvalidArgumentError};
 use super::lmdb::{AssertSend, PyLmdbWriter, WrittenTuple};
 use super::writer::trailer_tuple;
-use super::{batch_limit, secret_arg, untracked_pair, IntArg, PyResultExt};
+use super::{batch_limit, batch_limits, secret_arg, untracked_pair, IntArg, PyResultExt};
 use crate::chain::Record;
 use crate::format::{Preamble, Trailer};
 use crate::lmdb_write::{write_records, Written};
@@ -354,13 +354,15 @@ impl PyBackupReader {
     }
 
     /// Drives a decoder step until it has what it needs.
-    fn drive<T>(
+    fn drive<T: Send>(
         &mut self,
         py: Python<'_>,
         mut step: impl FnMut(&mut BackupDecoder) -> crate::error::Result<Step<T>>,
     ) -> PyResult<T> {
         loop {
-            match step(self.decoder()?)? {
+            // Without the GIL: a step may parse and digest a whole tree (next_tree skipping one).
+            let mut job = AssertSend((self.decoder()?, &mut step));
+            match py.detach(move || job.run(|(dec, step)| step(dec)))? {
                 Step::Done(v) => return Ok(v),
                 Step::NeedMore => self.feed(py)?,
             }
@@ -435,10 +437,7 @@ impl PyBackupReader {
         max_bytes: IntArg<'py>,
     ) -> PyResult<Bound<'py, PyList>> {
         self.guarded(py, |s, py| {
-            let (max_items, max_bytes) = (
-                batch_limit(&max_items, "max_items")?,
-                batch_limit(&max_bytes, "max_bytes")?,
-            );
+            let (max_items, max_bytes) = batch_limits(&max_items, &max_bytes)?;
             let mut bytes = 0usize;
             let mut pairs = Vec::new();
             while pairs.len() < max_items && bytes < max_bytes {
@@ -465,21 +464,34 @@ impl PyBackupReader {
     }
 
     /// read_items without the records: reads and checks up to `max_items` records of the current
-    /// tree and returns how many (0 once its TREE_END was read and checked). For counting.
-    #[pyo3(signature = (max_items=IntArg::Default(4096)))]
-    fn skip_items(&mut self, py: Python<'_>, max_items: IntArg<'_>) -> PyResult<usize> {
-        let max_items = batch_limit(&max_items, "max_items")?;
+    /// tree (fewer once their keys and values reach `max_bytes`) and returns how many (0 once its
+    /// TREE_END was read and checked). For counting.
+    #[pyo3(signature = (max_items=IntArg::Default(4096), max_bytes=IntArg::Default(16 << 20)))]
+    fn skip_items(
+        &mut self,
+        py: Python<'_>,
+        max_items: IntArg<'_>,
+        max_bytes: IntArg<'_>,
+    ) -> PyResult<usize> {
+        let (max_items, max_bytes) = batch_limits(&max_items, &max_bytes)?;
         self.guarded(py, |s, py| {
-            let mut count = 0;
+            let (mut count, mut bytes) = (0, 0usize);
             loop {
-                let mut job = AssertSend((s.decoder()?, &mut count));
+                let mut job = AssertSend((s.decoder()?, (&mut count, &mut bytes)));
                 let step = py.detach(move || {
-                    job.run(|(dec, count)| -> crate::error::Result<Step<()>> {
-                        while **count < max_items {
+                    job.run(|(dec, (count, bytes))| -> crate::error::Result<Step<()>> {
+                        while **count < max_items && **bytes < max_bytes {
                             match dec.next_item()? {
                                 Step::NeedMore => return Ok(Step::NeedMore),
                                 Step::Done(None) => break,
-                                Step::Done(Some(_)) => **count += 1,
+                                Step::Done(Some(Item::Put(k, v))) => {
+                                    **count += 1;
+                                    **bytes += k.len() + v.len();
+                                }
+                                Step::Done(Some(Item::Delete(k))) => {
+                                    **count += 1;
+                                    **bytes += k.len();
+                                }
                             }
                         }
                         Ok(Step::Done(()))

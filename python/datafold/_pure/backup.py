@@ -858,9 +858,9 @@ class BackupReader:
             self._state = _R_POISONED
             raise
 
-    def skip_items(self, max_items: int = DEFAULT_BATCH_ITEMS) -> int:
+    def skip_items(self, max_items: int = DEFAULT_BATCH_ITEMS, max_bytes: int = DEFAULT_BATCH_BYTES) -> int:
         """read_items without handing the records out: how many were read and checked (0 at the end)."""
-        return len(self.read_items(max_items))
+        return len(self.read_items(max_items, max_bytes))
 
     def _read_items(self, max_items: int, max_bytes: int = DEFAULT_BATCH_BYTES) -> list[tuple[bytes, bytes | None]]:
         out: list[tuple[bytes, bytes | None]] = []

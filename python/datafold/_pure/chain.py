@@ -95,9 +95,9 @@ class ChainMerge:
         live = [h[0] for h in self._heads if h is not None]
         return min(live) if live else None
 
-    def skip_items(self, max_items: int = DEFAULT_BATCH_ITEMS) -> int:
+    def skip_items(self, max_items: int = DEFAULT_BATCH_ITEMS, max_bytes: int = DEFAULT_BATCH_BYTES) -> int:
         """read_items without handing the records out: how many were merged (0 at the end)."""
-        return len(self.read_items(max_items))
+        return len(self.read_items(max_items, max_bytes))
 
     def read_items(
         self, max_items: int = DEFAULT_BATCH_ITEMS, max_bytes: int = DEFAULT_BATCH_BYTES
