@@ -1,7 +1,8 @@
 """datafold-backup: the command line of datafold (also `python -m datafold`).
 
 Exit codes: 0 success; 1 usage error (bad command line or option value, an existing key file);
-2 integrity, format or version problem with a backup; 3 key problem; 4 I/O or store problem.
+2 integrity, format or version problem with a backup; 3 key problem; 4 I/O or store problem;
+5 a restore with --continue-on-errors that left records out.
 Errors are one human message on stderr (no traceback unless --debug); with --json also a JSON
 object on stdout. README.md ("Command line") documents the commands and the JSON fields.
 """
@@ -46,10 +47,10 @@ from .passphrase import KDF_ARGON2ID, WRONG_PASSPHRASE, Passphrase, decode_kdf_p
 from .progress import ProgressEvent
 from .stores import DbOperations
 
-__all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_BACKUP", "EXIT_KEY", "EXIT_IO", "PASSPHRASE_ENV"]
+__all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_BACKUP", "EXIT_KEY", "EXIT_IO", "EXIT_PARTIAL", "PASSPHRASE_ENV"]
 
 PROG = "datafold-backup"
-EXIT_OK, EXIT_USAGE, EXIT_BACKUP, EXIT_KEY, EXIT_IO = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_USAGE, EXIT_BACKUP, EXIT_KEY, EXIT_IO, EXIT_PARTIAL = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
 PASSPHRASE_ENV = "DATAFOLD_PASSPHRASE"
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -718,6 +719,14 @@ def cmd_restore(args: argparse.Namespace, out: Output, ctx: Context) -> int:
         out.text(f"safety backup of the previous state: {stats.safety_backup_path}")
     for error in stats.errors:
         print(f"{PROG}: warning: not restored: {error}", file=sys.stderr)
+    if stats.errors:
+        # Scripts must not take a restore with holes for a whole one.
+        print(
+            f"{PROG}: {_n(len(stats.errors), 'record')} of the backup not restored (see above); "
+            "everything else was restored",
+            file=sys.stderr,
+        )
+        return EXIT_PARTIAL
     return EXIT_OK
 
 
@@ -1085,6 +1094,8 @@ exit codes:
   3  key problem: no key given, wrong key or passphrase, the other kind of key needed,
      an unreadable or invalid key / passphrase file
   4  I/O or store problem: missing file, unwritable destination, database error
+  5  restore --continue-on-errors left records out (each one is named on stderr);
+     everything else was restored
 
 key sources (every command that reads or writes a backup):
   --key KEYFILE          a master key file from `{PROG} keygen` (protected ones need their passphrase)
@@ -1242,7 +1253,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="LMDB: write through py-lmdb instead of the Rust core's own LMDB (native_restore=False)",
     )
     p.add_argument(
-        "--continue-on-errors", action="store_true", help="collect record-level store errors instead of aborting"
+        "--continue-on-errors",
+        action="store_true",
+        help="restore what the store takes and name the records it refuses (exit code 5) instead of aborting",
     )
     p.add_argument(
         "--chain",
