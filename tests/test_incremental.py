@@ -231,6 +231,39 @@ def test_missing_parent_is_named(filled: Env) -> None:
         filled.manager.create_backup(filled.backup_path("i2.dfb"), incremental(i1))
 
 
+def test_parents_are_looked_up_newest_first_reading_only_what_it_takes(
+    filled: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding a chain's parents reads the directory's files newest first and stops at each
+    parent: an older chain, files that are not backups and the backup itself are not read (each
+    read of a passphrase backup runs Argon2id)."""
+    old = [filled.backup("old-0.dfb")]
+    old.append(filled.backup("old-1.dfb", incremental(old[0])))
+    (filled.backups / "notes.txt").write_text("not a backup")
+    filled.db.put("users", b"eve", b"x")
+    new = [filled.backup("new-0.dfb")]
+    for i in (1, 2, 3):
+        filled.db.put("users", b"eve", b"%d" % i)
+        new.append(filled.backup(f"new-{i}.dfb", incremental(new[-1])))
+    # Modification times in the order of writing, a second apart; the text file is the newest.
+    for age, path in enumerate(reversed([*old, *new, filled.backups / "notes.txt"])):
+        os.utime(path, (1_700_000_000 - age, 1_700_000_000 - age))
+    os.utime(filled.backups / "notes.txt", (1_800_000_000, 1_800_000_000))
+
+    read: list[str] = []
+    real = EncryptedBackupManager.read_metadata
+
+    def counting(self: EncryptedBackupManager, path: str) -> object:
+        read.append(os.path.basename(path))
+        return real(self, path)
+
+    monkeypatch.setattr(EncryptedBackupManager, "read_metadata", counting)
+    assert restored(filled, new[3]) == snapshot(filled.db)
+    looked_up = read[1 : read.index("new-0.dfb") + 1]  # after the backup itself, up to the full backup
+    assert looked_up == ["notes.txt", "new-2.dfb", "new-1.dfb", "new-0.dfb"]
+    assert not any(name.startswith("old-") for name in read)
+
+
 def test_parent_found_elsewhere_with_chain_option(filled: Env) -> None:
     full, i1 = _chain_of_two(filled)
     elsewhere = filled.tmp / "elsewhere"

@@ -15,7 +15,7 @@ from typing import Any
 from .errors import IntegrityError, InvalidArgumentError
 from .metadata import BackupMetadata
 
-__all__ = ["resolve_chain", "check_link", "chain_trees", "MAX_CHAIN_LENGTH"]
+__all__ = ["resolve_chain", "check_link", "chain_trees", "ParentLookup", "MAX_CHAIN_LENGTH"]
 
 # A guard against a cycle of crafted files; real chains are far shorter.
 MAX_CHAIN_LENGTH = 10_000
@@ -36,16 +36,55 @@ def check_link(child: BackupMetadata, parent: BackupMetadata) -> None:
         )
 
 
+class ParentLookup:
+    """The backups of one directory by backup id, for finding a chain's parents. The files are
+    read one at a time, newest first by modification time (a parent is written before its child,
+    most often just before it), and each at most once. Reading a file runs its key derivation
+    (Argon2id, for a passphrase), so a chain of N backups among M files costs about N reads
+    rather than M for each link.
+
+    `files()`: the directory's candidate paths, newest first; `read(path)`: the file's metadata, or
+    None for a file that is not a backup readable with this key (skipped)."""
+
+    def __init__(self, files: Callable[[], list[str]], read: Callable[[str], BackupMetadata | None]) -> None:
+        self._files = files
+        self._read = read
+        self._pending: Iterator[str] | None = None
+        self._found: dict[str, BackupMetadata] = {}
+        self._read_already: set[str] = set()
+
+    def remember(self, meta: BackupMetadata) -> None:
+        """A backup read already: its file is not read again."""
+        self._found.setdefault(str(meta.backup_id), meta)
+        if meta.path is not None:
+            self._read_already.add(os.path.realpath(meta.path))
+
+    def get(self, backup_id: str) -> BackupMetadata | None:
+        if backup_id in self._found:
+            return self._found[backup_id]
+        if self._pending is None:
+            self._pending = iter(self._files())
+        for path in self._pending:
+            if os.path.realpath(path) in self._read_already:
+                continue
+            meta = self._read(path)
+            if meta is not None:
+                self._found.setdefault(str(meta.backup_id), meta)
+                if meta.backup_id == backup_id:
+                    return meta
+        return None
+
+
 def resolve_chain(
     newest: BackupMetadata,
     read_metadata: Callable[[str], BackupMetadata],
-    index: Callable[[str], dict[str, BackupMetadata]],
+    lookup: Callable[[str], ParentLookup],
     explicit: Sequence[str] | None = None,
 ) -> list[BackupMetadata]:
     """The chain ending with `newest`, oldest (its full backup) first, every link checked.
 
     `explicit`: the parents' paths, oldest first (`newest` itself may end the list). Otherwise the
-    parents are looked up by backup id in `index(directory)` of the directory holding `newest`.
+    parents are looked up by backup id in `lookup(directory)` of the directory holding `newest`.
     """
     members = [newest]
     if explicit is not None:
@@ -61,7 +100,7 @@ def resolve_chain(
                 f"chain lists {', '.join(str(m.path) for m in given)}, which "
                 f"{'is' if len(given) == 1 else 'are'} not in the chain of backup {newest.backup_id}"
             )
-    found: dict[str, BackupMetadata] | None = None
+    found: ParentLookup | None = None
     while members[-1].is_incremental:
         child = members[-1]
         if explicit is not None:
@@ -71,7 +110,8 @@ def resolve_chain(
             )
         directory = os.path.dirname(os.path.abspath(newest.path or "."))
         if found is None:
-            found = index(directory)
+            found = lookup(directory)
+            found.remember(newest)
         found_parent = found.get(str(child.parent_backup_id))
         if found_parent is None:
             raise IntegrityError(

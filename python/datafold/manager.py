@@ -15,7 +15,7 @@ from typing import IO, Any
 
 from . import core as _core_select
 from .atomic import TEMP_SUFFIX, AtomicFile
-from .chain import chain_trees, resolve_chain
+from .chain import ParentLookup, chain_trees, resolve_chain
 from .chain import tree_names as chain_tree_names
 from .errors import (
     ArgumentTypeError,
@@ -85,6 +85,28 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._result
+
+
+def _backup_files(directory: str, newest_first: bool = False) -> list[os.DirEntry[str]]:
+    """The regular files in `directory` that may be backups (not a writer's temporary file), by
+    name, or newest first by modification time."""
+    try:
+        with os.scandir(directory) as scan:
+            entries = [e for e in scan if not e.name.endswith(TEMP_SUFFIX) and e.is_file()]
+    except FileNotFoundError as e:
+        raise BackupFileNotFoundError(f"directory {directory} does not exist") from e
+    except OSError as e:
+        raise BackupIOError(f"cannot list {directory}: {e.strerror or e}") from e
+    if newest_first:
+        return sorted(entries, key=lambda e: (-_mtime(e), e.name))
+    return sorted(entries, key=lambda e: e.name)
+
+
+def _mtime(entry: os.DirEntry[str]) -> int:
+    try:
+        return entry.stat().st_mtime_ns
+    except OSError:
+        return 0  # gone since the listing: read last (and skipped)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -301,13 +323,18 @@ class EncryptedBackupManager:
 
     def _chain(self, newest: BackupMetadata, explicit: tuple[str, ...] | None = None) -> list[BackupMetadata]:
         """The chain ending with `newest`, oldest first, every link checked (chain.resolve_chain)."""
-        return resolve_chain(newest, self.read_metadata, self._backup_index, explicit)
+        return resolve_chain(newest, self.read_metadata, self._parents_in, explicit)
 
-    def _backup_index(self, directory: str) -> dict[str, BackupMetadata]:
-        """backup id -> metadata of the backups in `directory` readable with this key."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return {m.backup_id: m for m in self.list_backups(directory)}
+    def _parents_in(self, directory: str) -> ParentLookup:
+        """The backups in `directory` readable with this key, for finding a chain's parents."""
+
+        def read(path: str) -> BackupMetadata | None:
+            try:
+                return self.read_metadata(path)
+            except BackupError:
+                return None  # not a backup of this key: list_backups would skip it too
+
+        return ParentLookup(lambda: [e.path for e in _backup_files(directory, newest_first=True)], read)
 
     @contextmanager
     def _chain_readers(self, chain: list[BackupMetadata], meter: Meter | None = None) -> Iterator[list[Any]]:
@@ -450,16 +477,8 @@ class EncryptedBackupManager:
         """Metadata of every backup in `directory` readable with this key, oldest first. Other files
         (foreign, corrupt, made with another key) are skipped with a warning."""
         directory = check_path(directory, "directory")
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except FileNotFoundError as e:
-            raise BackupFileNotFoundError(f"directory {directory} does not exist") from e
-        except OSError as e:
-            raise BackupIOError(f"cannot list {directory}: {e.strerror or e}") from e
         found = []
-        for entry in entries:
-            if entry.name.endswith(TEMP_SUFFIX) or not entry.is_file():
-                continue
+        for entry in _backup_files(directory):
             try:
                 found.append(self.read_metadata(entry.path))
             except BackupError as e:
