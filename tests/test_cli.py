@@ -612,7 +612,8 @@ def test_demo(tmp_path: Path) -> None:
 
 def test_incremental_chain(setup: Setup) -> None:
     """create --parent writes an incremental; list and inspect show the chain; restore follows it
-    (found beside the backup, or given with --chain); a missing parent exits 2 and names it."""
+    (found beside the backup, or given with --chain, for create too); a missing parent exits 2
+    and names it."""
     directory = setup.tmp / f"chain-{setup.backend}"
     directory.mkdir()
     db = setup.new_db("chain-source")
@@ -640,4 +641,19 @@ def test_incremental_chain(setup: Setup) -> None:
     r = expect(run("restore", incr, setup.new_db("chain-missing"), "--key", setup.key), EXIT_BACKUP, full_id)
     target = setup.new_db("chain-explicit")
     expect(run("restore", incr, target, "--key", setup.key, "--chain", elsewhere / "full.dfb"), EXIT_OK)
+    assert setup.read_db(target) == setup.read_db(db)
+    # An incremental of that incremental: its parent's parent is named with --chain.
+    with DbOperations.open(db, setup.backend) as handle:
+        handle.put("users", b"carol", b"new")
+    incr2 = directory / "c-incr.dfb"
+    expect(run("create", db, incr2, "--key", setup.key, "--parent", incr), EXIT_BACKUP, full_id, "--chain")
+    assert not incr2.exists()
+    expect(run("create", db, incr2, "--key", setup.key, "--chain", full), EXIT_USAGE, "--parent")
+    expect(
+        run("create", db, incr2, "--key", setup.key, "--parent", incr, "--chain", elsewhere / "full.dfb", "-q"),
+        EXIT_OK,
+    )
+    target = setup.new_db("chain-of-three")
+    chain = ("--chain", elsewhere / "full.dfb", "--chain", incr)
+    expect(run("restore", incr2, target, "--key", setup.key, *chain, "-q"), EXIT_OK)
     assert setup.read_db(target) == setup.read_db(db)

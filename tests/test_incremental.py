@@ -192,6 +192,11 @@ def test_options_need_a_parent_exactly_for_incrementals(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="chain"):
         RestoreOptions(chain="a.dfb")  # type: ignore[arg-type]
     assert RestoreOptions(chain=[tmp_path / "a"]).chain == (str(tmp_path / "a"),)
+    with pytest.raises(TypeError, match="chain"):
+        BackupOptions(mode=INCR, parent=tmp_path / "p", chain=tmp_path / "a")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="chain is only for"):
+        BackupOptions(chain=[tmp_path / "a"])
+    assert BackupOptions(mode=INCR, parent=tmp_path / "p", chain=[tmp_path / "a"]).chain == (str(tmp_path / "a"),)
 
 
 def test_list_backups_shows_the_chain(filled: Env) -> None:
@@ -271,6 +276,30 @@ def test_parent_found_elsewhere_with_chain_option(filled: Env) -> None:
     moved = elsewhere / "full.dfb"
     shutil.move(full, moved)
     assert restored(filled, i1, options=RestoreOptions(chain=[moved])) == snapshot(filled.db)
+
+
+def test_an_incremental_of_a_parent_whose_parents_are_elsewhere_takes_a_chain(filled: Env) -> None:
+    """BackupOptions(chain=...) names the parent's own parents when they are not beside it; a
+    chain that does not lead to the parent is refused before anything is written."""
+    full, i1 = _chain_of_two(filled)
+    elsewhere = filled.tmp / "elsewhere"
+    elsewhere.mkdir()
+    moved = elsewhere / "full.dfb"
+    shutil.move(full, moved)
+    filled.db.put("users", b"carol", b"v3")
+    with pytest.raises(IntegrityError, match="BackupOptions"):
+        filled.backup("i2.dfb", incremental(i1))
+    assert not filled.backup_path("i2.dfb").exists()
+    for chain in ([moved], [moved, i1]):
+        i2 = filled.backup("i2.dfb", incremental(i1, chain=chain))
+        assert filled.manager.read_metadata(i2).parent_backup_id == filled.manager.read_metadata(i1).backup_id
+        assert restored(filled, i2, f"r{len(chain)}", RestoreOptions(chain=[moved, i1])) == snapshot(filled.db)
+    other = filled.backup("other.dfb")
+    with pytest.raises(IntegrityError, match="not the parent"):
+        filled.backup("i3.dfb", incremental(i1, chain=[other]))
+    with pytest.raises(InvalidArgumentError, match="not in the chain"):
+        filled.backup("i3.dfb", incremental(moved, chain=[moved, i1]))  # i1 comes after moved
+    assert not filled.backup_path("i3.dfb").exists()
 
 
 def test_the_chain_option_may_end_with_the_backup_itself(filled: Env) -> None:

@@ -116,8 +116,8 @@ def resolve_chain(
         if found_parent is None:
             raise IntegrityError(
                 f"backup {child.backup_id} is an incremental of backup {child.parent_backup_id}, which is not "
-                f"in {directory}: keep a chain's backups in one directory, or name the parents when restoring "
-                "(RestoreOptions(chain=[...]); CLI: --chain PARENT, once per parent); "
+                f"in {directory}: keep a chain's backups in one directory, or name the parents "
+                "(RestoreOptions(chain=[...]) or BackupOptions(chain=[...]); CLI: --chain PARENT, once per parent); "
                 "nothing was written"
             )
         check_link(child, found_parent)

@@ -622,9 +622,14 @@ def _write_private_file(path: str, data: bytes, *, replace: bool) -> None:
 
 def cmd_create(args: argparse.Namespace, out: Output, ctx: Context) -> int:
     ctx.file, ctx.database = args.backup, args.db
+    if args.chain and not args.parent:
+        raise UsageError(
+            "--chain names the parents of an incremental backup", "give --parent too, or leave --chain out"
+        )
     options = BackupOptions(
         mode=BackupMode.INCREMENTAL if args.parent else BackupMode.FULL,
         parent=args.parent,
+        chain=args.chain,
         tree_filter=args.tree,
         key_prefix_filter=args.prefix,
         include_metadata=not args.no_metadata,
@@ -1228,6 +1233,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--parent",
         metavar="BACKUP",
         help="write an incremental backup: only what changed since this backup (its parents are found beside it)",
+    )
+    p.add_argument(
+        "--chain",
+        metavar="BACKUP",
+        action="append",
+        help="with --parent: a parent of that backup, oldest (the full backup) first; repeat for each "
+        "(--parent's backup may come last; default: found by id in its directory)",
     )
     p.set_defaults(run=cmd_create)
 

@@ -244,7 +244,8 @@ class EncryptedBackupManager:
         chain = None
         if options.mode is BackupMode.INCREMENTAL:
             assert options.parent is not None  # BackupOptions checks it
-            chain = self._chain(self.read_metadata(str(options.parent)))
+            explicit = None if options.chain is None else tuple(map(str, options.chain))
+            chain = self._chain(self.read_metadata(str(options.parent)), explicit)
         self._check_destination(path, "path", [m.path for m in chain or ()])
         # One read snapshot for the whole backup: every tree as of the same moment.
         with self._db.snapshot() as snap:

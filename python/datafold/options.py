@@ -65,6 +65,17 @@ def check_path(value: Any, name: str) -> str:
     raise ArgumentTypeError(f"{name} must be a non-empty str or os.PathLike, not {value!r}")
 
 
+def _chain(value: Any) -> tuple[str, ...] | None:
+    """The `chain` option of BackupOptions and RestoreOptions: backup paths, oldest first."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, Collection):
+        raise ArgumentTypeError(
+            f"chain must be a list of backup paths, oldest first (or None), not {type(value).__name__}"
+        )
+    return tuple(check_path(p, "chain") for p in value)
+
+
 def _parent(value: Any) -> str | None:
     """BackupOptions.parent: a path, or BackupMetadata of a backup file (its path)."""
     from .metadata import BackupMetadata
@@ -116,10 +127,13 @@ class BackupOptions(_PrefixMixin):
 
     mode: BackupMode.FULL, or BackupMode.INCREMENTAL: only what changed since `parent`.
     parent: for INCREMENTAL, the parent backup (a path, or the BackupMetadata that create_backup,
-        read_metadata or list_backups returned). Its own parents are found beside it. An
-        incremental backs up what its chain's full backup did: the filters (tree_filter,
-        key_prefix_filter, include_metadata) are the chain's; leave them at their defaults or
-        repeat the same values (other values are an InvalidArgumentError).
+        read_metadata or list_backups returned). Its own parents are found beside it, or given
+        with `chain`. An incremental backs up what its chain's full backup did: the filters
+        (tree_filter, key_prefix_filter, include_metadata) are the chain's; leave them at their
+        defaults or repeat the same values (other values are an InvalidArgumentError).
+    chain: for INCREMENTAL, the paths of the parent's own parents, oldest (the full backup) first;
+        `parent` may end the list too. None: they are looked up by backup id among the backups
+        in the parent's directory (as RestoreOptions.chain).
     tree_filter: None for every tree, else a collection of tree names.
     key_prefix_filter: only keys starting with this prefix (str is UTF-8 encoded).
     include_metadata: False leaves out metadata trees ("metadata" and names starting with "_"),
@@ -146,6 +160,7 @@ class BackupOptions(_PrefixMixin):
     segment_size: int = field(default=core.DEFAULT_SEGMENT_SIZE)
     threads: int = 0
     parent: str | os.PathLike[str] | BackupMetadata | None = None
+    chain: Collection[str | os.PathLike[str]] | None = None
 
     def __post_init__(self) -> None:
         check_threads(self.threads)
@@ -162,6 +177,9 @@ class BackupOptions(_PrefixMixin):
             )
         if self.mode is BackupMode.FULL and self.parent is not None:
             raise InvalidArgumentError("parent is only for mode=BackupMode.INCREMENTAL; a full backup has no parent")
+        object.__setattr__(self, "chain", _chain(self.chain))
+        if self.mode is BackupMode.FULL and self.chain is not None:
+            raise InvalidArgumentError("chain is only for mode=BackupMode.INCREMENTAL; a full backup has no parents")
         object.__setattr__(self, "tree_filter", _tree_filter(self.tree_filter, "tree_filter"))
         object.__setattr__(self, "key_prefix_filter", _prefix(self.key_prefix_filter, "key_prefix_filter"))
         _check_bools(self)
@@ -223,12 +241,7 @@ class RestoreOptions(_PrefixMixin):
 
     def __post_init__(self) -> None:
         check_threads(self.threads)
-        if self.chain is not None:
-            if isinstance(self.chain, (str, bytes, os.PathLike)) or not isinstance(self.chain, Collection):
-                raise ArgumentTypeError(
-                    f"chain must be a list of backup paths, oldest first (or None), not {type(self.chain).__name__}"
-                )
-            object.__setattr__(self, "chain", tuple(check_path(p, "chain") for p in self.chain))
+        object.__setattr__(self, "chain", _chain(self.chain))
         object.__setattr__(self, "tree_filter", _tree_filter(self.tree_filter, "tree_filter"))
         object.__setattr__(self, "key_prefix_filter", _prefix(self.key_prefix_filter, "key_prefix_filter"))
         _check_bools(self)
