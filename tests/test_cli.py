@@ -341,6 +341,34 @@ def test_restore_that_leaves_records_out_exits_5(tmp_path: Path) -> None:
         assert snapshot(db) == {"t": [(b"ok", b"1")], "u": [(b"fine", b"2")]}
 
 
+def test_a_locked_sqlite_database_is_named_as_locked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another process holding SQLite's write lock: exit 4 with a hint to wait, not to check the
+    path. In this process (main()), with the store's 30 s wait cut short."""
+    import sqlite3
+
+    import datafold.stores.sqlite
+    from datafold.cli import main
+
+    db, key, backup = tmp_path / "db.sqlite", tmp_path / "master.pem", tmp_path / "b.dfb"
+    with DbOperations.open(db, "sqlite") as handle:
+        handle.put("t", b"k", b"v")
+    expect(run("keygen", "--out", key), EXIT_OK)
+    expect(run("create", db, backup, "--key", key, "-q"), EXIT_OK)
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        monkeypatch.setattr(datafold.stores.sqlite, "DEFAULT_TIMEOUT", 0.1)
+        capsys.readouterr()
+        code = main(["restore", str(backup), str(db), "--key", str(key), "--overwrite", "-q"])
+        err = capsys.readouterr().err
+        expect(Result(code, "", err), EXIT_IO, "another connection holds a lock", "hint: wait until the other process")
+        assert "check the database path" not in err
+    finally:
+        other.close()
+
+
 def test_create_no_direct_reads(setup: Setup) -> None:
     out = setup.tmp / f"no-direct-{setup.backend}.dfb"
     args = ("create", setup.db, out, "--key", setup.key, "--no-direct-reads", "-q")

@@ -336,6 +336,31 @@ def test_sqlite_path_is_a_directory_or_garbage(tmp_path: Path) -> None:
         DbOperations.open(garbage, "sqlite")
 
 
+def test_sqlite_locked_by_another_connection_says_so(tmp_path: Path) -> None:
+    """A lock held past the store's timeout is named as such, with what to do; not "check that
+    it is an SQLite file" (it is one)."""
+    import sqlite3
+
+    path = tmp_path / "locked.sqlite"
+    with DbOperations.open(path, "sqlite") as db:
+        db.put("t", b"a", b"1")
+    with DbOperations.open(path, "sqlite", timeout=0.05) as db:
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN EXCLUSIVE")
+            with pytest.raises(StoreError, match="another connection holds a lock") as info:
+                db.put("t", b"b", b"2")
+            assert "timeout" in str(info.value) and "SQLite file" not in str(info.value)
+            with pytest.raises(StoreError, match="another connection holds a lock") as info:
+                DbOperations.open(path, "sqlite", timeout=0.05)
+            assert "cannot open SQLite database" in str(info.value) and "SQLite file" not in str(info.value)
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        db.put("t", b"b", b"2")
+        assert db.count("t") == 2
+
+
 def test_argument_validation(db: DbOperations) -> None:
     with pytest.raises(InvalidArgumentError, match="tree"):
         db.put("", b"k", b"v")

@@ -46,6 +46,7 @@ from .options import BackupMode, BackupOptions, RestoreOptions
 from .passphrase import KDF_ARGON2ID, WRONG_PASSPHRASE, Passphrase, decode_kdf_params
 from .progress import ProgressEvent
 from .stores import DbOperations
+from .stores.sqlite import LOCKED_HINT
 
 __all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_BACKUP", "EXIT_KEY", "EXIT_IO", "EXIT_PARTIAL", "PASSPHRASE_ENV"]
 
@@ -128,6 +129,8 @@ def _hint(exc: BaseException, ctx: Context) -> str | None:
         return f"check --key / --passphrase-file / ${PASSPHRASE_ENV}; `{PROG} inspect {f}` shows which key it needs"
     if isinstance(exc, BackupFileNotFoundError):
         return "check the path"
+    if isinstance(exc, StoreError) and LOCKED_HINT in str(exc):
+        return "wait until the other process is done with the database, then run the command again"
     if isinstance(exc, (StoreError, DatabaseError)):
         return f"check the database path{' ' + ctx.database if ctx.database else ''} and --db-backend"
     if isinstance(exc, OSError):

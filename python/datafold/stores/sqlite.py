@@ -51,12 +51,27 @@ _SCHEMA = (
 )
 
 
+# Also how the CLI tells a locked database from a wrong path.
+LOCKED_HINT = (
+    "another connection holds a lock on the database (another process writing to it?) and did not let "
+    "go within the store's timeout; retry once it is done, or open the store with a longer timeout "
+    "(DbOperations.open(path, 'sqlite', timeout=SECONDS))"
+)
+
+
+def _is_locked(e: BaseException) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED: the timeout ran out waiting for another connection's lock."""
+    code = getattr(e, "sqlite_errorcode", None)  # Python >= 3.11; an extended code holds the primary one
+    return (isinstance(code, int) and code & 0xFF in (5, 6)) or "database is locked" in str(e)
+
+
 @contextmanager
 def _errors(action: str) -> Iterator[None]:
     try:
         yield
     except sqlite3.Error as e:
-        raise StoreError(f"SQLite {action} failed: {e}") from e
+        hint = f"; {LOCKED_HINT}" if _is_locked(e) else ""
+        raise StoreError(f"SQLite {action} failed: {e}{hint}") from e
 
 
 def _select_items(cursor: sqlite3.Cursor, tree: str, prefix: bytes) -> None:
@@ -148,9 +163,8 @@ class SqliteStore(Store):
         except (sqlite3.Error, OSError) as e:
             if conn is not None:
                 conn.close()
-            raise StoreError(
-                f"cannot open SQLite database {path!r}: {e}; check that it is an SQLite file you may write to"
-            ) from e
+            hint = LOCKED_HINT if _is_locked(e) else "check that it is an SQLite file you may write to"
+            raise StoreError(f"cannot open SQLite database {path!r}: {e}; {hint}") from e
         except BaseException:
             if conn is not None:
                 conn.close()
