@@ -98,6 +98,10 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_USAGE  # not raised on purpose: an internal error, reported with a request for --debug
 
 
+# The stores' words for a key or tree name LMDB cannot hold (stores/lmdb.py, src/lmdb_write.rs).
+_LMDB_LIMITS = ("LMDB keys are at most", "LMDB allows at most", "LMDB cannot store an empty key")
+
+
 def _hint(exc: BaseException, ctx: Context) -> str | None:
     f = ctx.file or "the backup"
     cmd = ctx.command or "COMMAND"
@@ -129,6 +133,12 @@ def _hint(exc: BaseException, ctx: Context) -> str | None:
         return f"check --key / --passphrase-file / ${PASSPHRASE_ENV}; `{PROG} inspect {f}` shows which key it needs"
     if isinstance(exc, BackupFileNotFoundError):
         return "check the path"
+    if isinstance(exc, StoreError) and cmd == "restore" and any(m in str(exc) for m in _LMDB_LIMITS):
+        # A key or tree name beyond LMDB's limits: the backup holds what this store cannot.
+        return (
+            "LMDB cannot hold that record: restore into an SQLite database (--db-backend sqlite), "
+            "or add --continue-on-errors to restore everything else (exit code 5)"
+        )
     if isinstance(exc, StoreError) and LOCKED_HINT in str(exc):
         return "wait until the other process is done with the database, then run the command again"
     if isinstance(exc, (StoreError, DatabaseError)):

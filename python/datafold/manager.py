@@ -583,7 +583,10 @@ class EncryptedBackupManager:
                 # A chain's tree deleted since (and not in the database): nothing to delete there.
                 gone = name not in newest.trees and not in_db(name)
                 if wanted(name) and not gone:  # a reader skips (and checks) the trees not visited
-                    outcome[name] = write_tree(name, source)
+                    try:
+                        outcome[name] = write_tree(name, source)
+                    except StoreError as e:  # which tree the store refused (a key too long, say)
+                        raise StoreError(f"restoring tree {name!r}: {e}") from e
                     stats.trees_restored += 1
 
             return restore
