@@ -1140,8 +1140,15 @@ def test_read_items_batches_are_bounded_by_bytes(core: ModuleType, backup_key: b
     assert reader.skip_items(100, 1) == 1
     assert reader.skip_items(100) == 16
     assert reader.skip_items() == 0
-    with pytest.raises(InvalidArgumentError):
-        reader.skip_items(1, max_bytes=0)
+    # A refused argument fails the reader, as with read_items, in the same words in both cores.
+    for bad in (0, -1, True, 1.5, "1"):
+        reader = core.BackupReader(io.BytesIO(sink.getvalue()))
+        reader.unlock(backup_key)
+        assert reader.next_tree() == "big"
+        with pytest.raises((InvalidArgumentError, ArgumentTypeError)):
+            reader.skip_items(1, max_bytes=bad)
+        with pytest.raises(BackupError, match="^this backup reader failed earlier"):
+            reader.skip_items()
 
 
 def test_skipping_a_tree_lets_other_threads_run(backup_key: bytes) -> None:

@@ -343,6 +343,19 @@ def test_restore_that_leaves_records_out_exits_5(tmp_path: Path) -> None:
     (error,) = r.summary()["errors"]
     assert "'t'" in error and ("6b" * 64) in error and "511 bytes" in error
     assert error in r.err
+    # A tree name LMDB cannot hold stops the restore even with --continue-on-errors (it is no
+    # record); the hint says how to leave that tree out instead.
+    with DbOperations.open(source, "sqlite") as db:
+        db.put("n" * 600, b"k", b"v")
+    expect(run("create", source, backup, "--key", key, "-q"), EXIT_OK)
+    r = expect(
+        run("restore", backup, tmp_path / "t2-lmdb", "--key", key, "--db-backend", "lmdb", "--continue-on-errors"),
+        EXIT_IO,
+        "tree name is 600 bytes",
+        "hint: LMDB cannot hold that tree name",
+        "--tree",
+    )
+    assert "add --continue-on-errors" not in r.err
     with DbOperations.open(target, "lmdb") as db:
         assert snapshot(db) == {"t": [(b"ok", b"1")], "u": [(b"fine", b"2")]}
 
@@ -676,6 +689,17 @@ def test_incremental_chain(setup: Setup) -> None:
     target = setup.new_db("chain-explicit")
     expect(run("restore", incr, target, "--key", setup.key, "--chain", elsewhere / "full.dfb"), EXIT_OK)
     assert setup.read_db(target) == setup.read_db(db)
+    # A chain member made with another key is the file named, in the message and the hint.
+    other_key, other = setup.tmp / f"other-{setup.backend}.pem", setup.tmp / f"other-{setup.backend}.dfb"
+    expect(run("keygen", "--out", other_key), EXIT_OK)
+    expect(run("create", db, other, "--key", other_key, "-q"), EXIT_OK)
+    r = expect(
+        run("restore", incr, setup.new_db("chain-other-key"), "--key", setup.key, "--chain", other),
+        EXIT_KEY,
+        f"error: chain member {other}: ",
+        f"inspect {other}` shows which key",
+    )
+    assert f"{incr}: " not in r.err
     # An incremental of that incremental: its parent's parent is named with --chain.
     with DbOperations.open(db, setup.backend) as handle:
         handle.put("users", b"carol", b"new")

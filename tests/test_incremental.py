@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import lmdb
 import pytest
@@ -28,7 +29,7 @@ from datafold import (
     InvalidArgumentError,
     RestoreOptions,
 )
-from datafold.chain import check_link
+from datafold.chain import ParentLookup, check_link
 from helpers import (  # noqa: F401 - fixtures
     SMALL_SEGMENTS,
     Env,
@@ -254,6 +255,8 @@ def test_parents_are_looked_up_newest_first_reading_only_what_it_takes(
     for age, path in enumerate(reversed([*old, *new, filled.backups / "notes.txt"])):
         os.utime(path, (1_700_000_000 - age, 1_700_000_000 - age))
     os.utime(filled.backups / "notes.txt", (1_800_000_000, 1_800_000_000))
+    os.mkfifo(filled.backups / "pipe.dfb")  # neither blocks the lookup nor ends it
+    (filled.backups / "loop.dfb").symlink_to("loop.dfb")
 
     read: list[str] = []
     real = EncryptedBackupManager.read_metadata
@@ -267,6 +270,58 @@ def test_parents_are_looked_up_newest_first_reading_only_what_it_takes(
     looked_up = read[1 : read.index("new-0.dfb") + 1]  # after the backup itself, up to the full backup
     assert looked_up == ["notes.txt", "new-2.dfb", "new-1.dfb", "new-0.dfb"]
     assert not any(name.startswith("old-") for name in read)
+
+
+def test_parent_lookup_passes_over_a_copy_whose_digest_differs() -> None:
+    """Two files with the parent's id: the one with the digest the child names is the parent,
+    even if the other (altered or replaced) is newer; with no such copy, the first with the id is
+    returned, for check_link to say what is wrong with it."""
+    from types import SimpleNamespace
+
+    files = {
+        name: SimpleNamespace(backup_id=bid, checksum=digest, path=name)
+        for name, bid, digest in (("copy", "p", "altered"), ("other", "q", "x"), ("original", "p", "good"))
+    }
+    read: list[str] = []
+
+    def reader(path: str) -> Any:
+        read.append(path)
+        return files[path]
+
+    lookup = ParentLookup(lambda: ["copy", "other", "original"], reader)
+    assert lookup.get("p", "good").path == "original"
+    assert lookup.get("p", "unknown").path == "copy"
+    assert lookup.get("p").path == "copy" and lookup.get("z") is None
+    assert read == ["copy", "other", "original"]  # each file read once
+
+
+def test_a_chain_member_that_cannot_be_read_is_the_one_named(filled: Env, tmp_path: Path) -> None:
+    """An error about a parent or chain member names that file (message and `file`), not the
+    backup the call was given."""
+    from datafold import EncryptionKeyError, MasterKeyPair
+
+    full, i1 = _chain_of_two(filled)
+    other = filled.backup_of({"t": {b"k": b"v"}}, "other-key.dfb", keys=MasterKeyPair.from_private_bytes(b"\x07" * 32))
+    with pytest.raises(EncryptionKeyError) as info:
+        restored(filled, i1, options=RestoreOptions(chain=[other, i1]))
+    assert info.value.file == str(other) and str(info.value).startswith(f"chain member {other}: ")
+    with pytest.raises(EncryptionKeyError) as info:
+        filled.backup("i2.dfb", incremental(other))
+    assert info.value.file == str(other) and str(info.value).startswith(f"parent {other}: ")
+    assert not filled.backup_path("i2.dfb").exists()
+    # A member damaged between its header and trailer segments: the verify pass names it.
+    full = filled.backup("small-segments.dfb", SMALL_SEGMENTS)
+    i1 = filled.backup("small-segments-i1.dfb", incremental(full))
+    data = bytearray(full.read_bytes())
+    data[len(data) // 2] ^= 1
+    full.write_bytes(bytes(data))
+    for options in (None, RestoreOptions(chain=[full])):
+        with pytest.raises(IntegrityError) as info:
+            restored(filled, i1, f"r-{options is None}", options)
+        assert info.value.file == str(full) and str(info.value).startswith(f"chain member {full}: ")
+    with pytest.raises(IntegrityError) as info:
+        filled.manager.verify_backup(full)
+    assert info.value.file is None  # the file the call was given: not repeated
 
 
 def test_parent_found_elsewhere_with_chain_option(filled: Env) -> None:
@@ -304,6 +359,9 @@ def test_an_incremental_of_a_parent_whose_parents_are_elsewhere_takes_a_chain(fi
 
 def test_the_chain_option_may_end_with_the_backup_itself(filled: Env) -> None:
     full, i1 = _chain_of_two(filled)
+    for twice in ([full, full], [full, i1, i1], [full, filled.backups / ".." / "backups" / "full.dfb"]):
+        with pytest.raises(InvalidArgumentError, match="more than once"):
+            restored(filled, i1, options=RestoreOptions(chain=twice))
     assert restored(filled, i1, options=RestoreOptions(chain=[full, i1])) == snapshot(filled.db)
     assert restored(filled, full, "full", RestoreOptions(chain=[full])) == restored(filled, full, "plain")
 
@@ -339,7 +397,7 @@ def test_reordered_chain(filled: Env) -> None:
     i2 = filled.backup("i2.dfb", incremental(i1))
     _refused(filled, i2, "out of order", RestoreOptions(chain=[i1, full]))
     _refused(filled, i2, "does not list", RestoreOptions(chain=[i1]))
-    with pytest.raises(InvalidArgumentError, match="not in the chain"):
+    with pytest.raises(InvalidArgumentError, match="more than once"):
         filled.manager.restore_backup(i2, RestoreOptions(chain=[full, full, i1]))
 
 

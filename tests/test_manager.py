@@ -204,11 +204,10 @@ def test_read_metadata_reads_only_the_header_and_trailer_segments(env: Env, monk
 
     counter = [0]
 
-    def counting_open(file: str, mode: str = "r", *args: object, **kwargs: object) -> CountingFile:
-        assert mode == "rb"
+    def counting_open(file: str) -> CountingFile:
         return CountingFile(file, counter)
 
-    monkeypatch.setattr(manager_module, "open", counting_open, raising=False)
+    monkeypatch.setattr(manager_module, "open_backup_file", counting_open)
     meta = env.manager.read_metadata(path)
     assert meta.trees["bulk"].item_count == 512 and meta.file_size == size
     assert 0 < counter[0] <= 6 * 4096
@@ -263,6 +262,16 @@ def test_list_backups_skips_other_files_with_a_warning(filled: Env) -> None:
     assert len(record) == len(warned)
 
 
+def test_list_backups_skips_symlink_loops_fifos_and_links_through_files(filled: Env) -> None:
+    """An entry whose type cannot be read (a symlink loop, a link through a file) or that is not a
+    regular file is skipped, not the end of the listing."""
+    backup = filled.backup("a.dfb")
+    (filled.backups / "loop.dfb").symlink_to("loop.dfb")
+    (filled.backups / "through-a-file.dfb").symlink_to(backup / "child")
+    os.mkfifo(filled.backups / "pipe.dfb")
+    assert [m.path for m in filled.manager.list_backups(filled.backups)] == [str(backup)]
+
+
 def test_list_backups_of_an_empty_directory(env: Env) -> None:
     assert env.manager.list_backups(env.backups) == []
 
@@ -303,6 +312,36 @@ def test_backup_path_is_a_directory(filled: Env, operation: str) -> None:
     with pytest.raises(BackupIOError) as info:
         read_with(filled, operation, filled.backups)
     assert isinstance(info.value, OSError)
+    assert snapshot(filled.db) == before
+
+
+@pytest.mark.parametrize("operation", READERS)
+def test_backup_path_is_a_fifo_or_a_device(filled: Env, operation: str) -> None:
+    """Refused at once: opening a FIFO nobody writes to would block forever."""
+    import threading
+
+    fifo = filled.tmp / "pipe.dfb"
+    os.mkfifo(fifo)
+    before = snapshot(filled.db)
+    for path in (fifo, Path("/dev/zero")):
+        outcome: list[BaseException | None] = []
+
+        def call(path: Path = path, outcome: list[BaseException | None] = outcome) -> None:
+            try:
+                read_with(filled, operation, path)
+                outcome.append(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the test thread
+                outcome.append(e)
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(10)
+        if caller.is_alive():
+            with open(fifo, "wb"):  # a writer lets the blocked open return
+                pass
+            pytest.fail(f"{operation}({path}) blocked")
+        (error,) = outcome
+        assert isinstance(error, BackupIOError) and "not a regular file" in str(error), error
     assert snapshot(filled.db) == before
 
 

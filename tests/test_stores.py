@@ -351,14 +351,42 @@ def test_sqlite_locked_by_another_connection_says_so(tmp_path: Path) -> None:
             with pytest.raises(StoreError, match="another connection holds a lock") as info:
                 db.put("t", b"b", b"2")
             assert "timeout" in str(info.value) and "SQLite file" not in str(info.value)
-            with pytest.raises(StoreError, match="another connection holds a lock") as info:
-                DbOperations.open(path, "sqlite", timeout=0.05)
-            assert "cannot open SQLite database" in str(info.value) and "SQLite file" not in str(info.value)
             other.execute("ROLLBACK")
         finally:
             other.close()
-        db.put("t", b"b", b"2")
+        db.put("t", b"b", b"2")  # once the lock is gone
         assert db.count("t") == 2
+    # Opening one without datafold's tables takes the write lock to create them.
+    fresh = tmp_path / "fresh.sqlite"
+    other = sqlite3.connect(fresh, isolation_level=None)
+    try:
+        other.execute("PRAGMA journal_mode=WAL")
+        other.execute("CREATE TABLE unrelated (x)")
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StoreError, match="another connection holds a lock") as info:
+            DbOperations.open(fresh, "sqlite", timeout=0.05)
+        assert "cannot open SQLite database" in str(info.value) and "SQLite file" not in str(info.value)
+    finally:
+        other.close()
+
+
+def test_sqlite_opens_and_reads_while_another_connection_writes(tmp_path: Path) -> None:
+    """Opening an existing database takes no write lock (WAL readers go on beside a writer), so a
+    backup is not held up by another connection's write transaction; it sees the committed state."""
+    import sqlite3
+
+    path = tmp_path / "busy.sqlite"
+    with DbOperations.open(path, "sqlite") as db:
+        db.put("t", b"a", b"1")
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        other.execute("INSERT INTO kv (tree, key, value) VALUES ('t', x'62', x'32')")
+        with DbOperations.open(path, "sqlite", timeout=0.05) as db, db.snapshot() as snap:
+            assert list(snap.items("t")) == [(b"a", b"1")]
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
 
 
 def test_argument_validation(db: DbOperations) -> None:

@@ -35,6 +35,9 @@ class _Source(Protocol):
 # threads (here and on BackupWriter/BackupReader): segments are sealed/opened on up to this many
 # threads (at most 1024), 0 = all cores. The Rust core releases the GIL for that work; the pure
 # core accepts and validates the argument but always works on the calling thread.
+# A BackupWriter, BackupReader or ChainMerge is a stream: one call at a time. With the Rust core a
+# call made while another thread's call on the same object is under way raises RuntimeError
+# ("Already borrowed"); the manager never shares one between threads.
 def encrypt_stream(
     key: Buffer,
     plaintext: Buffer,

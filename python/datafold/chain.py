@@ -12,13 +12,40 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from .errors import IntegrityError, InvalidArgumentError
+from .errors import (
+    BackupError,
+    EncryptionKeyError,
+    FormatError,
+    IntegrityError,
+    InvalidArgumentError,
+    VersionMismatchError,
+)
 from .metadata import BackupMetadata
 
 __all__ = ["resolve_chain", "check_link", "chain_trees", "ParentLookup", "MAX_CHAIN_LENGTH"]
 
 # A guard against a cycle of crafted files; real chains are far shorter.
 MAX_CHAIN_LENGTH = 10_000
+
+
+def about_member(error: BackupError, path: str, role: str) -> BackupError:
+    """`error` (of the same class) about the chain member at `path`: its message says which file
+    (`role` names it: "parent", "chain member") and its `file` attribute holds the path."""
+    message = f"{role} {path}: {error}"
+    if isinstance(error, VersionMismatchError):
+        named: BackupError = VersionMismatchError(error.found, error.expected, message)
+    else:
+        named = type(error)(message)
+    named.file = path
+    return named
+
+
+def read_member(read_metadata: Callable[[str], BackupMetadata], path: str, role: str) -> BackupMetadata:
+    """read_metadata(path) of a chain member, its errors about the file naming it (about_member)."""
+    try:
+        return read_metadata(path)
+    except (FormatError, VersionMismatchError, IntegrityError, EncryptionKeyError) as e:
+        raise about_member(e, path, role) from e
 
 
 def check_link(child: BackupMetadata, parent: BackupMetadata) -> None:
@@ -50,18 +77,24 @@ class ParentLookup:
         self._files = files
         self._read = read
         self._pending: Iterator[str] | None = None
-        self._found: dict[str, BackupMetadata] = {}
+        self._found: dict[str, list[BackupMetadata]] = {}
         self._read_already: set[str] = set()
 
     def remember(self, meta: BackupMetadata) -> None:
         """A backup read already: its file is not read again."""
-        self._found.setdefault(str(meta.backup_id), meta)
+        self._found.setdefault(str(meta.backup_id), []).append(meta)
         if meta.path is not None:
             self._read_already.add(os.path.realpath(meta.path))
 
-    def get(self, backup_id: str) -> BackupMetadata | None:
-        if backup_id in self._found:
-            return self._found[backup_id]
+    def get(self, backup_id: str, digest: str | None = None) -> BackupMetadata | None:
+        """A backup with this id, and this digest (checksum) if one of them has it: a copy that
+        was altered or replaced does not hide the intact one. None if no file has the id."""
+
+        def match() -> BackupMetadata | None:
+            return next((m for m in self._found.get(backup_id, ()) if digest is None or m.checksum == digest), None)
+
+        if (hit := match()) is not None:
+            return hit
         if self._pending is None:
             self._pending = iter(self._files())
         for path in self._pending:
@@ -69,10 +102,11 @@ class ParentLookup:
                 continue
             meta = self._read(path)
             if meta is not None:
-                self._found.setdefault(str(meta.backup_id), meta)
-                if meta.backup_id == backup_id:
-                    return meta
-        return None
+                self.remember(meta)
+                if (hit := match()) is not None:
+                    return hit
+        same_id = self._found.get(backup_id)
+        return same_id[0] if same_id else None  # check_link names what is wrong with it
 
 
 def resolve_chain(
@@ -88,7 +122,12 @@ def resolve_chain(
     """
     members = [newest]
     if explicit is not None:
-        given = [read_metadata(p) for p in explicit]
+        seen: set[str] = set()
+        for p in explicit:
+            if os.path.realpath(p) in seen:
+                raise InvalidArgumentError(f"chain lists {p} more than once: give each parent once, oldest first")
+            seen.add(os.path.realpath(p))
+        given = [read_member(read_metadata, p, "chain member") for p in explicit]
         if given and given[-1].backup_id == newest.backup_id:
             given.pop()
         while members[-1].is_incremental and given:
@@ -112,7 +151,7 @@ def resolve_chain(
         if found is None:
             found = lookup(directory)
             found.remember(newest)
-        found_parent = found.get(str(child.parent_backup_id))
+        found_parent = found.get(str(child.parent_backup_id), child.parent_digest)
         if found_parent is None:
             raise IntegrityError(
                 f"backup {child.backup_id} is an incremental of backup {child.parent_backup_id}, which is not "

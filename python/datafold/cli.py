@@ -40,7 +40,7 @@ from .errors import (
     VersionMismatchError,
 )
 from .keys import MasterKeyPair, derive_backup_key, derive_key_id
-from .manager import EncryptedBackupManager
+from .manager import EncryptedBackupManager, open_backup_file
 from .metadata import BackupMetadata
 from .options import BackupMode, BackupOptions, RestoreOptions
 from .passphrase import KDF_ARGON2ID, WRONG_PASSPHRASE, Passphrase, decode_kdf_params
@@ -103,7 +103,7 @@ _LMDB_LIMITS = ("LMDB keys are at most", "LMDB allows at most", "LMDB cannot sto
 
 
 def _hint(exc: BaseException, ctx: Context) -> str | None:
-    f = ctx.file or "the backup"
+    f = (exc.file if isinstance(exc, BackupError) else None) or ctx.file or "the backup"
     cmd = ctx.command or "COMMAND"
     if isinstance(exc, CliError):
         return exc.hint
@@ -124,6 +124,8 @@ def _hint(exc: BaseException, ctx: Context) -> str | None:
     if isinstance(exc, CryptoError):
         return "the cryptographic library failed; rerun with --debug and report it"
     if isinstance(exc, EncryptionKeyError):
+        if exc.file is not None:  # a chain member: its key kind may not be the named backup's
+            return f"a chain's backups need one key; `{PROG} inspect {f}` shows which key {f} needs"
         if ctx.key_kind == "passphrase":
             return f"{f} needs the passphrase it was made with (--passphrase-file FILE or ${PASSPHRASE_ENV})"
         if ctx.key_kind == "master-key":
@@ -135,6 +137,11 @@ def _hint(exc: BaseException, ctx: Context) -> str | None:
         return "check the path"
     if isinstance(exc, StoreError) and cmd == "restore" and any(m in str(exc) for m in _LMDB_LIMITS):
         # A key or tree name beyond LMDB's limits: the backup holds what this store cannot.
+        if "tree name" in str(exc):  # not a record: --continue-on-errors does not skip a tree
+            return (
+                "LMDB cannot hold that tree name: restore into an SQLite database (--db-backend sqlite), "
+                "or name the other trees with --tree to leave it out"
+            )
         return (
             "LMDB cannot hold that record: restore into an SQLite database (--db-backend sqlite), "
             "or add --continue-on-errors to restore everything else (exit code 5)"
@@ -445,15 +452,11 @@ def check_key(key: MasterKeyPair | Passphrase, preamble: Any, path: str) -> None
 
 def read_preamble(path: str) -> Any:
     """The plaintext preamble of a backup file (no key needed)."""
-    try:
-        with open(path, "rb") as f:
+    with open_backup_file(path) as f:
+        try:
             data = f.read(_core.MAX_PREAMBLE_LENGTH)
-    except FileNotFoundError:
-        raise BackupFileNotFoundError(f"backup file {path} does not exist") from None
-    except IsADirectoryError:
-        raise BackupIOError(f"{path} is a directory, not a backup file") from None
-    except OSError as e:
-        raise BackupIOError(f"cannot read backup {path}: {e.strerror or e}") from None
+        except OSError as e:
+            raise BackupIOError(f"cannot read backup {path}: {e.strerror or e}") from None
     return _core.parse_preamble(data)
 
 
@@ -1345,7 +1348,8 @@ def _report(exc: BaseException, ctx: Context, out: Output, debug: bool) -> int:
     expected = isinstance(exc, (BackupError, CliError, OSError))
     message = str(exc) if expected else f"internal error: {type(exc).__name__}: {exc}"
     about_file = (FormatError, VersionMismatchError, IntegrityError, EncryptionKeyError)
-    if ctx.file and isinstance(exc, about_file) and ctx.file not in message:
+    named = isinstance(exc, BackupError) and exc.file is not None  # a chain member: named already
+    if ctx.file and isinstance(exc, about_file) and not named and ctx.file not in message:
         message = f"{ctx.file}: {message}"
     hint = _hint(exc, ctx)
     if debug:

@@ -19,7 +19,13 @@ __all__ = [
 
 
 class BackupError(Exception):
-    """Base class of every error datafold raises on purpose."""
+    """Base class of every error datafold raises on purpose.
+
+    `file`: the backup file the error is about when that is not the file the call was given (a
+    parent or another member of an incremental chain; its path also leads the message), else None.
+    """
+
+    file: str | None = None
 
 
 class FormatError(BackupError):

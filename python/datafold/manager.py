@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import os
+import stat
 import threading
 import time
 import warnings
@@ -15,7 +16,7 @@ from typing import IO, Any
 
 from . import core as _core_select
 from .atomic import TEMP_SUFFIX, AtomicFile
-from .chain import ParentLookup, chain_trees, resolve_chain
+from .chain import ParentLookup, about_member, chain_trees, read_member, resolve_chain
 from .chain import tree_names as chain_tree_names
 from .errors import (
     ArgumentTypeError,
@@ -24,9 +25,11 @@ from .errors import (
     BackupIOError,
     DatabaseError,
     EncryptionKeyError,
+    FormatError,
     IntegrityError,
     InvalidArgumentError,
     StoreError,
+    VersionMismatchError,
 )
 from .keys import MasterKeyPair, derive_backup_key
 from .metadata import BackupMetadata, BackupResult, BackupStats, RestoreStats, SourceInfo
@@ -38,20 +41,42 @@ from .stores import DbOperations, ReadSnapshot, WriteTransaction, is_metadata_tr
 __all__ = ["EncryptedBackupManager"]
 
 READ_BATCH = 4096
+# The errors that are about a backup file (which file: chain.about_member).
+_ABOUT_A_FILE = (FormatError, VersionMismatchError, IntegrityError, EncryptionKeyError)
 Trailer = tuple[int, int, list[tuple[str, int, int, bytes]], bytes]
 
 
-@contextmanager
-def _open_backup(path: str) -> Iterator[IO[bytes]]:
-    """Opens a backup for reading, with datafold's errors for the usual failures."""
+def open_backup_file(path: str) -> IO[bytes]:
+    """Opens a backup file for reading, with datafold's errors for the usual failures. Only a
+    regular file is a backup file: a FIFO is opened without waiting for a writer (which would
+    block forever) and refused, like a device or a socket."""
+    nonblocking = getattr(os, "O_NONBLOCK", 0)
     try:
-        f = open(path, "rb")
+        fd = os.open(path, os.O_RDONLY | nonblocking | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as e:
         raise BackupFileNotFoundError(f"backup file {path} does not exist") from e
     except IsADirectoryError as e:
         raise BackupIOError(f"{path} is a directory, not a backup file") from e
     except OSError as e:
         raise BackupIOError(f"cannot open backup {path}: {e.strerror or e}") from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise BackupIOError(f"{path} is a directory, not a backup file")
+        if not stat.S_ISREG(mode):
+            raise BackupIOError(f"{path} is not a regular file (a pipe, device or socket), not a backup file")
+        if nonblocking:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextmanager
+def _open_backup(path: str) -> Iterator[IO[bytes]]:
+    """open_backup_file, closed afterwards; OSErrors while reading become BackupIOError."""
+    f = open_backup_file(path)
     with f:
         try:
             yield f
@@ -92,7 +117,7 @@ def _backup_files(directory: str, newest_first: bool = False) -> list[os.DirEntr
     name, or newest first by modification time."""
     try:
         with os.scandir(directory) as scan:
-            entries = [e for e in scan if not e.name.endswith(TEMP_SUFFIX) and e.is_file()]
+            entries = [e for e in scan if not e.name.endswith(TEMP_SUFFIX) and _is_file(e)]
     except FileNotFoundError as e:
         raise BackupFileNotFoundError(f"directory {directory} does not exist") from e
     except OSError as e:
@@ -100,6 +125,14 @@ def _backup_files(directory: str, newest_first: bool = False) -> list[os.DirEntr
     if newest_first:
         return sorted(entries, key=lambda e: (-_mtime(e), e.name))
     return sorted(entries, key=lambda e: e.name)
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    """A regular file, through symlinks; a symlink loop or one through a file is none (skipped)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def _mtime(entry: os.DirEntry[str]) -> int:
@@ -245,11 +278,16 @@ class EncryptedBackupManager:
         if options.mode is BackupMode.INCREMENTAL:
             assert options.parent is not None  # BackupOptions checks it
             explicit = None if options.chain is None else tuple(map(str, options.chain))
-            chain = self._chain(self.read_metadata(str(options.parent)), explicit)
+            chain = self._chain(read_member(self.read_metadata, str(options.parent), "parent"), explicit)
         self._check_destination(path, "path", [m.path for m in chain or ()])
         # One read snapshot for the whole backup: every tree as of the same moment.
-        with self._db.snapshot() as snap:
-            metadata = self._create_from(snap, path, options, meter, chain)
+        try:
+            with self._db.snapshot() as snap:
+                metadata = self._create_from(snap, path, options, meter, chain)
+        except _ABOUT_A_FILE as e:
+            if chain is None:
+                raise
+            raise self._damaged_member(chain, e) from e
         stats = BackupStats(
             items_backed_up=metadata.total_items,
             trees_backed_up=len(metadata.trees),
@@ -336,6 +374,21 @@ class EncryptedBackupManager:
                 return None  # not a backup of this key: list_backups would skip it too
 
         return ParentLookup(lambda: [e.path for e in _backup_files(directory, newest_first=True)], read)
+
+    def _damaged_member(self, chain: list[BackupMetadata], error: BackupError, given: str | None = None) -> BackupError:
+        """`error`, met while reading a chain's backups together (the merge cannot tell whose
+        segment it was), as the error of the first member that does not verify on its own, named
+        (about_member); `error` itself if that member is `given` (the file the call was given) or
+        if every member verifies (a chain that does not fit together: its message says so)."""
+        for member in chain:
+            assert member.path is not None
+            try:
+                self._verify_file(member.path, Meter(None))
+            except _ABOUT_A_FILE as e:
+                if given is not None and _same_file(member.path, given):
+                    return error
+                return about_member(e, member.path, "chain member")
+        return error
 
     @contextmanager
     def _chain_readers(self, chain: list[BackupMetadata], meter: Meter | None = None) -> Iterator[list[Any]]:
@@ -531,9 +584,12 @@ class EncryptedBackupManager:
                     return self._scan(meter.reading(f, phase), visit)[2]
             if phase is not None:
                 meter.begin(phase)
-            with self._chain_readers(chain, meter) as readers:
-                for name, merge in chain_trees(self._core, chain, readers, in_backup):
-                    visit(name, merge)
+            try:
+                with self._chain_readers(chain, meter) as readers:
+                    for name, merge in chain_trees(self._core, chain, readers, in_backup):
+                        visit(name, merge)
+            except _ABOUT_A_FILE as e:
+                raise self._damaged_member(chain, e, path) from e
             meter.end()
             return None
 
@@ -546,7 +602,12 @@ class EncryptedBackupManager:
         def verify_chain(stop: threading.Event | None = None, side: Meter | None = None) -> None:
             for member in chain:
                 assert member.path is not None
-                self._verify_file(member.path, Meter(progress) if side is None else side, stop)
+                try:
+                    self._verify_file(member.path, Meter(progress) if side is None else side, stop)
+                except _ABOUT_A_FILE as e:
+                    if member is newest:
+                        raise
+                    raise about_member(e, member.path, "chain member") from e
 
         verifying: _Background | None = None
         beside: Beside | None = None  # the verify pass to run beside the write, started in the try below

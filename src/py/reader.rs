@@ -473,8 +473,9 @@ impl PyBackupReader {
         max_items: IntArg<'_>,
         max_bytes: IntArg<'_>,
     ) -> PyResult<usize> {
-        let (max_items, max_bytes) = batch_limits(&max_items, &max_bytes)?;
         self.guarded(py, |s, py| {
+            // Inside the guard, as in read_items: a refused argument fails the reader in both cores.
+            let (max_items, max_bytes) = batch_limits(&max_items, &max_bytes)?;
             let (mut count, mut bytes) = (0, 0usize);
             loop {
                 let mut job = AssertSend((s.decoder()?, (&mut count, &mut bytes)));

@@ -213,7 +213,7 @@ class BackupWriter:
         if state == expected:
             return
         if state == _W_POISONED:
-            raise _poisoned("BackupWriter")
+            raise _poisoned("backup writer")
         self._state = _W_POISONED
         raise InvalidArgumentError(
             f"BackupWriter.{method}() called out of order (the writer is {_W_STATE_NAMES[state]})"
@@ -649,7 +649,7 @@ class BackupReader:
         if state in allowed:
             return
         if state == _R_POISONED:
-            raise _poisoned("BackupReader")
+            raise _poisoned("backup reader")
         self._state = _R_POISONED
         raise InvalidArgumentError(
             f"BackupReader.{method}() called out of order (the reader is {_R_STATE_NAMES[state]})"
@@ -848,7 +848,14 @@ class BackupReader:
     def read_items(
         self, max_items: int = DEFAULT_BATCH_ITEMS, max_bytes: int = DEFAULT_BATCH_BYTES
     ) -> list[tuple[bytes, bytes | None]]:
-        self._enter((_R_IN_TREE, _R_TREE_END), "read_items")
+        return self._batch("read_items", max_items, max_bytes)
+
+    def skip_items(self, max_items: int = DEFAULT_BATCH_ITEMS, max_bytes: int = DEFAULT_BATCH_BYTES) -> int:
+        """read_items without handing the records out: how many were read and checked (0 at the end)."""
+        return len(self._batch("skip_items", max_items, max_bytes))
+
+    def _batch(self, method: str, max_items: int, max_bytes: int) -> list[tuple[bytes, bytes | None]]:
+        self._enter((_R_IN_TREE, _R_TREE_END), method)
         try:
             check_batch_limits(max_items, max_bytes)
             if self._state == _R_TREE_END:
@@ -857,10 +864,6 @@ class BackupReader:
         except BaseException:
             self._state = _R_POISONED
             raise
-
-    def skip_items(self, max_items: int = DEFAULT_BATCH_ITEMS, max_bytes: int = DEFAULT_BATCH_BYTES) -> int:
-        """read_items without handing the records out: how many were read and checked (0 at the end)."""
-        return len(self.read_items(max_items, max_bytes))
 
     def _read_items(self, max_items: int, max_bytes: int = DEFAULT_BATCH_BYTES) -> list[tuple[bytes, bytes | None]]:
         out: list[tuple[bytes, bytes | None]] = []

@@ -85,6 +85,11 @@ def _select_items(cursor: sqlite3.Cursor, tree: str, prefix: bytes) -> None:
         )
 
 
+def _has_schema(conn: sqlite3.Connection) -> bool:
+    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return {"trees", "kv"} <= names
+
+
 def _list_trees(conn: sqlite3.Connection) -> list[str]:
     return sorted(row[0] for row in conn.execute("SELECT name FROM trees"))
 
@@ -152,14 +157,17 @@ class SqliteStore(Store):
                     "put the file on a local filesystem"
                 )
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            # The tables are created under the write lock only where they are missing: opening a
+            # database to back it up must not wait for another connection's write transaction.
+            if not _has_schema(conn):
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
         except (sqlite3.Error, OSError) as e:
             if conn is not None:
                 conn.close()
