@@ -324,6 +324,18 @@ def test_a_chain_member_that_cannot_be_read_is_the_one_named(filled: Env, tmp_pa
     assert info.value.file is None  # the file the call was given: not repeated
 
 
+def test_parents_are_found_beside_a_symlinks_target_too(filled: Env) -> None:
+    """The newest backup given through a symlink in another directory: its parents are looked up
+    beside the link, then beside its target."""
+    full, i1 = _chain_of_two(filled)
+    links = filled.tmp / "links"
+    links.mkdir()
+    (links / "latest.dfb").symlink_to(i1)
+    assert restored(filled, links / "latest.dfb") == snapshot(filled.db)
+    (links / "full.dfb").symlink_to(full)  # beside the link, the same file: found there first
+    assert restored(filled, links / "latest.dfb", "again") == snapshot(filled.db)
+
+
 def test_parent_found_elsewhere_with_chain_option(filled: Env) -> None:
     full, i1 = _chain_of_two(filled)
     elsewhere = filled.tmp / "elsewhere"

@@ -118,7 +118,8 @@ def resolve_chain(
     """The chain ending with `newest`, oldest (its full backup) first, every link checked.
 
     `explicit`: the parents' paths, oldest first (`newest` itself may end the list). Otherwise the
-    parents are looked up by backup id in `lookup(directory)` of the directory holding `newest`.
+    parents are looked up by backup id in `lookup(directory)` of the directory holding `newest`
+    (as given; if that is a symlink to another directory, then also in its target's).
     """
     members = [newest]
     if explicit is not None:
@@ -139,7 +140,12 @@ def resolve_chain(
                 f"chain lists {', '.join(str(m.path) for m in given)}, which "
                 f"{'is' if len(given) == 1 else 'are'} not in the chain of backup {newest.backup_id}"
             )
-    found: ParentLookup | None = None
+    # The directory of the newest backup as given, then (if it is a symlink elsewhere) its target's.
+    given_path = newest.path or "."
+    directories = list(
+        dict.fromkeys(os.path.dirname(p) for p in (os.path.abspath(given_path), os.path.realpath(given_path)))
+    )
+    lookups: list[ParentLookup] = []
     while members[-1].is_incremental:
         child = members[-1]
         if explicit is not None:
@@ -147,15 +153,21 @@ def resolve_chain(
                 f"backup {child.backup_id} is an incremental of backup {child.parent_backup_id}, which chain= "
                 "does not list: give every parent, oldest (the full backup) first; nothing was written"
             )
-        directory = os.path.dirname(os.path.abspath(newest.path or "."))
-        if found is None:
-            found = lookup(directory)
-            found.remember(newest)
-        found_parent = found.get(str(child.parent_backup_id), child.parent_digest)
+        if not lookups:
+            lookups = [lookup(d) for d in directories]
+            for found in lookups:
+                found.remember(newest)
+        found_parent = None
+        for found in lookups:  # the next directory only if this one has no copy with the digest
+            copy = found.get(str(child.parent_backup_id), child.parent_digest)
+            if copy is not None and (found_parent is None or copy.checksum == child.parent_digest):
+                found_parent = copy  # a copy with another digest: check_link says what is wrong
+            if found_parent is not None and found_parent.checksum == child.parent_digest:
+                break
         if found_parent is None:
             raise IntegrityError(
                 f"backup {child.backup_id} is an incremental of backup {child.parent_backup_id}, which is not "
-                f"in {directory}: keep a chain's backups in one directory, or name the parents "
+                f"in {' or '.join(directories)}: keep a chain's backups in one directory, or name the parents "
                 "(RestoreOptions(chain=[...]) or BackupOptions(chain=[...]); CLI: --chain PARENT, once per parent); "
                 "nothing was written"
             )
