@@ -388,6 +388,31 @@ def test_a_locked_sqlite_database_is_named_as_locked(
         other.close()
 
 
+def test_an_interrupt_after_the_commit_says_the_restore_was_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datafold.cli import main
+    from datafold.manager import EncryptedBackupManager
+
+    if not hasattr(BaseException, "add_note"):
+        pytest.skip("exception notes are Python >= 3.11")
+    db, key, backup = tmp_path / "db.sqlite", tmp_path / "master.pem", tmp_path / "b.dfb"
+    with DbOperations.open(db, "sqlite") as handle:
+        handle.put("t", b"k", b"v")
+    expect(run("keygen", "--out", key), EXIT_OK)
+    expect(run("create", db, backup, "--key", key, "-q"), EXIT_OK)
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        e = KeyboardInterrupt()
+        e.add_note("datafold: the restore was already committed when this was raised")
+        raise e
+
+    monkeypatch.setattr(EncryptedBackupManager, "restore_backup", interrupted)
+    capsys.readouterr()
+    assert main(["restore", str(backup), str(tmp_path / "t.sqlite"), "--key", str(key), "-q"]) == 130
+    assert "interrupted: the restore was already committed" in capsys.readouterr().err
+
+
 def test_create_no_direct_reads(setup: Setup) -> None:
     out = setup.tmp / f"no-direct-{setup.backend}.dfb"
     args = ("create", setup.db, out, "--key", setup.key, "--no-direct-reads", "-q")
@@ -700,6 +725,9 @@ def test_incremental_chain(setup: Setup) -> None:
         f"inspect {other}` shows which key",
     )
     assert f"{incr}: " not in r.err
+    r = run("restore", incr, setup.new_db("chain-other-json"), "--key", setup.key, "--chain", other, "--json")
+    (error,) = [e for e in r.json_lines() if e["type"] == "error"]
+    assert error["file"] == str(other) and r.code == EXIT_KEY
     # An incremental of that incremental: its parent's parent is named with --chain.
     with DbOperations.open(db, setup.backend) as handle:
         handle.put("users", b"carol", b"new")

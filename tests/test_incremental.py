@@ -21,6 +21,7 @@ import lmdb
 import pytest
 from conftest import load_core
 from datafold import (
+    BackupFileNotFoundError,
     BackupMode,
     BackupOptions,
     DbOperations,
@@ -322,6 +323,20 @@ def test_a_chain_member_that_cannot_be_read_is_the_one_named(filled: Env, tmp_pa
     with pytest.raises(IntegrityError) as info:
         filled.manager.verify_backup(full)
     assert info.value.file is None  # the file the call was given: not repeated
+    # A missing member, and a genuine backup that is not the parent, are named too.
+    with pytest.raises(BackupFileNotFoundError) as missing:
+        restored(filled, i1, "r-missing", RestoreOptions(chain=[filled.backups / "gone.dfb", i1]))
+    assert missing.value.file == str(filled.backups / "gone.dfb")
+    unrelated = filled.backup("unrelated.dfb")
+    with pytest.raises(IntegrityError, match="not the parent") as info:
+        restored(filled, i1, "r-unrelated", RestoreOptions(chain=[unrelated]))
+    assert info.value.file == str(unrelated)
+    # A parent that cannot be read where it is looked up: the message says which files were skipped.
+    data = bytearray(full.read_bytes())
+    data[-5] ^= 1  # in the trailer segment: read_metadata fails
+    full.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="could not be read with this key: small-segments.dfb"):
+        restored(filled, i1, "r-skipped")
 
 
 def test_parents_are_found_beside_a_symlinks_target_too(filled: Env) -> None:

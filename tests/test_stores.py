@@ -389,6 +389,52 @@ def test_sqlite_opens_and_reads_while_another_connection_writes(tmp_path: Path) 
         other.close()
 
 
+def test_sqlite_in_rollback_journal_mode_waits_for_a_writer_when_opened(tmp_path: Path) -> None:
+    """Switching a rollback-journal database to WAL needs an exclusive lock, and SQLite refuses it at
+    once while another connection writes: the store retries for its timeout."""
+    import sqlite3
+
+    path = tmp_path / "journal.sqlite"
+    with DbOperations.open(path, "sqlite") as db:
+        db.put("t", b"a", b"1")
+    raw = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # the timer commits
+    assert raw.execute("PRAGMA journal_mode=DELETE").fetchone()[0] == "delete"
+    raw.execute("BEGIN IMMEDIATE")
+    raw.execute("INSERT INTO kv (tree, key, value) VALUES ('t', x'62', x'32')")
+    releaser = threading.Timer(0.3, lambda: raw.execute("COMMIT"))
+    releaser.start()
+    try:
+        started = time.monotonic()
+        with DbOperations.open(path, "sqlite", timeout=10) as db:
+            assert time.monotonic() - started >= 0.25
+            assert list(db.items("t")) == [(b"a", b"1"), (b"b", b"2")]
+    finally:
+        releaser.join()
+        raw.close()
+
+
+def test_sqlite_rows_that_are_not_blobs_are_a_store_error(tmp_path: Path) -> None:
+    """A row another program wrote into kv with other types is named, not taken for bytes."""
+    import sqlite3
+
+    path = tmp_path / "foreign-rows.sqlite"
+    with DbOperations.open(path, "sqlite") as db:
+        db.put("t", b"a", b"1")
+    for key, value, types in ((b"s", "text", "TEXT"), (b"i", 123, "INTEGER"), (b"r", 1.5, "REAL")):
+        raw = sqlite3.connect(path, isolation_level=None)
+        raw.execute("DELETE FROM kv WHERE key != x'61'")
+        raw.execute("INSERT INTO kv (tree, key, value) VALUES ('t', ?, ?)", (key, value))
+        raw.close()
+        with DbOperations.open(path, "sqlite") as db:
+            with pytest.raises(StoreError, match=f"tree 't' holds a row datafold did not write.*value of type {types}"):
+                list(db.items("t"))
+            with pytest.raises(StoreError, match="did not write"):
+                db.get("t", key)
+            with db.snapshot() as snap, pytest.raises(StoreError, match="did not write"):
+                for _ in snap.batches("t", b""):
+                    pass
+
+
 def test_argument_validation(db: DbOperations) -> None:
     with pytest.raises(InvalidArgumentError, match="tree"):
         db.put("", b"k", b"v")

@@ -13,9 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .errors import (
+    ArgumentTypeError,
     BackupError,
-    EncryptionKeyError,
-    FormatError,
     IntegrityError,
     InvalidArgumentError,
     VersionMismatchError,
@@ -44,12 +43,22 @@ def read_member(read_metadata: Callable[[str], BackupMetadata], path: str, role:
     """read_metadata(path) of a chain member, its errors about the file naming it (about_member)."""
     try:
         return read_metadata(path)
-    except (FormatError, VersionMismatchError, IntegrityError, EncryptionKeyError) as e:
+    except (InvalidArgumentError, ArgumentTypeError):
+        raise  # about the argument, not the file
+    except BackupError as e:  # missing, unreadable, damaged, another key: about this file
         raise about_member(e, path, role) from e
 
 
 def check_link(child: BackupMetadata, parent: BackupMetadata) -> None:
-    """IntegrityError unless `parent` is the backup `child` was made from."""
+    """IntegrityError (about `parent`'s file) unless `parent` is the backup `child` was made from."""
+    try:
+        _check_link(child, parent)
+    except IntegrityError as e:
+        e.file = parent.path
+        raise
+
+
+def _check_link(child: BackupMetadata, parent: BackupMetadata) -> None:
     if parent.backup_id != child.parent_backup_id:
         raise IntegrityError(
             f"{parent.path} is backup {parent.backup_id}, not the parent of backup {child.backup_id} "
@@ -71,11 +80,13 @@ class ParentLookup:
     rather than M for each link.
 
     `files()`: the directory's candidate paths, newest first; `read(path)`: the file's metadata, or
-    None for a file that is not a backup readable with this key (skipped)."""
+    the error that makes it no backup readable with this key (skipped, and kept in `unreadable`
+    for the message if the parent is not found)."""
 
-    def __init__(self, files: Callable[[], list[str]], read: Callable[[str], BackupMetadata | None]) -> None:
+    def __init__(self, files: Callable[[], list[str]], read: Callable[[str], BackupMetadata | BackupError]) -> None:
         self._files = files
         self._read = read
+        self.unreadable: list[tuple[str, BackupError]] = []
         self._pending: Iterator[str] | None = None
         self._found: dict[str, list[BackupMetadata]] = {}
         self._read_already: set[str] = set()
@@ -101,7 +112,9 @@ class ParentLookup:
             if os.path.realpath(path) in self._read_already:
                 continue
             meta = self._read(path)
-            if meta is not None:
+            if isinstance(meta, BackupError):
+                self.unreadable.append((path, meta))
+            else:
                 self.remember(meta)
                 if (hit := match()) is not None:
                     return hit
@@ -165,11 +178,18 @@ def resolve_chain(
             if found_parent is not None and found_parent.checksum == child.parent_digest:
                 break
         if found_parent is None:
+            skipped = [f"{os.path.basename(p)} ({e})" for found in lookups for p, e in found.unreadable]
+            unread = (
+                f" ({len(skipped)} file(s) there could not be read with this key: {'; '.join(skipped[:3])}"
+                f"{'; ...' if len(skipped) > 3 else ''})"
+                if skipped
+                else ""
+            )
             raise IntegrityError(
                 f"backup {child.backup_id} is an incremental of backup {child.parent_backup_id}, which is not "
-                f"in {' or '.join(directories)}: keep a chain's backups in one directory, or name the parents "
-                "(RestoreOptions(chain=[...]) or BackupOptions(chain=[...]); CLI: --chain PARENT, once per parent); "
-                "nothing was written"
+                f"in {' or '.join(directories)}{unread}: keep a chain's backups in one directory, or name the "
+                "parents (RestoreOptions(chain=[...]) or BackupOptions(chain=[...]); CLI: --chain PARENT, once per "
+                "parent); nothing was written"
             )
         check_link(child, found_parent)
         members.append(found_parent)

@@ -1334,9 +1334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args, out, ctx))
     except SystemExit as e:  # --help, --version
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         out.clear_bar()
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        # A note says when the interrupt came after a restore had committed (manager.py).
+        notes = [n.removeprefix("datafold: ") for n in getattr(e, "__notes__", ())]
+        print(f"{PROG}: interrupted{': ' + '; '.join(notes) if notes else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a message and an exit code
         out.clear_bar()
@@ -1365,7 +1367,7 @@ def _report(exc: BaseException, ctx: Context, out: Output, debug: bool) -> int:
         exit_code=code,
         error=type(exc).__name__,
         message=message,
-        file=ctx.file,
+        file=(exc.file if isinstance(exc, BackupError) else None) or ctx.file,
         hint=hint,
     )
     return code

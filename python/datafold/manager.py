@@ -367,11 +367,11 @@ class EncryptedBackupManager:
     def _parents_in(self, directory: str) -> ParentLookup:
         """The backups in `directory` readable with this key, for finding a chain's parents."""
 
-        def read(path: str) -> BackupMetadata | None:
+        def read(path: str) -> BackupMetadata | BackupError:
             try:
                 return self.read_metadata(path)
-            except BackupError:
-                return None  # not a backup of this key: list_backups would skip it too
+            except BackupError as e:
+                return e  # not a backup of this key: list_backups would skip it too
 
         return ParentLookup(lambda: [e.path for e in _backup_files(directory, newest_first=True)], read)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -85,6 +86,20 @@ def _select_items(cursor: sqlite3.Cursor, tree: str, prefix: bytes) -> None:
         )
 
 
+def _journal_mode_wal(conn: sqlite3.Connection, timeout: float) -> str:
+    """PRAGMA journal_mode=WAL, retried for up to `timeout` seconds: leaving a rollback journal
+    needs an exclusive lock, and SQLite reports another connection's lock at once there instead
+    of waiting (its busy timeout does not cover it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as e:
+            if not _is_locked(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _has_schema(conn: sqlite3.Connection) -> bool:
     names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     return {"trees", "kv"} <= names
@@ -96,7 +111,21 @@ def _list_trees(conn: sqlite3.Connection) -> list[str]:
 
 def _get(conn: sqlite3.Connection, tree: str, key: bytes) -> bytes | None:
     row = conn.execute("SELECT value FROM kv WHERE tree = ? AND key = ?", (tree, key)).fetchone()
-    return None if row is None else bytes(row[0])
+    return None if row is None else _blobs(tree, key, row[0])[1]
+
+
+_SQL_TYPES = {type(None): "NULL", str: "TEXT", int: "INTEGER", float: "REAL", bytes: "BLOB"}
+
+
+def _blobs(tree: str, key: object, value: object) -> tuple[bytes, bytes]:
+    """A row of kv as (key, value); StoreError for a row another program wrote with other types
+    (taking it as bytes would back up something else, or fail with a TypeError)."""
+    if type(key) is bytes and type(value) is bytes:
+        return key, value
+    raise StoreError(
+        f"tree {tree!r} holds a row datafold did not write: key of SQLite type {_SQL_TYPES.get(type(key), '?')}, "
+        f"value of type {_SQL_TYPES.get(type(value), '?')} (datafold stores BLOBs only); fix or remove that row"
+    )
 
 
 class SqliteStore(Store):
@@ -150,7 +179,7 @@ class SqliteStore(Store):
         conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(path, timeout=float(timeout), isolation_level=None, check_same_thread=False)
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _journal_mode_wal(conn, float(timeout))
             if str(mode).lower() != "wal":
                 raise StoreError(
                     f"cannot open SQLite database {path!r}: WAL journal mode could not be enabled (got {mode!r}); "
@@ -296,7 +325,7 @@ class SqliteStore(Store):
             try:
                 _select_items(cursor, tree, prefix)
                 for key, value in cursor:
-                    yield bytes(key), bytes(value)
+                    yield _blobs(tree, key, value)
             finally:
                 _close_quietly(cursor)
 
@@ -517,7 +546,7 @@ class _SqliteWriteTransaction(WriteTransaction):
             try:
                 _select_items(cursor, tree, prefix)
                 for key, value in cursor:
-                    yield bytes(key), bytes(value)
+                    yield _blobs(tree, key, value)
                     self._check()  # the transaction may have ended while the caller held the item
             finally:
                 _close_quietly(cursor)
@@ -604,7 +633,7 @@ class _SqliteSnapshot(ReadSnapshot):
                         self._cursors.append(cursor)
                         _select_items(cursor, tree, prefix)
                     # A batch of rows per lock round trip (per row it costs several times more).
-                    rows, more = take_batch((bytes(k), bytes(v)) for k, v in iter(cursor.fetchone, None))
+                    rows, more = take_batch(_blobs(tree, k, v) for k, v in iter(cursor.fetchone, None))
                 if rows:
                     yield rows
                 if not more:
