@@ -680,6 +680,10 @@ def test_demo(tmp_path: Path) -> None:
     assert [s["step"] for s in summary["steps"]] == ["build", "create", "verify", "restore", "digests"]
     assert (tmp_path / "demo.dfb").is_file()  # --dir keeps the files
     expect(run("demo", "--records", "10", "--dir", tmp_path, "--db-backend", "sqlite"), EXIT_USAGE, "already exists")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    expect(run("demo", "--records", "10", "--dir", a_file), EXIT_USAGE, "is not a directory")
+    expect(run("demo", "--records", "10", "--dir", a_file / "sub"), EXIT_IO, "cannot create directory")
 
 
 def test_incremental_chain(setup: Setup) -> None:

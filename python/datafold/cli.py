@@ -928,7 +928,16 @@ def cmd_list(args: argparse.Namespace, out: Output, ctx: Context) -> int:
 
 def cmd_demo(args: argparse.Namespace, out: Output, ctx: Context) -> int:
     if args.dir:
-        os.makedirs(args.dir, exist_ok=True)
+        if os.path.lexists(args.dir) and not os.path.isdir(args.dir):
+            raise UsageError(f"--dir {args.dir} is not a directory", "give a directory (created if missing)")
+        try:
+            os.makedirs(args.dir, exist_ok=True)
+        except OSError as e:
+            raise CliError(
+                f"cannot create directory {args.dir}: {e.strerror or e}",
+                "give a directory you may write to",
+                code=EXIT_IO,
+            ) from None
         return _demo(args, out, ctx, args.dir)
     with tempfile.TemporaryDirectory(prefix="datafold-demo-") as d:
         return _demo(args, out, ctx, d)
