@@ -78,7 +78,11 @@ def _errors(action: str) -> Iterator[None]:
 def _select_items(cursor: sqlite3.Cursor, tree: str, prefix: bytes) -> None:
     """Start the key-ordered range scan of tree for keys starting with prefix."""
     upper = prefix_successor(prefix)
-    if upper is None:
+    if not prefix:
+        # No lower bound: a key of another SQLite type (which sorts before every BLOB) is met and
+        # refused (_blobs), not left out of a whole-tree scan unseen.
+        cursor.execute("SELECT key, value FROM kv WHERE tree = ? ORDER BY key", (tree,))
+    elif upper is None:
         cursor.execute("SELECT key, value FROM kv WHERE tree = ? AND key >= ? ORDER BY key", (tree, prefix))
     else:
         cursor.execute(
