@@ -26,6 +26,7 @@ from typing import IO, Any, NoReturn
 from . import __version__
 from .core import core as _core
 from .errors import (
+    FILE_ERRORS,
     ArgumentTypeError,
     BackupError,
     BackupFileNotFoundError,
@@ -102,8 +103,13 @@ def exit_code(exc: BaseException) -> int:
 _LMDB_LIMITS = ("LMDB keys are at most", "LMDB allows at most", "LMDB cannot store an empty key")
 
 
+def _member_file(exc: BaseException) -> str | None:
+    """The chain member an error is about, when that is not the file the command was given."""
+    return exc.file if isinstance(exc, BackupError) else None
+
+
 def _hint(exc: BaseException, ctx: Context) -> str | None:
-    f = (exc.file if isinstance(exc, BackupError) else None) or ctx.file or "the backup"
+    f = _member_file(exc) or ctx.file or "the backup"
     cmd = ctx.command or "COMMAND"
     if isinstance(exc, CliError):
         return exc.hint
@@ -1358,9 +1364,8 @@ def _report(exc: BaseException, ctx: Context, out: Output, debug: bool) -> int:
     code = exit_code(exc)
     expected = isinstance(exc, (BackupError, CliError, OSError))
     message = str(exc) if expected else f"internal error: {type(exc).__name__}: {exc}"
-    about_file = (FormatError, VersionMismatchError, IntegrityError, EncryptionKeyError)
-    named = isinstance(exc, BackupError) and exc.file is not None  # a chain member: named already
-    if ctx.file and isinstance(exc, about_file) and not named and ctx.file not in message:
+    named = _member_file(exc) is not None  # a chain member: the message names it already
+    if ctx.file and isinstance(exc, FILE_ERRORS) and not named and ctx.file not in message:
         message = f"{ctx.file}: {message}"
     hint = _hint(exc, ctx)
     if debug:
@@ -1376,7 +1381,7 @@ def _report(exc: BaseException, ctx: Context, out: Output, debug: bool) -> int:
         exit_code=code,
         error=type(exc).__name__,
         message=message,
-        file=(exc.file if isinstance(exc, BackupError) else None) or ctx.file,
+        file=_member_file(exc) or ctx.file,
         hint=hint,
     )
     return code

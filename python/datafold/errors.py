@@ -15,6 +15,7 @@ __all__ = [
     "StoreError",
     "InvalidArgumentError",
     "ArgumentTypeError",
+    "FILE_ERRORS",
 ]
 
 
@@ -86,3 +87,8 @@ class InvalidArgumentError(BackupError, ValueError):
 
 class ArgumentTypeError(BackupError, TypeError):
     """An argument or option has the wrong type."""
+
+
+# The errors about a backup file's content or key (as opposed to its path, the store or an
+# argument): which file they are about is worth naming (chain.about_member, the CLI's prefix).
+FILE_ERRORS = (FormatError, VersionMismatchError, IntegrityError, EncryptionKeyError)

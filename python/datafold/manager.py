@@ -19,17 +19,16 @@ from .atomic import TEMP_SUFFIX, AtomicFile
 from .chain import ParentLookup, about_member, chain_trees, read_member, resolve_chain
 from .chain import tree_names as chain_tree_names
 from .errors import (
+    FILE_ERRORS,
     ArgumentTypeError,
     BackupError,
     BackupFileNotFoundError,
     BackupIOError,
     DatabaseError,
     EncryptionKeyError,
-    FormatError,
     IntegrityError,
     InvalidArgumentError,
     StoreError,
-    VersionMismatchError,
 )
 from .keys import MasterKeyPair, derive_backup_key
 from .metadata import BackupMetadata, BackupResult, BackupStats, RestoreStats, SourceInfo
@@ -41,8 +40,6 @@ from .stores import DbOperations, ReadSnapshot, WriteTransaction, is_metadata_tr
 __all__ = ["EncryptedBackupManager"]
 
 READ_BATCH = 4096
-# The errors that are about a backup file (which file: chain.about_member).
-_ABOUT_A_FILE = (FormatError, VersionMismatchError, IntegrityError, EncryptionKeyError)
 Trailer = tuple[int, int, list[tuple[str, int, int, bytes]], bytes]
 
 
@@ -284,7 +281,7 @@ class EncryptedBackupManager:
         try:
             with self._db.snapshot() as snap:
                 metadata = self._create_from(snap, path, options, meter, chain)
-        except _ABOUT_A_FILE as e:
+        except FILE_ERRORS as e:
             if chain is None:
                 raise
             raise self._damaged_member(chain, e) from e
@@ -375,19 +372,35 @@ class EncryptedBackupManager:
 
         return ParentLookup(lambda: [e.path for e in _backup_files(directory, newest_first=True)], read)
 
-    def _damaged_member(self, chain: list[BackupMetadata], error: BackupError, given: str | None = None) -> BackupError:
-        """`error`, met while reading a chain's backups together (the merge cannot tell whose
-        segment it was), as the error of the first member that does not verify on its own, named
-        (about_member); `error` itself if that member is `given` (the file the call was given) or
-        if every member verifies (a chain that does not fit together: its message says so)."""
+    def _verify_chain(
+        self,
+        chain: list[BackupMetadata],
+        given: BackupMetadata | None,
+        meter: Callable[[], Meter],
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Verifies each member of `chain` on its own (a meter from `meter()` each). An error about
+        a member other than `given` (the backup the call was given) names it (about_member)."""
         for member in chain:
             assert member.path is not None
             try:
-                self._verify_file(member.path, Meter(None))
-            except _ABOUT_A_FILE as e:
-                if given is not None and _same_file(member.path, given):
-                    return error
-                return about_member(e, member.path, "chain member")
+                self._verify_file(member.path, meter(), stop)
+            except FILE_ERRORS as e:
+                if member is given:
+                    raise
+                raise about_member(e, member.path, "chain member") from e
+
+    def _damaged_member(
+        self, chain: list[BackupMetadata], error: BackupError, given: BackupMetadata | None = None
+    ) -> BackupError:
+        """`error`, met while reading a chain's backups together (the merge cannot tell whose
+        segment it was), as the error of the first member that does not verify on its own
+        (_verify_chain); `error` itself if that member is `given` or if every member verifies (a
+        chain that does not fit together: its message says so)."""
+        try:
+            self._verify_chain(chain, given, lambda: Meter(None))
+        except FILE_ERRORS as named:
+            return named if named.file is not None else error
         return error
 
     @contextmanager
@@ -588,8 +601,8 @@ class EncryptedBackupManager:
                 with self._chain_readers(chain, meter) as readers:
                     for name, merge in chain_trees(self._core, chain, readers, in_backup):
                         visit(name, merge)
-            except _ABOUT_A_FILE as e:
-                raise self._damaged_member(chain, e, path) from e
+            except FILE_ERRORS as e:
+                raise self._damaged_member(chain, e, newest) from e
             meter.end()
             return None
 
@@ -600,14 +613,7 @@ class EncryptedBackupManager:
         stop_verifying = threading.Event()
 
         def verify_chain(stop: threading.Event | None = None, side: Meter | None = None) -> None:
-            for member in chain:
-                assert member.path is not None
-                try:
-                    self._verify_file(member.path, Meter(progress) if side is None else side, stop)
-                except _ABOUT_A_FILE as e:
-                    if member is newest:
-                        raise
-                    raise about_member(e, member.path, "chain member") from e
+            self._verify_chain(chain, newest, lambda: Meter(progress) if side is None else side, stop)
 
         verifying: _Background | None = None
         beside: Beside | None = None  # the verify pass to run beside the write, started in the try below
