@@ -46,22 +46,25 @@ pub fn run_beside<J: Send>(
         own();
         return jobs.into_iter().try_for_each(f);
     }
-    // The other threads have only jobs to do: no more of them than jobs.
-    let more = (threads - 2).min(jobs.len().saturating_sub(1));
+    // The helpers: one for `side` (then jobs), the others for jobs only; no more than jobs.
+    let helpers = (threads - 1).min(jobs.len().max(1));
     let queue = Queue::new(jobs);
-    let (queue, f) = (&queue, &f);
-    std::thread::scope(|scope| {
-        let mut helpers = vec![scope.spawn(move || {
+    let side = Mutex::new(Some(side));
+    let take_side = || side.lock().expect("side task").take();
+    let task = || {
+        if let Some(side) = take_side() {
             side();
-            queue.work(f);
-        })];
-        helpers.extend((0..more).map(|_| scope.spawn(move || queue.work(f))));
-        own();
-        queue.work(f);
-        for h in helpers {
-            h.join().expect("segment worker panicked");
         }
+        queue.work(&f);
+    };
+    crate::pool::run(helpers, &task, || {
+        own();
+        queue.work(&f);
     });
+    // No helper was free to take it: the side task runs here, after the jobs.
+    if let Some(side) = take_side() {
+        side();
+    }
     queue.first_error()
 }
 

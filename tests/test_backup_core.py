@@ -1226,6 +1226,36 @@ def test_threads_do_not_change_the_bytes(core: ModuleType, backup_key: bytes, th
         core.BackupReader(io.BytesIO(one[0]), threads=-1)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs os.fork and /proc")
+def test_a_forked_child_seals_and_opens_in_parallel(backup_key: bytes) -> None:
+    """The Rust core keeps its helper threads for the life of the process (src/pool.rs). A child
+    forked after they started has none of them: it must start its own, not wait for the
+    parent's (a multiprocessing worker forked by a program that made a backup, say)."""
+    rust = load_core("rust")
+    trees: Trees = [("t", [(b"%06d" % i, bytes([i % 251]) * 3000) for i in range(3000)])]
+    data, _, _ = write_backup(rust, backup_key, trees, segment_size=1 << 20, threads=2)
+    assert read_all(rust, data, backup_key)[1] == dict(trees)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if both directions work
+        status = 1
+        try:
+            alone = len(os.listdir("/proc/self/task"))
+            again, _, _ = write_backup(rust, backup_key, trees, segment_size=1 << 20, threads=2)
+            status = 0 if again == data and read_all(rust, again, backup_key)[1] == dict(trees) else 2
+            if len(os.listdir("/proc/self/task")) <= alone:
+                status = 3  # it worked alone, believing the parent's helpers were there
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
 class TrickleSink:
     """A raw-file-like sink that takes at most 1000 bytes per write() and says how many."""
 
