@@ -1,5 +1,7 @@
 //! AES-GCM through `aws-lc-rs` (AWS-LC: AES-NI/VAES/AVX-512 chosen at run time; picked over
-//! `ring` and RustCrypto `aes-gcm` by measurement, see docs/BENCHMARKS.md).
+//! `ring` and RustCrypto `aes-gcm` by measurement, see docs/BENCHMARKS.md), except for opening
+//! in place (`open_detached`, `open`: the reader's hot path), which goes through `ring`: its
+//! VAES + AVX2 code opens ~1.8x faster where there is no AVX-512.
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
 
@@ -8,7 +10,7 @@ use crate::error::{Error, Result};
 pub const NONCE_LENGTH: usize = 12;
 pub const TAG_LENGTH: usize = 16;
 
-pub struct AesGcm(LessSafeKey);
+pub struct AesGcm(LessSafeKey, ring::aead::LessSafeKey);
 
 impl AesGcm {
     /// A 16-byte key selects AES-128-GCM, a 32-byte key AES-256-GCM.
@@ -22,9 +24,18 @@ impl AesGcm {
                 )))
             }
         };
-        let key = UnboundKey::new(alg, key)
-            .map_err(|_| Error::Crypto("AES-GCM key setup failed".into()))?;
-        Ok(AesGcm(LessSafeKey::new(key)))
+        let ring_alg = if key.len() == 16 {
+            &ring::aead::AES_128_GCM
+        } else {
+            &ring::aead::AES_256_GCM
+        };
+        let setup_failed = || Error::Crypto("AES-GCM key setup failed".into());
+        let opener = ring::aead::UnboundKey::new(ring_alg, key).map_err(|_| setup_failed())?;
+        let key = UnboundKey::new(alg, key).map_err(|_| setup_failed())?;
+        Ok(AesGcm(
+            LessSafeKey::new(key),
+            ring::aead::LessSafeKey::new(opener),
+        ))
     }
 
     /// Encrypts `buf` in place and returns the tag.
@@ -86,7 +97,8 @@ impl AesGcm {
     }
 
     /// Decrypts `ciphertext` in place, checking `tag`. `false` means it did not authenticate
-    /// (the buffer then holds garbage that must not be used).
+    /// (the buffer then holds garbage that must not be used). Through ring: its VAES + AVX2
+    /// code opens ~1.8x faster than AWS-LC's where there is no AVX-512.
     pub fn open_detached(
         &self,
         nonce: &[u8; NONCE_LENGTH],
@@ -94,13 +106,13 @@ impl AesGcm {
         ciphertext: &mut [u8],
         tag: &[u8; TAG_LENGTH],
     ) -> bool {
-        // The separate-tag form: aws-lc-rs's `open_in_place` takes a much slower path.
-        self.0
+        self.1
             .open_in_place_separate_tag(
-                Nonce::assume_unique_for_key(*nonce),
-                Aad::from(aad),
-                tag,
+                ring::aead::Nonce::assume_unique_for_key(*nonce),
+                ring::aead::Aad::from(aad),
+                ring::aead::Tag::from(*tag),
                 ciphertext,
+                0..,
             )
             .is_ok()
     }
@@ -161,6 +173,14 @@ mod tests {
                 let valid = t["result"].as_str() != Some("invalid");
                 let mut buf = h("ct");
                 buf.extend_from_slice(&h("tag"));
+                // Opening out of place goes through AWS-LC, in place through ring: both checked.
+                let tag: [u8; TAG_LENGTH] = h("tag").try_into().unwrap();
+                let mut out = vec![0; h("ct").len()];
+                let by_aws_lc = cipher.open_to(&nonce, &h("aad"), &h("ct"), &tag, &mut out);
+                assert_eq!(by_aws_lc, valid, "tcId {} out of place", t["tcId"]);
+                if valid {
+                    assert_eq!(out, h("msg"));
+                }
                 let opened = cipher.open(&nonce, &h("aad"), &mut buf);
                 if valid {
                     let n = opened.unwrap_or_else(|| panic!("tcId {} should open", t["tcId"]));

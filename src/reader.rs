@@ -56,12 +56,10 @@ pub fn truncated() -> Error {
 
 pub struct BackupDecoder {
     cipher: SegmentCipher,
-    /// The plaintext is `plain[..end]` (the buffer keeps its length: no zeroing per batch).
+    /// The plaintext read so far ends at `plain[end]`; the buffer is the last batch's (see
+    /// `push_batch_beside`) and keeps its length: no zeroing per batch.
     plain: Vec<u8>,
     end: usize,
-    /// The next batch is opened into this buffer while `plain[hashed..pos]` is digested; then
-    /// the two swap.
-    spare: Vec<u8>,
     /// Parse cursor into `plain`; `plain[hashed..pos]` is parsed but not yet digested.
     pos: usize,
     hashed: usize,
@@ -97,7 +95,6 @@ impl BackupDecoder {
             cipher,
             plain: Vec::new(),
             end: 0,
-            spare: Vec::new(),
             pos: 0,
             hashed: 0,
             next_segment: 0,
@@ -171,6 +168,21 @@ impl BackupDecoder {
         threads: usize,
         own: impl FnOnce(),
     ) -> Result<()> {
+        let mut batch = Batch::default();
+        batch.hold_segments(segments);
+        self.push_batch_beside(&mut batch, threads, own)
+    }
+
+    /// Opens the segments of `batch` in place, in parallel, and takes its buffer as the
+    /// plaintext (the batch gets the old buffer back, for a later read), after what is not
+    /// parsed yet: that is copied into the room the batch leaves in front. What is parsed but
+    /// not digested is digested meanwhile, and `own` runs on the calling thread.
+    pub fn push_batch_beside(
+        &mut self,
+        batch: &mut Batch,
+        threads: usize,
+        own: impl FnOnce(),
+    ) -> Result<()> {
         self.guarded(|s| {
             let mut index = s.next_segment;
             let mut ended = s.ended;
@@ -178,17 +190,17 @@ impl BackupDecoder {
             // A segment of a wrong length fails the read, but only after the segments before it
             // are opened: the first damage in file order is the one reported, as by the pure core.
             let mut bad_length = None;
-            for &(segment, last) in segments {
+            for cut in &batch.cuts {
                 let full = s.cipher.params.ciphertext_length(index);
                 bad_length = if ended {
                     Some(Error::integrity(
                         "data follows the last segment of the backup",
                     ))
-                } else if segment.len() > full || (!last && segment.len() != full) {
+                } else if cut.len > full || (!cut.last && cut.len != full) {
                     Some(Error::integrity(
                         "backup segment has the wrong length (corrupted file)",
                     ))
-                } else if segment.len() < TAG_LENGTH {
+                } else if cut.len < TAG_LENGTH {
                     Some(Error::integrity(format!(
                         "backup is truncated or corrupted (segment {index} is shorter than its tag)"
                     )))
@@ -198,24 +210,33 @@ impl BackupDecoder {
                 if bad_length.is_some() {
                     break;
                 }
-                total += segment.len() - TAG_LENGTH;
+                total += cut.body();
                 index += 1;
-                ended = last;
+                ended = cut.last;
             }
-            let segments = &segments[..(index - s.next_segment) as usize];
-            // The new plaintext goes to the spare buffer, after what is not parsed yet; what is
-            // parsed but not digested is digested meanwhile, then the buffers swap.
-            let start = s.end - s.pos;
-            if s.spare.len() < start + total {
-                s.spare.resize(start + total, 0);
-            }
-            s.spare[..start].copy_from_slice(&s.plain[s.pos..s.end]);
-            let mut jobs = Vec::with_capacity(segments.len());
-            let mut dst = &mut s.spare[start..start + total];
-            for (i, &(segment, last)) in segments.iter().enumerate() {
-                let (out, rest) = dst.split_at_mut(segment.len() - TAG_LENGTH);
-                jobs.push((s.next_segment + i as u64, last, segment, out));
-                dst = rest;
+            let count = (index - s.next_segment) as usize;
+            // The ciphertexts lie back to back from HEADROOM on; what is not parsed yet goes
+            // just before them, or, if longer than that room, they move up after it.
+            let rest = s.end - s.pos;
+            let base = match HEADROOM.checked_sub(rest) {
+                Some(base) => base,
+                None => {
+                    if batch.buf.len() < rest + total {
+                        batch.buf.resize(rest + total, 0);
+                    }
+                    batch.buf.copy_within(HEADROOM..HEADROOM + total, rest);
+                    0
+                }
+            };
+            let shift = base + rest - HEADROOM;
+            batch.buf[base..base + rest].copy_from_slice(&s.plain[s.pos..s.end]);
+            let mut jobs = Vec::with_capacity(count);
+            let mut dst = &mut batch.buf[base + rest..base + rest + total];
+            for (i, (cut, tag)) in batch.cuts[..count].iter().zip(&batch.tags).enumerate() {
+                debug_assert_eq!(cut.start + shift, base + rest + (total - dst.len()));
+                let (body, after) = dst.split_at_mut(cut.body());
+                jobs.push((s.next_segment + i as u64, cut.last, body, tag));
+                dst = after;
             }
             let (cipher, digests) = (&s.cipher, &mut s.digests);
             let parsed = &s.plain[s.hashed..s.pos];
@@ -225,15 +246,15 @@ impl BackupDecoder {
                 threads,
                 || digests.absorb(parsed),
                 own,
-                |(i, last, seg, out)| cipher.open_to(i, last, seg, out),
+                |(i, last, body, tag)| cipher.open_in_place_tagged(i, last, body, tag),
             )?;
             if let Some(e) = bad_length {
                 return Err(e);
             }
-            std::mem::swap(&mut s.plain, &mut s.spare);
-            s.end = start + total;
-            s.pos = 0;
-            s.hashed = 0;
+            std::mem::swap(&mut s.plain, &mut batch.buf);
+            s.end = base + rest + total;
+            s.pos = base;
+            s.hashed = base;
             s.next_segment = index;
             s.ended = ended;
             Ok(())
@@ -612,10 +633,17 @@ impl SegmentFeeder {
     }
 }
 
-/// Reads batches of ciphertext segments into two buffers reused from batch to batch (no fresh
-/// memory per segment): while one batch is opened, the next can be read into the other
-/// (`split`). It reads one byte past each batch, so that, as with `SegmentFeeder`, a segment is
-/// last only when no byte follows it; that byte is carried to the front of the next batch.
+/// Room left in front of a batch's plaintext for the part of a record that the batch before
+/// ends in: that part is copied there, rather than the batch moved after it.
+const HEADROOM: usize = (1 << 20) + 4096;
+
+/// Reads batches of ciphertext segments into buffers reused from batch to batch (no fresh
+/// memory per segment): while one batch is opened, the next can be read into another
+/// (`split`). Each segment's ciphertext goes right after the one before and its tag to a table
+/// of its own, so that, opened in place, a batch is the plaintext in order: the batch's buffer
+/// then becomes the decoder's (`BackupDecoder::push_batch_beside`). It reads one byte past each
+/// batch, so that, as with `SegmentFeeder`, a segment is last only when no byte follows it;
+/// that byte is carried to the next batch.
 #[derive(Default)]
 pub struct SegmentReader {
     /// The batch handed out last.
@@ -625,80 +653,185 @@ pub struct SegmentReader {
     ready: bool,
 }
 
+/// One segment of a batch as read.
+#[derive(Clone, Copy, Debug)]
+struct Cut {
+    /// Where its ciphertext (without the tag) starts in `Batch::buf`.
+    start: usize,
+    /// Its length as read, tag included: the full length, except for the segment the input
+    /// ends in.
+    len: usize,
+    last: bool,
+}
+
+impl Cut {
+    fn body(&self) -> usize {
+        self.len.saturating_sub(TAG_LENGTH)
+    }
+}
+
 #[derive(Default)]
-struct Batch {
+pub struct Batch {
+    /// From `HEADROOM` on: the segments' ciphertexts without their tags, back to back.
     buf: Vec<u8>,
-    /// `buf[..end]` was read; `buf[consumed..end]` (the byte read past the batch) belongs to the
-    /// batch after it.
-    end: usize,
-    consumed: usize,
-    /// Each segment's range in `buf` and whether it is the last.
-    cuts: Vec<(usize, usize, bool)>,
+    tags: Vec<[u8; TAG_LENGTH]>,
+    cuts: Vec<Cut>,
+    /// The byte read past the batch: the first of the next one.
+    carry: Option<u8>,
     /// The full segment lengths this batch was read for.
     lens: Vec<usize>,
 }
 
 impl Batch {
-    fn carried(&self) -> &[u8] {
-        &self.buf[self.consumed..self.end]
-    }
-
-    fn segments(&self) -> Vec<(&[u8], bool)> {
-        self.cuts
-            .iter()
-            .map(|&(a, b, last)| (&self.buf[a..b], last))
-            .collect()
+    pub fn segment_count(&self) -> usize {
+        self.cuts.len()
     }
 
     fn ends_input(&self) -> bool {
-        self.cuts.last().is_some_and(|c| c.2)
+        self.cuts.last().is_some_and(|c| c.last)
     }
 
-    /// Reads the segments of full lengths `lens`, after `carried` (the byte read past the batch
-    /// before); fewer when the input ends earlier (the one it ends in is flagged last, and may be
-    /// short or empty).
+    /// Each segment as it was in the input (ciphertext || tag), and whether it is the last.
+    #[cfg(test)]
+    fn joined(&self) -> Vec<(Vec<u8>, bool)> {
+        self.cuts
+            .iter()
+            .zip(&self.tags)
+            .map(|(c, tag)| {
+                let mut seg = self.buf[c.start..c.start + c.body()].to_vec();
+                seg.extend_from_slice(&tag[..c.len.min(TAG_LENGTH)]);
+                (seg, c.last)
+            })
+            .collect()
+    }
+
+    /// A batch holding `segments` (ciphertext || tag), as `fill` would have read them.
+    fn hold_segments(&mut self, segments: &[(&[u8], bool)]) {
+        let bodies: usize = segments
+            .iter()
+            .map(|(s, _)| s.len().saturating_sub(TAG_LENGTH))
+            .sum();
+        self.buf.resize(self.buf.len().max(HEADROOM + bodies), 0);
+        self.tags.clear();
+        self.cuts.clear();
+        let mut start = HEADROOM;
+        for &(segment, last) in segments {
+            let body = segment.len().saturating_sub(TAG_LENGTH);
+            self.buf[start..start + body].copy_from_slice(&segment[..body]);
+            let mut tag = [0; TAG_LENGTH];
+            let rest = &segment[body..];
+            tag[..rest.len()].copy_from_slice(rest);
+            self.tags.push(tag);
+            self.cuts.push(Cut {
+                start,
+                len: segment.len(),
+                last,
+            });
+            start += body;
+        }
+        self.carry = None;
+    }
+
+    /// Reads the segments of full lengths `lens` (each at least a tag long), starting with
+    /// `carry` (the byte read past the batch before); fewer when the input ends earlier (the one
+    /// it ends in is flagged last, and may be short or empty).
     fn fill<E>(
         &mut self,
-        carried: &[u8],
+        carry: Option<u8>,
         lens: &[usize],
         mut read_into: impl FnMut(&mut [u8]) -> std::result::Result<usize, E>,
     ) -> std::result::Result<(), E> {
-        let want = lens.iter().sum::<usize>() + 1;
-        if self.buf.len() < want {
-            self.buf.resize(want, 0);
+        let bodies: usize = lens.iter().map(|l| l.saturating_sub(TAG_LENGTH)).sum();
+        if self.buf.len() < HEADROOM + bodies {
+            self.buf.resize(HEADROOM + bodies, 0);
         }
-        self.buf[..carried.len()].copy_from_slice(carried);
-        self.end = carried.len();
-        self.cuts.clear();
+        // One more slot for the byte past the batch: what a source is lent must be heap memory
+        // that `SegmentReader::leak_buffers` can give up.
+        self.tags.clear();
+        self.tags.resize(lens.len() + 1, [0; TAG_LENGTH]);
         self.lens.clear();
         self.lens.extend_from_slice(lens);
-        while self.end < want {
-            let n = read_into(&mut self.buf[self.end..want])?;
+        let want = lens.iter().sum::<usize>() + 1;
+        // The input is laid out as: segment k's ciphertext at `body_at`, its tag in tags[k],
+        // ..., then the byte past the batch. `(k, at)`: the next byte goes to segment k, `at`
+        // bytes into it.
+        let (mut k, mut at, mut body_at, mut placed) = (0usize, 0usize, HEADROOM, 0usize);
+        loop {
+            let dst: &mut [u8] = match lens.get(k) {
+                Some(&len) => {
+                    let body = len.saturating_sub(TAG_LENGTH);
+                    if at < body {
+                        &mut self.buf[body_at + at..body_at + body]
+                    } else {
+                        &mut self.tags[k][at - body..]
+                    }
+                }
+                None => &mut self.tags[k][..1],
+            };
+            let n = match (placed, carry) {
+                (0, Some(byte)) => {
+                    dst[0] = byte;
+                    1
+                }
+                _ => read_into(dst)?.min(dst.len()),
+            };
             if n == 0 {
                 break;
             }
-            // A reader claiming more than it was given space for is refused by `read_into`
-            // itself; never trust it here either.
-            self.end += n.min(want - self.end);
+            placed += n;
+            at += n;
+            if let Some(&len) = lens.get(k) {
+                if at == len {
+                    body_at += len.saturating_sub(TAG_LENGTH);
+                    (k, at) = (k + 1, 0);
+                }
+            }
+            if placed == want {
+                break;
+            }
         }
-        let mut pos = 0;
-        for &len in lens {
-            let stop = (pos + len).min(self.end);
-            let last = stop == self.end;
-            self.cuts.push((pos, stop, last));
+        self.cuts.clear();
+        let (mut pos, mut start) = (0, HEADROOM);
+        for (k, &len) in lens.iter().enumerate() {
+            let stop = (pos + len).min(placed);
+            let last = stop == placed;
+            let got = stop - pos;
+            let body = len.saturating_sub(TAG_LENGTH);
+            if got < len {
+                // The input ends in this segment: its tag is the last bytes read (all of them
+                // if fewer than a tag), which may have gone to its ciphertext's place.
+                let kept = got.min(TAG_LENGTH);
+                let mut tag = [0; TAG_LENGTH];
+                for (i, t) in tag[..kept].iter_mut().enumerate() {
+                    let p = got - kept + i;
+                    *t = if p < body {
+                        self.buf[start + p]
+                    } else {
+                        self.tags[k][p - body]
+                    };
+                }
+                self.tags[k] = tag;
+            }
+            self.cuts.push(Cut {
+                start,
+                len: got,
+                last,
+            });
             pos = stop;
+            start += body;
             if last {
                 break;
             }
         }
-        self.consumed = pos;
+        self.carry = (placed == want).then_some(self.tags[lens.len()][0]);
+        self.tags.truncate(self.cuts.len());
         Ok(())
     }
 }
 
 /// Reads the batch after the current one (from `SegmentReader::split`), on any thread.
 pub struct ReadAhead<'a> {
-    carried: &'a [u8],
+    carry: Option<u8>,
     next: &'a mut Batch,
     ready: &'a mut bool,
 }
@@ -711,7 +844,7 @@ impl ReadAhead<'_> {
         lens: &[usize],
         read_into: impl FnMut(&mut [u8]) -> std::result::Result<usize, E>,
     ) -> std::result::Result<(), E> {
-        self.next.fill(self.carried, lens, read_into)?;
+        self.next.fill(self.carry, lens, read_into)?;
         *self.ready = true;
         Ok(())
     }
@@ -733,22 +866,22 @@ impl SegmentReader {
                 "the batch read ahead has other segments"
             );
         } else {
-            self.next.fill(self.current.carried(), lens, read_into)?;
+            self.next.fill(self.current.carry, lens, read_into)?;
         }
         std::mem::swap(&mut self.current, &mut self.next);
         self.ready = false;
         Ok(())
     }
 
-    /// The current batch's segments, and a reader for the batch after it to run meanwhile
-    /// (None once the current batch ends the input).
-    pub fn split(&mut self) -> (Vec<(&[u8], bool)>, Option<ReadAhead<'_>>) {
-        let ahead = (!self.current.ends_input()).then(|| ReadAhead {
-            carried: self.current.carried(),
+    /// The current batch, and a reader for the batch after it to run meanwhile (None once the
+    /// current batch ends the input).
+    pub fn split(&mut self) -> (&mut Batch, Option<ReadAhead<'_>>) {
+        let ahead = (!self.current.ends_input()).then_some(ReadAhead {
+            carry: self.current.carry,
             next: &mut self.next,
             ready: &mut self.ready,
         });
-        (self.current.segments(), ahead)
+        (&mut self.current, ahead)
     }
 
     /// Gives up both buffers for good (something outside may still write to them) and starts
@@ -849,15 +982,15 @@ mod tests {
     /// SegmentReader cuts and flags segments exactly like SegmentFeeder, whatever the read sizes.
     #[test]
     fn segment_reader_matches_segment_feeder() {
-        let lens = |i: u64| if i == 0 { 7 } else { 10 };
-        for total in 0..60usize {
+        let lens = |i: u64| if i == 0 { 23 } else { 30 };
+        for total in 0..130usize {
             let data: Vec<u8> = (0..total as u32).map(|i| i as u8).collect();
             // Reference: SegmentFeeder, one segment at a time.
             let mut expected = Vec::new();
             let (mut feeder, mut pos, mut i) = (SegmentFeeder::default(), 0usize, 0u64);
             loop {
                 let (seg, last) = feeder
-                    .next(lens(i), 10, |n| -> Result<Vec<u8>> {
+                    .next(lens(i), 30, |n| -> Result<Vec<u8>> {
                         let end = (pos + n).min(data.len());
                         let v = data[pos..end].to_vec();
                         pos = end;
@@ -870,7 +1003,7 @@ mod tests {
                     break;
                 }
             }
-            for (batch, chunk) in [(1usize, 1usize), (2, 3), (3, 100), (1, 4)] {
+            for (batch, chunk) in [(1usize, 1usize), (2, 3), (3, 100), (1, 17), (2, 40)] {
                 // Every batch read when asked for, or every batch after the first read ahead
                 // while the one before is handed out (as the binding does).
                 for read_ahead in [false, true] {
@@ -885,12 +1018,13 @@ mod tests {
                     loop {
                         let want: Vec<usize> = (i..i + batch as u64).map(lens).collect();
                         reader.advance(&want, &mut read).unwrap();
-                        let (segs, ahead) = reader.split();
+                        let (current, ahead) = reader.split();
+                        let segs = current.joined();
                         assert!(!segs.is_empty());
                         let ends = segs.last().unwrap().1;
                         assert_eq!(ahead.is_none(), ends);
                         i += segs.len() as u64;
-                        got.extend(segs.into_iter().map(|(s, l)| (s.to_vec(), l)));
+                        got.extend(segs);
                         if ends {
                             break;
                         }

@@ -220,6 +220,23 @@ impl SegmentCipher {
         }
     }
 
+    /// Decrypts segment `index` in place: `body` is its ciphertext without the tag, `tag` the
+    /// tag that followed it.
+    pub fn open_in_place_tagged(
+        &self,
+        index: u64,
+        last: bool,
+        body: &mut [u8],
+        tag: &[u8; TAG_LENGTH],
+    ) -> Result<()> {
+        let nonce = self.nonce(index, last)?;
+        if self.aead.open_detached(&nonce, &[], body, tag) {
+            Ok(())
+        } else {
+            Err(auth_failed(index))
+        }
+    }
+
     /// Decrypts segment `index` in place; returns the plaintext length (a prefix of `segment`).
     pub fn open_in_place(&self, index: u64, last: bool, segment: &mut [u8]) -> Result<usize> {
         if segment.len() < TAG_LENGTH {

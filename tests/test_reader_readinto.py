@@ -170,10 +170,15 @@ def _big_backup(segment_size: int) -> tuple[bytes, list[tuple[bytes, bytes]]]:
 @pytest.mark.parametrize(
     ("mode", "error"), [("oserror", BackupIOError), ("too_many", BackupError), ("keep_slice", BackupError)]
 )
-@pytest.mark.parametrize("after", [2, 3])
+@pytest.mark.parametrize("where", ["batch", "ahead"])
 def test_a_failed_read_ahead_poisons_the_reader(
-    segment_size: int, threads: int, mode: str, error: type[Exception], after: int
+    segment_size: int, threads: int, mode: str, error: type[Exception], where: str
 ) -> None:
+    # The Rust reader reads each segment's ciphertext and tag in two calls, and a byte past each
+    # batch: unlock() makes 3; the first feed reads its batch (2 segments per thread), then the
+    # next one ahead while the workers decrypt.
+    unlock_calls, batch_calls = 3, 2 * (2 * threads) + 1
+    after = unlock_calls + 1 if where == "batch" else unlock_calls + batch_calls + 1
     data, _ = _big_backup(segment_size)
     src = FailsLater(data, mode, after)
     r = core.BackupReader(src, threads=threads)

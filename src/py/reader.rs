@@ -304,10 +304,10 @@ impl PyBackupReader {
         // read_metadata() need no more. One thread would read and decrypt one after the other
         // all the same.
         let ahead = ahead.filter(|_| threads > 1 && index > 0);
-        let next_index = index + batch.len() as u64;
+        let next_index = index + batch.segment_count() as u64;
         let mut read_ahead = None;
         let opened = py.detach(|| {
-            dec.push_segments_beside(&batch, threads, || {
+            dec.push_batch_beside(batch, threads, || {
                 if let Some(ahead) = ahead {
                     read_ahead = Some(Python::attach(|py| {
                         let mut leaked = false;
