@@ -14,8 +14,8 @@
 use std::any::Any;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
@@ -44,46 +44,55 @@ struct State {
     /// Helpers waiting for work (polling or asleep), and how many of them are asleep.
     idle: usize,
     asleep: usize,
-    /// The process the helpers belong to: a forked child has none of them.
-    pid: u32,
 }
 
 struct Pool {
+    /// The process whose helpers these are: a forked child has none of them.
+    pid: u32,
     state: Mutex<State>,
     wake: Condvar,
     /// `queue.len()`, readable without the lock by polling helpers.
     queued: AtomicUsize,
 }
 
+/// This process's pool. A child forked after the pool started gets a new one: the helpers (and
+/// the lock, if one of them held it at the fork) stayed with the parent; the old pool is left
+/// as it is.
 fn pool() -> &'static Pool {
-    static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| Pool {
+    static POOL: AtomicPtr<Pool> = AtomicPtr::new(std::ptr::null_mut());
+    let pid = std::process::id();
+    let current = POOL.load(Ordering::Acquire);
+    // SAFETY: pools are never freed once published.
+    if let Some(pool) = unsafe { current.as_ref() } {
+        if pool.pid == pid {
+            return pool;
+        }
+    }
+    let fresh = Box::into_raw(Box::new(Pool {
+        pid,
         state: Mutex::new(State {
             queue: VecDeque::new(),
             idle: 0,
             asleep: 0,
-            pid: std::process::id(),
         }),
         wake: Condvar::new(),
         queued: AtomicUsize::new(0),
-    })
+    }));
+    match POOL.compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire) {
+        // SAFETY: just published, never freed.
+        Ok(_) => unsafe { &*fresh },
+        Err(other) => {
+            // SAFETY: `fresh` was never shared; `other` is published, never freed.
+            drop(unsafe { Box::from_raw(fresh) });
+            unsafe { &*other }
+        }
+    }
 }
 
 impl Pool {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Nothing runs user code under this lock, so a poisoned lock still holds a valid state.
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let pid = std::process::id();
-        if state.pid != pid {
-            *state = State {
-                queue: VecDeque::new(),
-                idle: 0,
-                asleep: 0,
-                pid,
-            };
-            self.queued.store(0, Ordering::Relaxed);
-        }
-        state
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues `count` tickets for `scope`, starting helpers so that each can be claimed at once.

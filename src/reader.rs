@@ -215,25 +215,20 @@ impl BackupDecoder {
                 ended = cut.last;
             }
             let count = (index - s.next_segment) as usize;
-            // The ciphertexts lie back to back from HEADROOM on; what is not parsed yet goes
-            // just before them, or, if longer than that room, they move up after it.
+            // The ciphertexts lie back to back from HEADROOM on. What is not parsed yet (the
+            // start of a record the batch ends) goes just before them, and the batch's buffer
+            // becomes the plaintext. A tail longer than that room stays where it is and the
+            // opened batch is appended to it: a record of many batches is copied once per
+            // batch, not once per batch for all that came before it.
             let rest = s.end - s.pos;
-            let base = match HEADROOM.checked_sub(rest) {
-                Some(base) => base,
-                None => {
-                    if batch.buf.len() < rest + total {
-                        batch.buf.resize(rest + total, 0);
-                    }
-                    batch.buf.copy_within(HEADROOM..HEADROOM + total, rest);
-                    0
-                }
-            };
-            let shift = base + rest - HEADROOM;
-            batch.buf[base..base + rest].copy_from_slice(&s.plain[s.pos..s.end]);
+            let in_place = rest <= HEADROOM;
+            if in_place {
+                batch.buf[HEADROOM - rest..HEADROOM].copy_from_slice(&s.plain[s.pos..s.end]);
+            }
             let mut jobs = Vec::with_capacity(count);
-            let mut dst = &mut batch.buf[base + rest..base + rest + total];
+            let mut dst = &mut batch.buf[HEADROOM..HEADROOM + total];
             for (i, (cut, tag)) in batch.cuts[..count].iter().zip(&batch.tags).enumerate() {
-                debug_assert_eq!(cut.start + shift, base + rest + (total - dst.len()));
+                debug_assert_eq!(cut.start, HEADROOM + (total - dst.len()));
                 let (body, after) = dst.split_at_mut(cut.body());
                 jobs.push((s.next_segment + i as u64, cut.last, body, tag));
                 dst = after;
@@ -251,10 +246,25 @@ impl BackupDecoder {
             if let Some(e) = bad_length {
                 return Err(e);
             }
-            std::mem::swap(&mut s.plain, &mut batch.buf);
-            s.end = base + rest + total;
-            s.pos = base;
-            s.hashed = base;
+            if in_place {
+                std::mem::swap(&mut s.plain, &mut batch.buf);
+                s.pos = HEADROOM - rest;
+                s.end = HEADROOM + total;
+            } else {
+                // Everything before `pos` is digested now: move the tail to the front (once:
+                // nothing is parsed until the record is whole), then append.
+                if s.pos > 0 {
+                    s.plain.copy_within(s.pos..s.end, 0);
+                }
+                let end = rest + total;
+                if s.plain.len() < end {
+                    s.plain.resize(end, 0);
+                }
+                s.plain[rest..end].copy_from_slice(&batch.buf[HEADROOM..HEADROOM + total]);
+                s.pos = 0;
+                s.end = end;
+            }
+            s.hashed = s.pos;
             s.next_segment = index;
             s.ended = ended;
             Ok(())

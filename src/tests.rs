@@ -470,3 +470,38 @@ fn digest_beside_sealing_and_opening_matches_the_sequential_one() {
         }
     }
 }
+
+/// Records longer than the room the reader leaves in front of a batch (1 MiB + 4 KiB) span many
+/// batches: their start stays put and each opened batch is appended to it. Mixed with small
+/// records on both sides, at segment sizes that put the boundaries anywhere.
+#[test]
+fn records_longer_than_a_batch_and_its_headroom_read_back() {
+    let mut next = crate::test_support::xorshift(0x9e37_79b9_7f4a_7c15);
+    let mut items = Vec::new();
+    for (i, len) in [
+        10,
+        3 << 20,
+        7,
+        (1 << 20) + 4095,
+        (1 << 20) + 4097,
+        5,
+        5 << 20,
+        0,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let v: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        items.push(((i as u32).to_be_bytes().to_vec(), Some(v)));
+    }
+    let trees: Vec<Tree> = vec![("t".into(), items)];
+    for segment_size in [4096u32, 5000, 1 << 20] {
+        let (file, trailer) = encode(&trees, segment_size);
+        for (batch, threads) in [(1, 1), (4, 2), (3, 3)] {
+            let (_, read, t) =
+                crate::reader::read_all_batched(&file, &KEY, batch, threads).unwrap();
+            assert!(read == trees, "segment {segment_size} batch {batch}");
+            assert_eq!(t.digest, trailer.digest);
+        }
+    }
+}
