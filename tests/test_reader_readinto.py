@@ -8,6 +8,7 @@ import io
 from typing import Any
 
 import pytest
+from conftest import load_core
 from datafold.errors import BackupError, BackupIOError, IntegrityError
 from datafold.progress import Meter, ProgressEvent
 
@@ -105,7 +106,7 @@ class Misbehaving(ReadIntoOnly):
     ("mode", "error"),
     [
         ("oserror", BackupIOError),
-        ("none", TypeError),
+        ("none", BackupIOError),
         ("str", TypeError),
         ("negative", TypeError),
         ("too_many", BackupError),
@@ -209,3 +210,37 @@ def test_reading_ahead_reads_the_same_and_not_past_the_header_on_unlock(segment_
             got.extend(batch)
     assert got == items
     assert src._f.tell() == len(data)
+
+
+class NoDataYet:
+    """A non-blocking source with only read(): None (no data yet) after `after` bytes."""
+
+    def __init__(self, data: bytes, after: int) -> None:
+        self._f = io.BytesIO(data)
+        self.after = after
+
+    def read(self, n: int) -> bytes | None:
+        if self._f.tell() >= self.after:
+            return None
+        return self._f.read(min(n, self.after - self._f.tell()))
+
+
+@pytest.mark.parametrize("after", [0, 10, 5000, 20_000])
+def test_a_source_with_no_data_yet_is_an_io_error_in_both_cores(after: int) -> None:
+    """None from read() or readinto() is a non-blocking file's "no data yet", not the end of the
+    backup: both cores say so with a BackupIOError (the pure core read it as the end, the Rust
+    core raised TypeError)."""
+    data = _backup()
+    messages = set()
+    for name in ("rust", "pure"):
+        c = load_core(name)
+        with pytest.raises(BackupIOError) as info:
+            r = c.BackupReader(NoDataYet(data, after))
+            r.unlock(KEY)
+            while r.next_tree() is not None:
+                while r.read_items():
+                    pass
+        messages.add(str(info.value))
+    assert messages == {
+        "the source returned None (a non-blocking file with no data yet): read backups from a blocking file"
+    }

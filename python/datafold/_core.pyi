@@ -138,7 +138,10 @@ class BackupReader:
     preamble only (no key needed, so a passphrase's KDF parameters can be read first); unlock()
     reads the first segment and no further. With threads > 1 the Rust core then reads each batch of
     segments (2 per thread) while other threads open the one before, on the calling thread with the
-    GIL held, so the source is read up to one batch ahead of the records handed out."""
+    GIL held, so the source is read up to one batch ahead of the records handed out. The source
+    is read like a blocking file: read(n) (or readinto(), which the Rust core prefers: two calls
+    per segment, its ciphertext then its tag, and one byte past each batch) returns fewer bytes
+    only at the end; None (a non-blocking file with no data yet) is a BackupIOError."""
 
     def __init__(self, source: _Source, *, threads: int = 0) -> None: ...
     @property

@@ -9,7 +9,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
-use super::errors::{BackupError, FormatError, InvalidArgumentError};
+use super::errors::{BackupError, BackupIOError, FormatError, InvalidArgumentError};
 use super::lmdb::{AssertSend, PyLmdbWriter, WrittenTuple};
 use super::writer::trailer_tuple;
 use super::{batch_limit, batch_limits, secret_arg, untracked_pair, IntArg, PyResultExt};
@@ -81,6 +81,14 @@ impl PyPreamble {
 }
 
 /// Reads exactly `n` bytes, fewer only at the end of the input.
+/// What a non-blocking source says when it has no data yet (`read()` / `readinto()` return None);
+/// the pure core says the same.
+fn no_data_yet() -> PyErr {
+    BackupIOError::new_err(
+        "the source returned None (a non-blocking file with no data yet): read backups from a blocking file",
+    )
+}
+
 fn read_up_to(source: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<u8>> {
     let py = source.py();
     let mut out = Vec::with_capacity(n);
@@ -88,6 +96,9 @@ fn read_up_to(source: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<u8>> {
         let chunk = source
             .call_method1("read", (n - out.len(),))
             .io_context(py, "reading the backup")?;
+        if chunk.is_none() {
+            return Err(no_data_yet());
+        }
         let done = super::with_bytes(&chunk, |b| {
             out.extend_from_slice(b);
             b.is_empty()
@@ -163,6 +174,9 @@ fn read_into(
         let chunk = source
             .call_method1("read", (dst.len(),))
             .io_context(py, "reading the backup")?;
+        if chunk.is_none() {
+            return Err(no_data_yet());
+        }
         return super::with_bytes(&chunk, |b| {
             if b.len() > dst.len() {
                 return Err(BackupError::new_err(
@@ -198,6 +212,9 @@ fn read_into(
         return Err(BackupError::new_err(
             "source.readinto() kept a reference to the buffer it was given",
         ));
+    }
+    if n.is_none() {
+        return Err(no_data_yet());
     }
     let n: usize = n.extract().map_err(|_| {
         PyTypeError::new_err(format!(

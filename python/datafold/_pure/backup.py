@@ -493,6 +493,9 @@ def digest_batches(
 # _R_TREE_END is READY right after a tree's TREE_END: read_items() keeps returning [] there.
 # read_items batches: at most this many records, or records up to this many key+value bytes.
 DEFAULT_BATCH_ITEMS = 4096
+# What a non-blocking source's read() returning None (no data yet) is reported as; the Rust core
+# says the same.
+NO_DATA_YET = "the source returned None (a non-blocking file with no data yet): read backups from a blocking file"
 DEFAULT_BATCH_BYTES = 16 << 20
 
 
@@ -660,7 +663,9 @@ class BackupReader:
             data = self._source.read(n)
         except OSError as exc:
             raise BackupIOError(f"reading the backup failed: {exc}") from exc
-        return data or b""
+        if data is None:  # what a non-blocking file returns while it has no data: not the end
+            raise BackupIOError(NO_DATA_YET)
+        return data
 
     def _read_exact(self, n: int) -> bytes:
         """Up to n bytes; fewer only at the end of the source."""
