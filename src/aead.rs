@@ -1,6 +1,6 @@
 //! AES-GCM through `aws-lc-rs` (AWS-LC: AES-NI/VAES/AVX-512 chosen at run time; picked over
 //! `ring` and RustCrypto `aes-gcm` by measurement, see docs/BENCHMARKS.md), except for opening
-//! in place (`open_detached`, `open`: the reader's hot path), which goes through `ring`: its
+//! in place (`open_detached`: the reader's hot path), which goes through `ring`: its
 //! VAES + AVX2 code opens ~1.8x faster where there is no AVX-512.
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
@@ -116,16 +116,6 @@ impl AesGcm {
             )
             .is_ok()
     }
-
-    /// Decrypts `buf` = ciphertext || tag in place; returns the plaintext length.
-    /// `None` means the tag did not authenticate.
-    pub fn open(&self, nonce: &[u8; NONCE_LENGTH], aad: &[u8], buf: &mut [u8]) -> Option<usize> {
-        let n = buf.len().checked_sub(TAG_LENGTH)?;
-        let (ciphertext, tag) = buf.split_at_mut(n);
-        let tag: [u8; TAG_LENGTH] = (&*tag).try_into().ok()?;
-        self.open_detached(nonce, aad, ciphertext, &tag)
-            .then_some(n)
-    }
 }
 
 #[cfg(test)]
@@ -171,8 +161,6 @@ mod tests {
                 let cipher = AesGcm::new(&h("key")).unwrap();
                 let nonce: [u8; 12] = h("iv").try_into().unwrap();
                 let valid = t["result"].as_str() != Some("invalid");
-                let mut buf = h("ct");
-                buf.extend_from_slice(&h("tag"));
                 // Opening out of place goes through AWS-LC, in place through ring: both checked.
                 let tag: [u8; TAG_LENGTH] = h("tag").try_into().unwrap();
                 let mut out = vec![0; h("ct").len()];
@@ -181,16 +169,17 @@ mod tests {
                 if valid {
                     assert_eq!(out, h("msg"));
                 }
-                let opened = cipher.open(&nonce, &h("aad"), &mut buf);
+                let mut buf = h("ct");
+                let opened = cipher.open_detached(&nonce, &h("aad"), &mut buf, &tag);
                 if valid {
-                    let n = opened.unwrap_or_else(|| panic!("tcId {} should open", t["tcId"]));
-                    assert_eq!(&buf[..n], &h("msg")[..]);
+                    assert!(opened, "tcId {} should open", t["tcId"]);
+                    assert_eq!(buf, h("msg"));
                     let mut enc = h("msg");
                     let tag = cipher.seal(&nonce, &h("aad"), &mut enc).unwrap();
                     assert_eq!(enc, h("ct"));
                     assert_eq!(tag.to_vec(), h("tag"));
                 } else {
-                    assert!(opened.is_none(), "tcId {} should fail", t["tcId"]);
+                    assert!(!opened, "tcId {} should fail", t["tcId"]);
                 }
                 checked[(key_size == 256) as usize] += 1;
             }

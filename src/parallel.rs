@@ -28,10 +28,11 @@ pub fn run<J: Send>(
     run_beside(jobs, bytes, threads, || {}, || {}, f)
 }
 
-/// `run`, with two more tasks: `side` (the digest of plaintext, say) on a thread of its own
-/// and `own` (reading the next batch, say: it may take the GIL) on the calling thread, each
-/// before that thread turns to the jobs; so with two cores the jobs fill whatever time the
-/// other two tasks leave. Small batches or one thread: `side`, `own`, then the jobs, on the
+/// `run`, with two more tasks: `side` (the digest of plaintext, say) on a helper thread
+/// (src/pool.rs) and `own` (reading the next batch, say: it may take the GIL) on the calling
+/// thread, each before that thread turns to the jobs; so with two cores the jobs fill whatever
+/// time the other two tasks leave. If no helper is free in time, `side` runs on the calling
+/// thread after the jobs. Small batches or one thread: `side`, `own`, then the jobs, on the
 /// calling thread.
 pub fn run_beside<J: Send>(
     jobs: Vec<J>,

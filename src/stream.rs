@@ -239,13 +239,14 @@ impl SegmentCipher {
 
     /// Decrypts segment `index` in place; returns the plaintext length (a prefix of `segment`).
     pub fn open_in_place(&self, index: u64, last: bool, segment: &mut [u8]) -> Result<usize> {
-        if segment.len() < TAG_LENGTH {
-            return Err(short_segment(index));
-        }
-        let nonce = self.nonce(index, last)?;
-        self.aead
-            .open(&nonce, &[], segment)
-            .ok_or_else(|| auth_failed(index))
+        let n = segment
+            .len()
+            .checked_sub(TAG_LENGTH)
+            .ok_or_else(|| short_segment(index))?;
+        let (body, tag) = segment.split_at_mut(n);
+        let tag: [u8; TAG_LENGTH] = (&*tag).try_into().expect("16-byte tag");
+        self.open_in_place_tagged(index, last, body, &tag)?;
+        Ok(n)
     }
 }
 

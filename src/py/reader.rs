@@ -80,7 +80,6 @@ impl PyPreamble {
     }
 }
 
-/// Reads exactly `n` bytes, fewer only at the end of the input.
 /// What a non-blocking source says when it has no data yet (`read()` / `readinto()` return None);
 /// the pure core says the same.
 fn no_data_yet() -> PyErr {
@@ -89,6 +88,7 @@ fn no_data_yet() -> PyErr {
     )
 }
 
+/// Reads exactly `n` bytes, fewer only at the end of the input.
 fn read_up_to(source: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<u8>> {
     let py = source.py();
     let mut out = Vec::with_capacity(n);
