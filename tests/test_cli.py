@@ -467,6 +467,41 @@ def test_list(setup: Setup) -> None:
     expect(run("list", setup.tmp / "no-such-dir", "--key", setup.key), EXIT_IO, "does not exist")
 
 
+def test_list_and_inspect_quote_names_a_terminal_would_act_on(setup: Setup) -> None:
+    # A name from the directory or the backup holding a newline or an escape sequence must not
+    # break the table or reach the terminal raw; a byte that is not UTF-8 shows as \\xNN.
+    directory = setup.tmp / f"odd-names-{setup.backend}"
+    directory.mkdir()
+    for name in ("new\nline.dfb", "esc\x1b[31mred.dfb", "plain.dfb"):
+        shutil.copy(setup.backup, directory / name)
+    shutil.copy(setup.backup, os.fsencode(directory) + b"/\xff.dfb")
+    (directory / "bad\nnote.txt").write_text("not a backup")
+    r = expect(run("list", directory, "--key", setup.key), EXIT_OK)
+    assert "\x1b" not in r.out and "\x1b" not in r.err
+    lines = r.out.splitlines()
+    assert len(lines) == 5  # the header and one line per backup
+    files = sorted(line.split("  ")[-1] for line in lines[1:])
+    assert files == ["'\\xff.dfb'", "'esc\\x1b[31mred.dfb'", "'new\\nline.dfb'", "plain.dfb"]
+    assert "skipped '" in r.err and "bad\\nnote.txt'" in r.err
+    # JSON keeps the names themselves (a non-UTF-8 byte as os.fsdecode gives it).
+    doc = expect(run("list", directory, "--key", setup.key, "--json"), EXIT_OK).summary()
+    assert sorted(Path(b["path"]).name for b in doc["backups"]) == sorted(
+        ["new\nline.dfb", "esc\x1b[31mred.dfb", "plain.dfb", "\udcff.dfb"]
+    )
+
+    db = setup.new_db("odd-trees")
+    with DbOperations.open(db, setup.backend) as handle:
+        handle.put("line\nbreak", b"k", b"v")
+        handle.put("esc\x1b[2J", b"k", b"v")
+    backup = setup.tmp / f"odd-trees-{setup.backend}.dfb"
+    expect(run("create", db, backup, "--key", setup.key, "-q"), EXIT_OK)
+    r = expect(run("inspect", backup, "--key", setup.key), EXIT_OK)
+    assert "\x1b" not in r.out
+    assert "'line\\nbreak'" in r.out and "'esc\\x1b[2J'" in r.out
+    doc = expect(run("inspect", backup, "--key", setup.key, "--json"), EXIT_OK).summary()
+    assert {t["name"] for t in doc["trees"]} == {"line\nbreak", "esc\x1b[2J"}
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -166,6 +166,27 @@ def _hint(exc: BaseException, ctx: Context) -> str | None:
 # --------------------------------------------------------------------------- output
 
 
+def _shown(name: str) -> str:
+    """`name` fit for one line of a terminal: as is when every character is printable, else
+    quoted with escapes (as `ls` quotes names), so a file or tree name holding a newline or an
+    escape sequence can neither break a table nor drive the terminal. A byte that is not UTF-8
+    (held as a surrogate by os.fsdecode) shows as \\xNN."""
+    if name.isprintable():
+        return name
+    out = []
+    for ch in name:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # surrogateescape of an undecodable byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch in "\\'":
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(repr(ch)[1:-1])  # \n, \t, \x1b, \u200b, ...
+    return "'" + "".join(out) + "'"
+
+
 def _count(n: int | None) -> str:
     return "?" if n is None else f"{n:,}"
 
@@ -856,13 +877,13 @@ def cmd_inspect(args: argparse.Namespace, out: Output, ctx: Context) -> int:
             else f"{meta.mode} backup (first in its chain, no parent)"
         )
         if meta.deleted_trees:
-            chain += f"; trees deleted since the parent: {', '.join(meta.deleted_trees)}"
+            chain += f"; trees deleted since the parent: {', '.join(map(_shown, meta.deleted_trees))}"
         opts = ", ".join(f"{k}={v}" for k, v in sorted(meta.options.items())) or "-"
         rows += [
             ("backup id", meta.backup_id),
             ("created", meta.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")),
             ("chain", chain),
-            ("source", f"{meta.source.backend} {meta.source.path}"),
+            ("source", f"{meta.source.backend} {_shown(meta.source.path)}"),
             ("options", opts),
             ("compression", meta.compression or "none"),
             ("stream digest", meta.checksum),
@@ -874,7 +895,7 @@ def cmd_inspect(args: argparse.Namespace, out: Output, ctx: Context) -> int:
         out.text(f"{'trees':<{width}}  (encrypted: give the key to list them)", always=True)
         return EXIT_OK
     table = [("TREE", "ITEMS", "BYTES", "DIGEST (keyed BLAKE3)")]
-    table += [(n, _count(t.item_count), _size(t.byte_count), t.digest) for n, t in meta.trees.items()]
+    table += [(_shown(n), _count(t.item_count), _size(t.byte_count), t.digest) for n, t in meta.trees.items()]
     table.append(("total", _count(meta.total_items), _size(meta.total_bytes), ""))
     w = [max(len(r[i]) for r in table) for i in range(3)]
     out.text("", always=True)
@@ -918,7 +939,7 @@ def cmd_list(args: argparse.Namespace, out: Output, ctx: Context) -> int:
                         str(len(m.trees)),
                         _count(m.total_items),
                         _size(m.file_size),
-                        os.path.basename(m.path or ""),
+                        _shown(os.path.basename(m.path or "")),
                     )
                 )
             w = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
@@ -928,7 +949,7 @@ def cmd_list(args: argparse.Namespace, out: Output, ctx: Context) -> int:
                     always=True,
                 )
         for s in skipped:
-            print(f"{PROG}: skipped {s['path']}: {s['reason']}", file=sys.stderr)
+            print(f"{PROG}: skipped {_shown(s['path'])}: {_shown(s['reason'])}", file=sys.stderr)
     return EXIT_OK
 
 
