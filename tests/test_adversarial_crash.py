@@ -128,7 +128,9 @@ elif point in ("read-back", "verify"):
     at_call(EncryptedBackupManager, "_scan")
 elif point == "fsync":
     at_call(os, "fsync")
-elif point in ("linked", "safety-linked"):
+elif point in ("linked-new", "safety-linked"):
+    at_call(os, "link", after=True)
+elif point == "linked":
     at_call(os, "replace")
 elif point == "renamed":
     at_call(os, "replace", after=True)
@@ -188,7 +190,11 @@ def visible_backups(manager: EncryptedBackupManager, directory: Path) -> list[st
         return [Path(m.path).name for m in manager.list_backups(directory)]
 
 
-CREATE_POINTS = ["opened", "mid-stream", "named-temp-mid-stream", "read-back", "fsync", "linked", "renamed"]
+CREATE_POINTS = [
+    *("opened", "mid-stream", "named-temp-mid-stream", "read-back", "fsync"),
+    *("linked-new", "linked", "renamed"),
+]
+REPLACING = ("linked", "renamed")  # points met only when a file is at the destination already
 
 
 @pytest.mark.parametrize(
@@ -196,33 +202,45 @@ CREATE_POINTS = ["opened", "mid-stream", "named-temp-mid-stream", "read-back", "
     [(p, "rust") for p in CREATE_POINTS] + [("mid-stream", "pure"), ("read-back", "pure")],
 )
 def test_sigkill_during_create_backup(tmp_path: Path, backend: str, point: str, core: str) -> None:
-    """No file at the destination (until the rename, after which it is complete), and nothing
-    list_backups would show; a stray named temporary file at most, which it skips."""
+    """Nothing new at the destination until the commit point (the link of a new file, the rename
+    over an older one), after which the file is complete; nothing list_backups would show but
+    that; a stray named temporary file at most, which it skips."""
     db_path = db_location(tmp_path, backend)
     with DbOperations.open(db_path, backend) as db:
         fill(db, DATA)
     backups = tmp_path / "backups"
     backups.mkdir()
     destination = backups / "b.dfb"
+    older = b""
+    if point in REPLACING:
+        with DbOperations.open(db_location(tmp_path, backend, "older"), backend) as db:
+            fill(db, {"older": {b"k": b"v"}})
+            EncryptedBackupManager(db, MasterKeyPair.from_private_bytes(SEED), core=core).create_backup(destination)
+        older = destination.read_bytes()
     marker = tmp_path / "at-point"
     kill_at_marker(run_child(tmp_path, core, "create", point, backend, db_path, destination, marker), marker)
 
     names = os.listdir(backups)
     with DbOperations.open(db_path, backend) as db:
         manager = EncryptedBackupManager(db, MasterKeyPair.from_private_bytes(SEED), core=core)
-        if point == "renamed":  # the rename is the commit point: the file is whole
-            assert names == ["b.dfb"]
+        if point in ("linked-new", "renamed"):  # past the commit point: the new file is whole
+            assert names == ["b.dfb"]  # and no temporary name was ever left for a crash to strand
             assert manager.verify_backup(destination).total_items == sum(map(len, DATA.values()))
             assert visible_backups(manager, backups) == ["b.dfb"]
             return
-        assert not destination.exists()
         strays = [n for n in names if n.endswith(TEMP_SUFFIX)]
-        assert names == strays, names
+        if point in REPLACING:
+            assert destination.read_bytes() == older  # the older backup is untouched
+            assert sorted(names) == sorted(["b.dfb", *strays]), names
+            assert visible_backups(manager, backups) == ["b.dfb"]
+        else:
+            assert not destination.exists()
+            assert names == strays, names
+            assert visible_backups(manager, backups) == []
         if point in ("named-temp-mid-stream", "linked"):
             assert len(strays) == 1  # (documented: a crash there leaves one hidden *.dfb-tmp)
         else:
             assert strays == []  # the unnamed O_TMPFILE inode vanished with the process
-        assert visible_backups(manager, backups) == []
         # and the next backup to the same path works
         manager.create_backup(destination, BackupOptions(segment_size=4096))
         assert visible_backups(manager, backups) == ["b.dfb"]
@@ -258,8 +276,15 @@ def test_sigkill_during_restore_backup(tmp_path: Path, backend: str, point: str,
         manager = EncryptedBackupManager(db, keys, core=core)
         after = as_snapshot({**PRIOR, **{t: {**PRIOR.get(t, {}), **items} for t, items in DATA.items()}})
         assert snapshot(db) == (after if point == "committed" else before)
-        assert visible_backups(manager, backups) == ["source.dfb"]
-        assert not [n for n in os.listdir(backups) if n.endswith(".dfb") and n != "source.dfb"]
+        others = sorted(n for n in os.listdir(backups) if n != "source.dfb")
+        if point == "safety-linked":  # killed once the safety backup is in place: it is whole
+            (safety,) = others
+            assert safety.startswith("source.dfb.pre-restore-") and safety.endswith(".dfb")
+            manager.verify_backup(backups / safety)
+            assert visible_backups(manager, backups) == sorted(["source.dfb", safety])
+        else:
+            assert others == []
+            assert visible_backups(manager, backups) == ["source.dfb"]
         stats = manager.restore_backup(backup, RestoreOptions(overwrite_existing=True))  # no lock left behind
         assert stats.verified and snapshot(db) == after
 

@@ -1,8 +1,9 @@
 """A file that appears at its path complete or not at all.
 
 Linux: the data goes to an unnamed O_TMPFILE inode in the destination directory, so a crash or
-SIGKILL at any point before `commit()` leaves nothing behind; `commit()` fsyncs, links it under a
-temporary name and renames it into place, then fsyncs the directory. Where O_TMPFILE is not
+SIGKILL at any point before `commit()` leaves nothing behind; `commit()` fsyncs, links it at its
+path when no file is there (the link is atomic and replaces nothing), else under a temporary name
+that it renames over the old file, then fsyncs the directory. Where O_TMPFILE is not
 supported it falls back to a named hidden temporary file that is removed on any failure. A path that
 is a symlink is written through (its target is replaced, the link stays); a device, pipe or socket
 there is refused, since a rename would replace it with a file.
@@ -218,6 +219,20 @@ class AtomicFile:
                 return None
             raise
 
+    def _link_unnamed(self, name: str) -> bool:
+        """Gives the unnamed inode the name `name`: linkat(AT_SYMLINK_FOLLOW) through /proc (Python
+        only calls linkat, not link, when a dir_fd is given). The link is atomic and never replaces
+        a file: False if one is there. Straight at the final path, the file appears whole or not
+        at all, with no temporary name in between that a crash could leave behind."""
+        proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.link(str(self.file.fileno()), name, src_dir_fd=proc_fd, follow_symlinks=True)
+        except FileExistsError:
+            return False
+        finally:
+            os.close(proc_fd)
+        return True
+
     def commit(self) -> None:
         """Makes the file durable and puts it at its path (replacing an older file there)."""
         try:
@@ -226,17 +241,14 @@ class AtomicFile:
             if error is not None:
                 raise error
             os.fsync(self.file.fileno())
-            if self._temp_name is None:
-                self._temp_name = os.path.join(self._dir, f".{uuid.uuid4().hex}{TEMP_SUFFIX}")
-                # linkat(AT_SYMLINK_FOLLOW) through /proc gives the unnamed inode a name; Python only
-                # calls linkat (not link) when a dir_fd is given.
-                proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.link(str(self.file.fileno()), self._temp_name, src_dir_fd=proc_fd, follow_symlinks=True)
-                finally:
-                    os.close(proc_fd)
-            os.replace(self._temp_name, self.path)
-            self._temp_name = None
+            if self._temp_name is not None or not self._link_unnamed(self.path):
+                if self._temp_name is None:
+                    # A file is at the path: name the inode beside it, then rename over it.
+                    self._temp_name = os.path.join(self._dir, f".{uuid.uuid4().hex}{TEMP_SUFFIX}")
+                    if not self._link_unnamed(self._temp_name):
+                        raise FileExistsError(errno.EEXIST, "temporary name taken", self._temp_name)
+                os.replace(self._temp_name, self.path)
+                self._temp_name = None
             self.file.close()
             dir_fd = os.open(self._dir, os.O_RDONLY)
             try:
