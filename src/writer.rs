@@ -1,8 +1,16 @@
 //! The backup encoder: frames records, digests them and seals Tink segments. It does no I/O:
 //! ciphertext accumulates in an output buffer that the caller drains (`output`, `clear_output`), so the
 //! binding can write it with the GIL held and seal with the GIL released.
+//!
+//! With more than one thread, `seal_ready` hands the full segments to a sealer thread (digest and
+//! AES-GCM, itself spread over the pool) and returns: the caller frames the next batch and writes
+//! the one before while this one is sealed. Its output joins the output buffer at the next
+//! `seal_ready`, or as soon as the digests are needed (trees, blocks, the trailer).
 
 use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
 
 use crate::aead::TAG_LENGTH;
 use crate::compress::{compress_block, frame_block, BLOCK_TARGET};
@@ -38,7 +46,7 @@ pub struct EncoderOptions<'a> {
 
 pub struct BackupEncoder {
     preamble: Preamble,
-    cipher: SegmentCipher,
+    cipher: Arc<SegmentCipher>,
     /// Plaintext not yet sealed; `plain[..hashed]` is already in the digests.
     plain: Vec<u8>,
     hashed: usize,
@@ -48,7 +56,12 @@ pub struct BackupEncoder {
     out: Vec<u8>,
     out_len: usize,
     bytes_written: u64,
-    digests: Digests,
+    /// None while a batch is with the sealer (which digests it first).
+    digests: Option<Digests>,
+    sealer: Option<Sealer>,
+    /// Buffers back from the sealer, for the next batch.
+    spare_plain: Vec<u8>,
+    spare_out: Vec<u8>,
     state: State,
     tree: Option<(String, Tally)>,
     trees: Vec<TreeSummary>,
@@ -128,6 +141,148 @@ impl Blocks {
     }
 }
 
+/// A batch of whole segments to seal: `plain[hash]` goes into the digests, and the pieces of
+/// `plain` are sealed into `out[..out_len]`, back to back. Run on the caller's thread or on the
+/// sealer's.
+struct SealJob {
+    plain: Vec<u8>,
+    pieces: Vec<(u64, bool, Range<usize>)>,
+    hash: Range<usize>,
+    out: Vec<u8>,
+    out_len: usize,
+    digests: Digests,
+    result: Result<()>,
+}
+
+impl SealJob {
+    /// Digests on a helper while the segments are sealed, in parallel, on `threads` threads
+    /// (`parallel::run_beside`).
+    fn run(&mut self, cipher: &SegmentCipher, threads: usize) {
+        let SealJob {
+            plain,
+            pieces,
+            hash,
+            out,
+            out_len,
+            digests,
+            result,
+        } = self;
+        let sealed: usize = pieces.iter().map(|p| p.2.len()).sum();
+        *out_len = sealed + pieces.len() * TAG_LENGTH;
+        if out.len() < *out_len {
+            out.resize(*out_len, 0);
+        }
+        let mut jobs = Vec::with_capacity(pieces.len());
+        let mut dst = &mut out[..*out_len];
+        for (index, last, range) in pieces.iter() {
+            let (seg, rest) = dst.split_at_mut(range.len() + TAG_LENGTH);
+            jobs.push((*index, *last, &plain[range.clone()], seg));
+            dst = rest;
+        }
+        let unhashed = &plain[hash.clone()];
+        *result = parallel::run_beside(
+            jobs,
+            sealed,
+            threads,
+            || digests.absorb(unhashed),
+            || {},
+            |(i, last, src, dst)| cipher.seal_to(i, last, src, dst),
+        );
+    }
+}
+
+/// A thread of the encoder's own that seals one batch at a time while the caller goes on.
+struct Sealer {
+    jobs: Option<SyncSender<SealJob>>,
+    /// (In a mutex only so that the encoder is Sync, as a Python class must be.)
+    done: Mutex<Receiver<SealJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// A batch was handed over and not yet taken back.
+    busy: bool,
+    pid: u32,
+}
+
+impl Sealer {
+    /// None if no thread can be started (the batches are then sealed on the caller's).
+    fn new(cipher: Arc<SegmentCipher>, threads: usize) -> Option<Self> {
+        let (jobs, inbox) = sync_channel::<SealJob>(1);
+        let (outbox, done) = sync_channel::<SealJob>(1);
+        let thread = std::thread::Builder::new()
+            .name("datafold-sealer".into())
+            .spawn(move || {
+                for mut job in inbox {
+                    job.run(&cipher, threads);
+                    if outbox.send(job).is_err() {
+                        break;
+                    }
+                }
+            })
+            .ok()?;
+        Some(Sealer {
+            jobs: Some(jobs),
+            done: Mutex::new(done),
+            thread: Some(thread),
+            busy: false,
+            pid: std::process::id(),
+        })
+    }
+
+    /// Whether the thread is this process's (a forked child has only the parent's handle).
+    fn is_ours(&self) -> bool {
+        self.pid == std::process::id()
+    }
+
+    fn submit(&mut self, job: SealJob) {
+        debug_assert!(!self.busy && self.is_ours());
+        let sent = self
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(job).is_ok());
+        if !sent {
+            self.pass_on_panic();
+        }
+        self.busy = true;
+    }
+
+    /// The thread is gone, so it panicked: the panic goes on in the caller, as the pool's do.
+    fn pass_on_panic(&mut self) -> ! {
+        self.jobs = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Err(payload)) => std::panic::resume_unwind(payload),
+            _ => panic!("the sealer thread ended"),
+        }
+    }
+
+    /// The batch handed over last, once sealed (None if there is none).
+    fn wait(&mut self) -> Result<Option<SealJob>> {
+        if !self.busy {
+            return Ok(None);
+        }
+        if !self.is_ours() {
+            return Err(Error::invalid(
+                "a backup writer cannot go on in a process forked while it was sealing",
+            ));
+        }
+        self.busy = false;
+        let received = self.done.lock().map(|done| done.recv().ok());
+        match received.ok().flatten() {
+            Some(job) => Ok(Some(job)),
+            None => self.pass_on_panic(),
+        }
+    }
+}
+
+impl Drop for Sealer {
+    fn drop(&mut self) {
+        self.jobs = None; // the thread ends after the batch it has, if any
+        if let Some(thread) = self.thread.take() {
+            if self.is_ours() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
 impl BackupEncoder {
     /// Starts a backup: the preamble and the stream header go to the output, the HEADER record
     /// (metadata JSON) is the first plaintext.
@@ -154,9 +309,12 @@ impl BackupEncoder {
         let mut plain = Vec::with_capacity(2 * opts.segment_size as usize);
         frame_blob(&mut plain, REC_HEADER, header, "header")?;
         Ok(BackupEncoder {
-            digests: Digests::new(derive_digest_key(key.as_bytes()).as_bytes()),
+            digests: Some(Digests::new(derive_digest_key(key.as_bytes()).as_bytes())),
+            sealer: None,
+            spare_plain: Vec::new(),
+            spare_out: Vec::new(),
             preamble,
-            cipher,
+            cipher: Arc::new(cipher),
             plain,
             hashed: 0,
             next_segment: 0,
@@ -224,9 +382,57 @@ impl BackupEncoder {
         r
     }
 
-    fn absorb_pending(&mut self) {
-        self.digests.absorb(&self.plain[self.hashed..]);
+    /// The digests, once the batch with the sealer (if any) is sealed and its output collected.
+    fn digests(&mut self) -> Result<&mut Digests> {
+        self.collect()?;
+        Ok(self.digests.as_mut().expect("no batch with the sealer"))
+    }
+
+    fn absorb_pending(&mut self) -> Result<()> {
+        self.collect()?;
+        let digests = self.digests.as_mut().expect("no batch with the sealer");
+        digests.absorb(&self.plain[self.hashed..]);
         self.hashed = self.plain.len();
+        Ok(())
+    }
+
+    /// Waits for the batch with the sealer, if any: takes the digests back and appends its
+    /// output to the output buffer (by a swap when that is empty, as it is after each write).
+    fn collect(&mut self) -> Result<()> {
+        let Some(sealer) = self.sealer.as_mut() else {
+            return Ok(());
+        };
+        match sealer.wait()? {
+            Some(done) => self.take_back(done),
+            None => Ok(()),
+        }
+    }
+
+    /// A sealed batch: the digests come back, its output goes after the output there is.
+    fn take_back(&mut self, done: SealJob) -> Result<()> {
+        let SealJob {
+            plain,
+            mut out,
+            out_len,
+            digests,
+            result,
+            ..
+        } = done;
+        self.digests = Some(digests);
+        self.spare_plain = plain;
+        if self.out_len == 0 {
+            std::mem::swap(&mut self.out, &mut out);
+            self.out_len = out_len;
+        } else {
+            let end = self.out_len + out_len;
+            if self.out.len() < end {
+                self.out.resize(end, 0);
+            }
+            self.out[self.out_len..end].copy_from_slice(&out[..out_len]);
+            self.out_len = end;
+        }
+        self.spare_out = out;
+        result
     }
 
     /// The buffer the next PUT / DELETE record of `len` bytes goes into: the open block (closed
@@ -234,7 +440,7 @@ impl BackupEncoder {
     fn record_buffer(&mut self, len: usize) -> Result<&mut Vec<u8>> {
         if self.blocks.is_blocked(len) {
             if self.blocks.open.len() + len > BLOCK_TARGET {
-                self.close_block();
+                self.close_block()?;
             }
             Ok(&mut self.blocks.open)
         } else {
@@ -243,9 +449,11 @@ impl BackupEncoder {
         }
     }
 
-    fn close_block(&mut self) {
-        self.absorb_pending();
-        self.blocks.close(&mut self.digests);
+    fn close_block(&mut self) -> Result<()> {
+        self.absorb_pending()?;
+        let digests = self.digests.as_mut().expect("collected");
+        self.blocks.close(digests);
+        Ok(())
     }
 
     /// Closes the open block and compresses every queued one, so plain records can follow.
@@ -255,13 +463,13 @@ impl BackupEncoder {
             // would hash record by record, through BLAKE3's slow one-block path.
             return Ok(());
         }
-        self.close_block();
+        self.close_block()?;
         self.emit_queued()
     }
 
     /// Compresses the queued blocks and appends their BLOCK records to the plaintext.
     fn emit_queued(&mut self) -> Result<()> {
-        self.absorb_pending();
+        self.absorb_pending()?;
         self.blocks.flush(&mut self.plain, self.threads)?;
         self.hashed = self.plain.len(); // BLOCK records are not digested: their content was
         Ok(())
@@ -277,8 +485,8 @@ impl BackupEncoder {
                 )));
             }
             frame_blob(&mut s.plain, REC_TREE_BEGIN, name.as_bytes(), "tree name")?;
-            s.absorb_pending();
-            s.digests.open_tree();
+            s.absorb_pending()?;
+            s.digests()?.open_tree();
             s.tree = Some((name.to_owned(), Tally::default()));
             s.state = State::InTree;
             Ok(())
@@ -339,8 +547,8 @@ impl BackupEncoder {
         self.guarded(|s| {
             s.expect(State::InTree, "end a tree")?;
             s.flush_blocks()?;
-            s.absorb_pending();
-            let digest = s.digests.close_tree();
+            s.absorb_pending()?;
+            let digest = s.digests()?.close_tree();
             let (name, tally) = s.tree.take().expect("in tree");
             let summary = tally.summary(name, digest);
             frame_tree_end(&mut s.plain, &summary);
@@ -373,16 +581,21 @@ impl BackupEncoder {
         self.guarded(|s| s.seal(false))
     }
 
-    /// Seals the segments that can be sealed now. The plaintext not yet digested is digested
-    /// meanwhile, on a thread of its own (`parallel::run_beside`): it is all before the blocks
-    /// still open, in the region (stream or tree) the digests are in.
+    /// Seals the segments that can be sealed now (all when `finishing`, the last one flagged;
+    /// else every one that more plaintext follows). The plaintext not yet digested before them
+    /// is digested meanwhile. With more than one thread and more to come, the sealer thread
+    /// does both and this returns at once (after collecting the batch before).
     fn seal(&mut self, finishing: bool) -> Result<()> {
+        if self.state == State::Poisoned {
+            return Err(Error::Poisoned("backup writer"));
+        }
         if !self.blocks.full.is_empty() {
             self.emit_queued()?;
         }
+        self.collect()?;
         let params = self.cipher.params;
         // Cut the plaintext into the segments that can be sealed now.
-        let mut pieces: Vec<(u64, bool, std::ops::Range<usize>)> = Vec::new();
+        let mut pieces: Vec<(u64, bool, Range<usize>)> = Vec::new();
         let (mut start, mut index) = (0, self.next_segment);
         loop {
             let full = params.plaintext_length(index);
@@ -402,41 +615,47 @@ impl BackupEncoder {
         if pieces.is_empty() {
             return Ok(());
         }
-        // Each segment gets its own slice of the output, so they can be sealed in parallel.
-        let out_start = self.out_len;
-        self.out_len += start + pieces.len() * TAG_LENGTH;
-        if self.out.len() < self.out_len {
-            self.out.resize(self.out_len, 0);
-        }
-        let mut jobs = Vec::with_capacity(pieces.len());
-        let mut dst = &mut self.out[out_start..self.out_len];
-        for (index, last, range) in pieces {
-            let (seg, rest) = dst.split_at_mut(range.len() + TAG_LENGTH);
-            jobs.push((index, last, &self.plain[range], seg));
-            dst = rest;
-        }
-        let (cipher, digests) = (&self.cipher, &mut self.digests);
-        let unhashed = &self.plain[self.hashed..];
-        parallel::run_beside(
-            jobs,
-            start,
-            self.threads,
-            || digests.absorb(unhashed),
-            || {},
-            |(i, last, src, dst)| cipher.seal_to(i, last, src, dst),
-        )?;
-        self.hashed = self.plain.len();
+        // The batch leaves with the buffer; what follows it stays, in a spare one.
+        let mut next = std::mem::take(&mut self.spare_plain);
+        next.clear();
+        next.extend_from_slice(&self.plain[start..]);
+        let mut job = SealJob {
+            plain: std::mem::replace(&mut self.plain, next),
+            pieces,
+            hash: self.hashed.min(start)..start,
+            out: std::mem::take(&mut self.spare_out),
+            out_len: 0,
+            digests: self.digests.take().expect("collected"),
+            result: Ok(()),
+        };
+        self.hashed = self.hashed.saturating_sub(start);
         self.next_segment = index;
-        self.plain.drain(..start);
-        self.hashed -= start;
-        Ok(())
+        if !finishing && self.threads > 1 {
+            if let Some(sealer) = self.sealer() {
+                sealer.submit(job);
+                return Ok(());
+            }
+        }
+        job.run(&self.cipher, self.threads);
+        self.take_back(job)
+    }
+
+    /// The sealer thread, started on first use (again in a forked child, which has none).
+    fn sealer(&mut self) -> Option<&mut Sealer> {
+        if self.sealer.as_ref().is_some_and(|s| !s.is_ours()) {
+            self.sealer = None; // the parent's: nothing is with it (collected before a batch goes)
+        }
+        if self.sealer.is_none() {
+            self.sealer = Sealer::new(Arc::clone(&self.cipher), self.threads);
+        }
+        self.sealer.as_mut()
     }
 
     /// Writes the TRAILER and seals the rest, the final segment flagged last.
     pub fn finish(&mut self) -> Result<Trailer> {
         self.guarded(|s| {
             s.expect(State::Open, "finish")?;
-            s.absorb_pending();
+            s.absorb_pending()?;
             let mut totals = Tally::default();
             for t in &s.trees {
                 totals.items = totals
@@ -452,7 +671,7 @@ impl BackupEncoder {
                 total_items: totals.items,
                 total_bytes: totals.bytes,
                 trees: s.trees.clone(),
-                digest: s.digests.stream_digest(),
+                digest: s.digests()?.stream_digest(),
             };
             s.plain.extend_from_slice(&trailer.encode());
             s.hashed = s.plain.len(); // the TRAILER is not part of the stream digest

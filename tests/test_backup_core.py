@@ -15,7 +15,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -1227,23 +1227,13 @@ def test_threads_do_not_change_the_bytes(core: ModuleType, backup_key: bytes, th
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs os.fork and /proc")
-def test_a_forked_child_seals_and_opens_in_parallel(backup_key: bytes) -> None:
-    """The Rust core keeps its helper threads for the life of the process (src/pool.rs). A child
-    forked after they started has none of them: it must start its own, not wait for the
-    parent's (a multiprocessing worker forked by a program that made a backup, say)."""
-    rust = load_core("rust")
-    trees: Trees = [("t", [(b"%06d" % i, bytes([i % 251]) * 3000) for i in range(3000)])]
-    data, _, _ = write_backup(rust, backup_key, trees, segment_size=1 << 20, threads=2)
-    assert read_all(rust, data, backup_key)[1] == dict(trees)
+def fork_and_wait(child: Callable[[], int]) -> int:
+    """Runs `child` in a forked child and returns its exit status (it must end within 60 s)."""
     pid = os.fork()
-    if pid == 0:  # the child: exit status 0 only if both directions work
+    if pid == 0:
         status = 1
         try:
-            alone = len(os.listdir("/proc/self/task"))
-            again, _, _ = write_backup(rust, backup_key, trees, segment_size=1 << 20, threads=2)
-            status = 0 if again == data and read_all(rust, again, backup_key)[1] == dict(trees) else 2
-            if len(os.listdir("/proc/self/task")) <= alone:
-                status = 3  # it worked alone, believing the parent's helpers were there
+            status = child()
         finally:
             os._exit(status)
     deadline = time.monotonic() + 60
@@ -1253,7 +1243,73 @@ def test_a_forked_child_seals_and_opens_in_parallel(backup_key: bytes) -> None:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
         pytest.fail("the forked child hung")
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    return os.waitstatus_to_exitcode(done[1])
+
+
+def test_a_forked_child_seals_and_opens_in_parallel(backup_key: bytes) -> None:
+    """The Rust core keeps its helper threads for the life of the process (src/pool.rs). A child
+    forked after they started has none of them: it must start its own, not wait for the
+    parent's (a multiprocessing worker forked by a program that made a backup, say)."""
+    rust = load_core("rust")
+    trees: Trees = [("t", [(b"%06d" % i, bytes([i % 251]) * 3000) for i in range(3000)])]
+    data, _, _ = write_backup(rust, backup_key, trees, segment_size=1 << 20, threads=2)
+    assert read_all(rust, data, backup_key)[1] == dict(trees)
+
+    def child() -> int:  # 0 only if both directions work
+        alone = len(os.listdir("/proc/self/task"))
+        again, _, _ = write_backup(rust, backup_key, trees, segment_size=1 << 20, threads=2)
+        if again != data or read_all(rust, again, backup_key)[1] != dict(trees):
+            return 2
+        if len(os.listdir("/proc/self/task")) <= alone:
+            return 3  # it worked alone, believing the parent's helpers were there
+        return 0
+
+    assert fork_and_wait(child) == 0
+
+
+def test_a_writer_forked_mid_backup(backup_key: bytes) -> None:
+    """With more than one thread the Rust writer seals a batch on a thread of its own while the
+    next one fills (src/writer.rs). A child forked while a batch was with that thread cannot
+    finish the backup: it gets an InvalidArgumentError, never a hang. Forked between batches, it
+    starts a sealer of its own and its backup reads back; the parent's is unharmed either way."""
+    rust = load_core("rust")
+    rows = [(b"%07d" % i, bytes([i % 251]) * 200) for i in range(40_000)]  # ~8.5 MB: batches go
+
+    def start() -> tuple[Any, io.BytesIO]:
+        sink = io.BytesIO()
+        writer = rust.BackupWriter(sink, backup_key, HEADER, segment_size=1 << 20, threads=2)
+        writer.begin_tree("t")
+        writer.add_items(rows)  # the last full batch is with the sealer when this returns
+        return writer, sink
+
+    def finish(writer: Any, sink: io.BytesIO, expected: dict[str, list[tuple[bytes, bytes]]]) -> bool:
+        writer.end_tree()
+        writer.finish()
+        return read_all(rust, sink.getvalue(), backup_key)[1] == expected
+
+    writer, sink = start()
+
+    def child_mid_batch() -> int:
+        try:
+            writer.end_tree()
+        except InvalidArgumentError as e:
+            return 0 if "forked" in str(e) else 2
+        return 3
+
+    assert fork_and_wait(child_mid_batch) == 0
+    assert finish(writer, sink, {"t": rows})
+
+    writer, sink = start()
+    writer.end_tree()  # takes the batch back: nothing is with the sealer now
+    writer.begin_tree("u")
+
+    def child_between_batches() -> int:
+        writer.add_items(rows)
+        return 0 if finish(writer, sink, {"t": rows, "u": rows}) else 2
+
+    assert fork_and_wait(child_between_batches) == 0
+    writer.add_items(rows[:10])
+    assert finish(writer, sink, {"t": rows, "u": rows[:10]})
 
 
 class TrickleSink:

@@ -216,8 +216,11 @@ impl PyBackupWriter {
         let mut w = PyBackupWriter {
             enc,
             sink: sink.unbind(),
-            // Enough segments per flush to keep every thread busy.
-            flush_at: (4 * segment_size as usize).max(4 << 20) * threads.clamp(1, 16),
+            // Enough segments per batch to keep every thread busy; with more than one thread
+            // the batch before is sealed while the next fills (src/writer.rs), so each is half
+            // that: as much memory as one.
+            flush_at: (4 * segment_size as usize).max(4 << 20) * threads.clamp(1, 16)
+                / if threads > 1 { 2 } else { 1 },
         };
         w.write_out(py)?;
         Ok(w)
