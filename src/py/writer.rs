@@ -7,6 +7,7 @@ use pyo3::types::PyBytes;
 use super::lmdb::PyRecordBatch;
 use super::{opt_arg, pair, secret_arg, str_arg, with_bytes, IntArg, PyResultExt};
 use crate::format::{Trailer, TreeSummary, DEFAULT_SEGMENT_SIZE};
+use crate::lmdb_file::Batch;
 use crate::writer::{BackupEncoder, EncoderOptions};
 
 #[pyclass(module = "datafold._core", name = "BackupWriter")]
@@ -146,6 +147,42 @@ impl PyBackupWriter {
         Ok(())
     }
 
+    /// A store's batch of records (`record` for each), framed without the GIL, so other Python
+    /// threads (the read-back check, the write-behind) run meanwhile; it is taken again to write
+    /// what was sealed and for a value larger than a batch.
+    fn add_batch(&mut self, py: Python<'_>, batch: &Batch) -> PyResult<()> {
+        enum Stop<'a> {
+            Sealed,
+            Large(&'a [u8], &'a [u8]),
+            End,
+        }
+        let mut records = batch.records();
+        loop {
+            let (enc, flush_at, records) = (&mut self.enc, self.flush_at, &mut records);
+            let stop = py.detach(|| -> crate::error::Result<Stop<'_>> {
+                for (k, v) in records {
+                    if enc.flushes_blocks_before(9 + k.len() + v.len()) {
+                        enc.compress_blocks()?;
+                    }
+                    if v.len() > flush_at {
+                        return Ok(Stop::Large(k, v));
+                    }
+                    enc.put(k, v)?;
+                    if enc.pending() >= flush_at {
+                        enc.seal_ready()?;
+                        return Ok(Stop::Sealed);
+                    }
+                }
+                Ok(Stop::End)
+            })?;
+            match stop {
+                Stop::Sealed => self.write_out(py)?,
+                Stop::Large(k, v) => self.put_large(py, k, v)?,
+                Stop::End => return Ok(()),
+            }
+        }
+    }
+
     /// `record` for other parts of the binding (chain diffs); poisons the writer on error.
     pub(crate) fn add_record(
         &mut self,
@@ -248,9 +285,7 @@ impl PyBackupWriter {
             if let Ok(batch) = items.downcast::<PyRecordBatch>() {
                 // A store's batch: records straight from its buffer, no Python object each.
                 let batch = batch.get().batch();
-                for (k, v) in batch.records() {
-                    s.record(py, k, Some(v))?;
-                }
+                s.add_batch(py, &batch)?;
                 return Ok(batch.len() as u64);
             }
             let mut n = 0u64;
