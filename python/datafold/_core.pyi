@@ -95,6 +95,10 @@ class BackupWriter:
     Any error poisons it: every later call raises BackupError. Calls out of order raise
     InvalidArgumentError. Ciphertext goes to sink.write() in whole segments (one or a few per
     call; memory stays bounded by a few segments); an OSError from the sink becomes BackupIOError.
+    With threads other than 1 the Rust core seals each batch on a thread of its own while the next
+    one is framed, and hands it to the sink at the next batch or at finish: the sink lags up to
+    one batch behind. A process forked while a batch is with that thread cannot go on with this
+    writer (InvalidArgumentError); forked between batches, it can.
     The preamble and Tink header are written by __init__; the
     HEADER record is the first plaintext.
 
