@@ -382,18 +382,14 @@ impl BackupEncoder {
         r
     }
 
-    /// The digests, once the batch with the sealer (if any) is sealed and its output collected.
-    fn digests(&mut self) -> Result<&mut Digests> {
+    /// Digests the plaintext not digested yet, once the batch with the sealer (if any) is taken
+    /// back; the digests, up to date.
+    fn absorb_pending(&mut self) -> Result<&mut Digests> {
         self.collect()?;
-        Ok(self.digests.as_mut().expect("no batch with the sealer"))
-    }
-
-    fn absorb_pending(&mut self) -> Result<()> {
-        self.collect()?;
-        let digests = self.digests.as_mut().expect("no batch with the sealer");
+        let digests = self.digests.as_mut().expect("collected");
         digests.absorb(&self.plain[self.hashed..]);
         self.hashed = self.plain.len();
-        Ok(())
+        Ok(digests)
     }
 
     /// Waits for the batch with the sealer, if any: takes the digests back and appends its
@@ -485,8 +481,7 @@ impl BackupEncoder {
                 )));
             }
             frame_blob(&mut s.plain, REC_TREE_BEGIN, name.as_bytes(), "tree name")?;
-            s.absorb_pending()?;
-            s.digests()?.open_tree();
+            s.absorb_pending()?.open_tree();
             s.tree = Some((name.to_owned(), Tally::default()));
             s.state = State::InTree;
             Ok(())
@@ -547,8 +542,7 @@ impl BackupEncoder {
         self.guarded(|s| {
             s.expect(State::InTree, "end a tree")?;
             s.flush_blocks()?;
-            s.absorb_pending()?;
-            let digest = s.digests()?.close_tree();
+            let digest = s.absorb_pending()?.close_tree();
             let (name, tally) = s.tree.take().expect("in tree");
             let summary = tally.summary(name, digest);
             frame_tree_end(&mut s.plain, &summary);
@@ -655,7 +649,7 @@ impl BackupEncoder {
     pub fn finish(&mut self) -> Result<Trailer> {
         self.guarded(|s| {
             s.expect(State::Open, "finish")?;
-            s.absorb_pending()?;
+            let stream_digest = s.absorb_pending()?.stream_digest();
             let mut totals = Tally::default();
             for t in &s.trees {
                 totals.items = totals
@@ -671,7 +665,7 @@ impl BackupEncoder {
                 total_items: totals.items,
                 total_bytes: totals.bytes,
                 trees: s.trees.clone(),
-                digest: s.digests()?.stream_digest(),
+                digest: stream_digest,
             };
             s.plain.extend_from_slice(&trailer.encode());
             s.hashed = s.plain.len(); // the TRAILER is not part of the stream digest
