@@ -156,3 +156,28 @@ def test_growing_file_releases_its_views_of_the_buffer_even_if_its_frame_is_kept
     lent.release()  # as the core does after the call
     buffer.append(0)  # a bytearray cannot resize while any view of it is alive
     out.discard()
+
+
+@pytest.mark.parametrize("unnamed", [True, False])
+def test_commit_without_replace_links_a_new_file_or_leaves_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool
+) -> None:
+    """commit(replace=False): the file appears at a free path; at a taken one it is a
+    FileExistsError, the file there stays as it was and no temporary file is left (O_TMPFILE or
+    the named fallback)."""
+    if not unnamed:
+        monkeypatch.setattr(atomic.AtomicFile, "_open_unnamed", lambda self: None)
+    path = tmp_path / "key.pem"
+    with atomic.AtomicFile(str(path), "key file") as out:
+        out.file.write(b"first")
+        out.commit(replace=False)
+    assert path.read_bytes() == b"first"
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+    with atomic.AtomicFile(str(path), "key file") as out:
+        out.file.write(b"second")
+        with pytest.raises(FileExistsError):
+            out.commit(replace=False)
+    assert path.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["key.pem"]
+    with pytest.raises(BackupIOError, match="cannot write key file to"):
+        atomic.AtomicFile(str(tmp_path), "key file")

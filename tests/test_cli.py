@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,51 @@ def test_keygen_unwritable_destination_exits_4(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     expect(run("keygen", "--out", blocker / "k.pem", "--force"), EXIT_IO, "k.pem")
+
+
+KEYGEN_KILLED = """
+import os, sys, time
+from datafold import atomic, cli
+marker, point = sys.argv[1], sys.argv[2]
+
+def hang(*args, **kwargs):
+    open(marker, "w").close()
+    time.sleep(60)
+
+if point == "written":  # the key written out (not yet synced or named), then killed
+    def commit(self, **kwargs):
+        self.file.flush()
+        hang()
+    atomic.AtomicFile.commit = commit
+else:
+    os.fsync = hang
+cli.main(sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize("point", ["written", "fsync"])
+@pytest.mark.parametrize("force", [False, True])
+def test_keygen_killed_midway_leaves_no_key_file_or_the_old_one(tmp_path: Path, point: str, force: bool) -> None:
+    """A key file appears whole or not at all (a lost key loses every backup made with it): killed
+    once the key is written or while it is synced, keygen leaves nothing at the path, nor a
+    temporary file, and --force leaves the old key as it was."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    key = keys / "k.pem"
+    if force:
+        expect(run("keygen", "--out", key, "-q"), EXIT_OK)
+    before = sorted((p.name, p.read_bytes()) for p in keys.iterdir())
+    script, marker = tmp_path / "child.py", tmp_path / "marker"
+    script.write_text(KEYGEN_KILLED)
+    args = ["keygen", "--out", str(key), *(["--force"] if force else [])]
+    child = subprocess.Popen([sys.executable, str(script), str(marker), point, *args], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    child.kill()
+    err = child.communicate()[1].decode()
+    assert marker.exists(), f"the child did not reach the kill point:\n{err[-2000:]}"
+    assert sorted((p.name, p.read_bytes()) for p in keys.iterdir()) == before
 
 
 @pytest.mark.parametrize("setup", ["lmdb"], indirect=True)  # backend-independent

@@ -3,7 +3,8 @@
 Linux: the data goes to an unnamed O_TMPFILE inode in the destination directory, so a crash or
 SIGKILL at any point before `commit()` leaves nothing behind; `commit()` fsyncs, links it at its
 path when no file is there (the link is atomic and replaces nothing), else under a temporary name
-that it renames over the old file, then fsyncs the directory. Where O_TMPFILE is not
+that it renames over the old file (or, with `replace=False`, fails: a key file is never replaced
+unasked), then fsyncs the directory. Where O_TMPFILE is not
 supported it falls back to a named hidden temporary file that is removed on any failure. A path that
 is a symlink is written through (its target is replaced, the link stays); a device, pipe or socket
 there is refused, since a rename would replace it with a file.
@@ -149,22 +150,25 @@ class GrowingFile:
 
 
 class AtomicFile:
-    def __init__(self, path: str) -> None:
+    """`what` names the file in error messages ("backup", "key file")."""
+
+    def __init__(self, path: str, what: str = "backup") -> None:
         # Through a symlink: its target is replaced (atomically), the link stays.
         self.path = os.path.realpath(path)
+        self._what = what
         directory = os.path.dirname(self.path)
         if os.path.isdir(self.path) or path.endswith((os.sep, "/")):
-            raise BackupIOError(f"cannot write backup to {path}: it is a directory; give a file path")
+            raise BackupIOError(f"cannot write {what} to {path}: it is a directory; give a file path")
         try:
             mode = os.stat(self.path).st_mode
         except OSError:
             mode = None  # no file there yet (or none that can be seen): the rename will tell
         if mode is not None and not stat.S_ISREG(mode):
             raise BackupIOError(
-                f"cannot write backup to {path}: it is not a regular file (a device, pipe or socket); give a file path"
+                f"cannot write {what} to {path}: it is not a regular file (a device, pipe or socket); give a file path"
             )
         if not os.path.isdir(directory):
-            raise BackupIOError(f"cannot write backup to {path}: directory {directory} does not exist; create it first")
+            raise BackupIOError(f"cannot write {what} to {path}: directory {directory} does not exist; create it first")
         self._dir = directory
         self._temp_name: str | None = None
         try:
@@ -174,7 +178,7 @@ class AtomicFile:
                 # still fits.
                 fd, self._temp_name = tempfile.mkstemp(dir=directory, prefix=".", suffix=TEMP_SUFFIX)
         except OSError as e:
-            raise BackupIOError(f"cannot write backup to {path}: {e.strerror or e}") from e
+            raise BackupIOError(f"cannot write {what} to {path}: {e.strerror or e}") from e
         self.file: IO[bytes] = os.fdopen(fd, "w+b")
         self._syncer = _Syncer(fd)
         self._cond = threading.Condition()  # for GrowingFile readers
@@ -233,15 +237,22 @@ class AtomicFile:
             os.close(proc_fd)
         return True
 
-    def commit(self) -> None:
-        """Makes the file durable and puts it at its path (replacing an older file there)."""
+    def commit(self, *, replace: bool = True) -> None:
+        """Makes the file durable and puts it at its path, replacing an older file there; with
+        replace=False a file there is a FileExistsError instead (the new one is dropped): the
+        check and the link are one atomic step."""
+        taken = False
         try:
             self.file.flush()
             error = self._syncer.stop()
             if error is not None:
                 raise error
             os.fsync(self.file.fileno())
-            if self._temp_name is not None or not self._link_unnamed(self.path):
+            if not replace:
+                taken = not self._link_new()
+                if taken:
+                    raise FileExistsError(errno.EEXIST, "a file is there", self.path)
+            elif self._temp_name is not None or not self._link_unnamed(self.path):
                 if self._temp_name is None:
                     # A file is at the path: name the inode beside it, then rename over it.
                     self._temp_name = os.path.join(self._dir, f".{uuid.uuid4().hex}{TEMP_SUFFIX}")
@@ -258,7 +269,21 @@ class AtomicFile:
             self._done = True
         except OSError as e:
             self.discard()
-            raise BackupIOError(f"cannot write backup to {self.path}: {e.strerror or e}") from e
+            if taken:
+                raise
+            raise BackupIOError(f"cannot write {self._what} to {self.path}: {e.strerror or e}") from e
+
+    def _link_new(self) -> bool:
+        """Links the file at its path unless a file is there (False)."""
+        if self._temp_name is None:
+            return self._link_unnamed(self.path)
+        try:
+            os.link(self._temp_name, self.path)
+        except FileExistsError:
+            return False
+        os.unlink(self._temp_name)
+        self._temp_name = None
+        return True
 
     def discard(self) -> None:
         """Drops the file. Never raises: it runs while another error is on its way out (closing

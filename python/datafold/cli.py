@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import IO, Any, NoReturn
 
 from . import __version__
+from .atomic import AtomicFile
 from .core import core as _core
 from .errors import (
     FILE_ERRORS,
@@ -630,31 +631,16 @@ def cmd_keygen(args: argparse.Namespace, out: Output, ctx: Context) -> int:
 
 
 def _write_private_file(path: str, data: bytes, *, replace: bool) -> None:
-    """Writes a 0600 file: exclusively, or (replace) through a temporary file renamed over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
+    """Writes a 0600 file that appears whole or not at all, durably (AtomicFile: the file and its
+    directory fsynced): next to nothing at `path` unless `replace`."""
     try:
-        if not replace:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            target = path
-        else:
-            fd, target = tempfile.mkstemp(dir=directory, prefix=".datafold-key-")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            if replace:
-                os.replace(target, path)
-        except BaseException:
-            if replace or os.path.exists(target):
-                try:
-                    os.unlink(target)
-                except OSError:
-                    pass
-            raise
+        with AtomicFile(path, "key file") as out:
+            out.file.write(data)
+            out.commit(replace=replace)
     except FileExistsError:
         raise UsageError(f"key file {path} already exists", "use --force to replace it") from None
+    except BackupIOError as e:
+        raise CliError(str(e), "check that the directory exists and is writable", code=EXIT_IO) from None
     except OSError as e:
         raise CliError(
             f"cannot write key file {path}: {e.strerror or e}",
