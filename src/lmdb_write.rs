@@ -187,11 +187,12 @@ impl Room {
         Ok(())
     }
 
-    /// Unmaps the pages the last transactions added, which LMDB does not write again (a fresh
-    /// file fills from the front). The kernel keeps them, dirty, in the page cache; a later
-    /// access maps them again. Why: a mapped dirty page has to be write-protected when the
-    /// write-behind sync writes it out, one TLB flush of every core per page (~15% of the CPU
-    /// time of a restore of 1 MiB values, perf); unmapping a range flushes once.
+    /// Unmaps the pages the last transactions added. The kernel keeps them, dirty, in the page
+    /// cache; a later access maps them again. Why: a mapped dirty page has to be write-protected
+    /// when the write-behind sync writes it out, one TLB flush of every core per page (~15% of
+    /// the CPU time of a restore of 1 MiB values, perf); unmapping a range flushes once. LMDB
+    /// writes few of them again (the meta pages at each commit, pages freed two commits before):
+    /// those are mapped again and cost their flush, as before.
     fn release_committed(&mut self) {
         if self.map_addr == 0 || self.committed_end <= self.released_end {
             return;
@@ -227,7 +228,9 @@ impl Room {
 
 /// The address of this process's shared mapping of the whole file open as `fd` (`len` bytes from
 /// offset 0), from /proc/self/maps: LMDB does not tell where it mapped the environment
-/// (`me_mapaddr` is only set with MDB_FIXEDMAP).
+/// (`me_mapaddr` is only set with MDB_FIXEDMAP). A mapping of the file's inode and length on
+/// another device also serves (btrfs and overlayfs report other devices to stat than there):
+/// whichever shared file mapping it were, unmapping its pages loses nothing.
 fn shared_map_of(fd: c_int, len: usize) -> Option<usize> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: fstat fills `st` on success.
@@ -241,17 +244,27 @@ fn shared_map_of(fd: c_int, len: usize) -> Option<usize> {
         libc::minor(st.st_dev)
     );
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines().find_map(|line| {
-        // start-end perms offset dev inode [path]; a shared mapping from offset 0
-        let mut fields = line.split_ascii_whitespace();
-        let (range, perms, offset) = (fields.next()?, fields.next()?, fields.next()?);
-        let (map_dev, inode) = (fields.next()?, fields.next()?.parse::<u64>().ok()?);
-        let (start, end) = range.split_once('-')?;
-        let start = usize::from_str_radix(start, 16).ok()?;
-        let end = usize::from_str_radix(end, 16).ok()?;
-        let whole_file = perms.ends_with('s') && offset.bytes().all(|b| b == b'0');
-        (whole_file && map_dev == dev && inode == st.st_ino && end - start == len).then_some(start)
-    })
+    // (start, whether the device matches) of each shared mapping of the inode from offset 0
+    let found: Vec<(usize, bool)> = maps
+        .lines()
+        .filter_map(|line| {
+            // start-end perms offset dev inode [path]
+            let mut fields = line.split_ascii_whitespace();
+            let (range, perms, offset) = (fields.next()?, fields.next()?, fields.next()?);
+            let (map_dev, inode) = (fields.next()?, fields.next()?.parse::<u64>().ok()?);
+            let (start, end) = range.split_once('-')?;
+            let start = usize::from_str_radix(start, 16).ok()?;
+            let end = usize::from_str_radix(end, 16).ok()?;
+            let whole_file = perms.ends_with('s') && offset.bytes().all(|b| b == b'0');
+            (whole_file && inode == st.st_ino && end - start == len)
+                .then_some((start, map_dev == dev))
+        })
+        .collect();
+    found
+        .iter()
+        .find(|(_, same_dev)| *same_dev)
+        .or_else(|| found.first())
+        .map(|&(start, _)| start)
 }
 
 fn lmdb_message(rc: c_int) -> String {
@@ -682,7 +695,7 @@ impl Writer {
     /// After a staging commit: syncs the staging file in a thread, unless the sync started after
     /// an earlier commit still runs (the next one, or `seal`'s final sync, covers these pages).
     /// Syncing as the restore goes on leaves the final sync little to write; a plain hint to start
-    /// writeback (sync_file_range) was slower here.
+    /// writeback (sync_file_range with SYNC_FILE_RANGE_WRITE alone) was slower here.
     fn write_behind(&mut self) -> Result<()> {
         let fd = self.staging_fd()?;
         let staged = self.staged.as_mut().expect("staged");
@@ -772,57 +785,72 @@ impl Writer {
         tree: &Tree,
         mut visit: impl FnMut(&[u8], &[u8]) -> Result<()>,
     ) -> Result<()> {
+        self.check_sealed()?;
+        match walk_tree(self.env, tree.dbi, &mut visit) {
+            Ok(visited) => visited,
+            Err(rc) => Err(self.fail(rc, "read back the staging file")),
+        }
+    }
+
+    /// `read_back` of several trees on up to `threads` threads, each tree whole on one of them
+    /// in a read transaction of its own: the staging environment has no lock table and nothing
+    /// writes to it once sealed, so its readers share nothing. `visitors[i]` sees the records of
+    /// `trees[i]` through `visit`; they come back in that order. Why: the check of a restore of
+    /// many trees was one thread's work while the other cores waited for the final sync.
+    pub fn read_back_trees<V: Send>(
+        &mut self,
+        trees: &[&Tree],
+        visitors: Vec<V>,
+        threads: usize,
+        visit: impl Fn(&mut V, &[u8], &[u8]) -> Result<()> + Sync,
+    ) -> Result<Vec<V>> {
+        self.check_sealed()?;
+        assert_eq!(trees.len(), visitors.len(), "one visitor per tree");
+        let dbis: Vec<ffi::MDB_dbi> = trees.iter().map(|t| t.dbi).collect();
+        let slots: Vec<std::sync::Mutex<(V, Option<Walked>)>> = visitors
+            .into_iter()
+            .map(|v| std::sync::Mutex::new((v, None)))
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let env = SharedEnv(self.env);
+        let work = || loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(slot) = slots.get(i) else { break };
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            let (visitor, outcome) = &mut *slot;
+            *outcome = Some(walk_tree(env.get(), dbis[i], &mut |k, v| {
+                visit(visitor, k, v)
+            }));
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..threads.clamp(1, trees.len().max(1)) {
+                std::thread::Builder::new()
+                    .name("datafold-read-back".into())
+                    .spawn_scoped(scope, work)
+                    .map_err(|e| Error::Store(format!("cannot start a read-back thread: {e}")))?;
+            }
+            work();
+            Ok::<(), Error>(())
+        })?;
+        let mut visited = Vec::with_capacity(slots.len());
+        for slot in slots {
+            let (visitor, outcome) = slot.into_inner().unwrap_or_else(|e| e.into_inner());
+            match outcome.expect("every tree was read") {
+                Ok(Ok(())) => visited.push(visitor),
+                Ok(Err(e)) => return Err(e),
+                Err(rc) => return Err(self.fail(rc, "read back the staging file")),
+            }
+        }
+        Ok(visited)
+    }
+
+    fn check_sealed(&self) -> Result<()> {
         if self.failed || !self.sealed() {
             return Err(Error::invalid(
                 "read_back() reads a staged write after seal() and before commit()",
             ));
         }
-        let mut txn = ptr::null_mut();
-        // SAFETY: the staging environment has no other transaction (sealed); MDB_NOLOCK lets
-        // this thread hold a read transaction. `tree.dbi` was opened in a committed transaction.
-        let rc =
-            unsafe { ffi::mdb_txn_begin(self.env, ptr::null_mut(), ffi::MDB_RDONLY, &mut txn) };
-        if rc != 0 {
-            return Err(self.fail(rc, "begin a read transaction"));
-        }
-        let walked = (|| {
-            let mut cursor = ptr::null_mut();
-            // SAFETY: the live read transaction (a read-only transaction's cursor is closed
-            // explicitly, below).
-            let rc = unsafe { ffi::mdb_cursor_open(txn, tree.dbi, &mut cursor) };
-            if rc != 0 {
-                return Err(rc);
-            }
-            let (mut k, mut v) = (val(b""), val(b""));
-            let mut op = ffi::MDB_FIRST;
-            let result = loop {
-                // SAFETY: a cursor of the live read transaction; the slices are read before the
-                // next call moves it.
-                match unsafe { ffi::mdb_cursor_get(cursor, &mut k, &mut v, op) } {
-                    0 => {}
-                    ffi::MDB_NOTFOUND => break Ok(Ok(())),
-                    rc => break Err(rc),
-                }
-                let (key, value) = unsafe {
-                    (
-                        std::slice::from_raw_parts(k.mv_data as *const u8, k.mv_size),
-                        std::slice::from_raw_parts(v.mv_data as *const u8, v.mv_size),
-                    )
-                };
-                if let Err(e) = visit(key, value) {
-                    break Ok(Err(e));
-                }
-                op = ffi::MDB_NEXT;
-            };
-            unsafe { ffi::mdb_cursor_close(cursor) };
-            result
-        })();
-        // SAFETY: the read transaction begun above.
-        unsafe { ffi::mdb_txn_abort(txn) };
-        match walked {
-            Ok(visited) => visited,
-            Err(rc) => Err(self.fail(rc, "read back the staging file")),
-        }
+        Ok(())
     }
 
     /// Commits (durably: the environment has sync on; a staged write syncs its file and renames
@@ -1019,6 +1047,72 @@ fn open_env(
 }
 
 type SyncThread = std::thread::JoinHandle<std::io::Result<()>>;
+
+/// The staging environment's handle for the threads of `read_back_trees`.
+struct SharedEnv(*mut ffi::MDB_env);
+
+// SAFETY: only read transactions of a sealed staging environment (MDB_NOLOCK, nothing writing)
+// use it across threads; each thread begins, reads through and aborts its own.
+unsafe impl Sync for SharedEnv {}
+
+impl SharedEnv {
+    fn get(&self) -> *mut ffi::MDB_env {
+        self.0
+    }
+}
+
+/// What `walk_tree` did: Err(rc) for an LMDB failure, Ok(the visitor's outcome) otherwise.
+type Walked = std::result::Result<Result<()>, c_int>;
+
+/// A visitor of records (key, value).
+type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
+
+/// `visit(key, value)` for each record of tree `dbi`, in key order, in a read transaction of
+/// `env` begun and ended here.
+fn walk_tree(env: *mut ffi::MDB_env, dbi: ffi::MDB_dbi, visit: &mut Visit<'_>) -> Walked {
+    let mut txn = ptr::null_mut();
+    // SAFETY: a sealed staging environment has no write transaction; MDB_NOLOCK lets any thread
+    // hold a read transaction (no reader table). `dbi` was opened in a committed transaction.
+    let rc = unsafe { ffi::mdb_txn_begin(env, ptr::null_mut(), ffi::MDB_RDONLY, &mut txn) };
+    if rc != 0 {
+        return Err(rc);
+    }
+    let walked = (|| {
+        let mut cursor = ptr::null_mut();
+        // SAFETY: the live read transaction (a read-only transaction's cursor is closed
+        // explicitly, below).
+        let rc = unsafe { ffi::mdb_cursor_open(txn, dbi, &mut cursor) };
+        if rc != 0 {
+            return Err(rc);
+        }
+        let (mut k, mut v) = (val(b""), val(b""));
+        let mut op = ffi::MDB_FIRST;
+        let result = loop {
+            // SAFETY: a cursor of the live read transaction; the slices are read before the
+            // next call moves it.
+            match unsafe { ffi::mdb_cursor_get(cursor, &mut k, &mut v, op) } {
+                0 => {}
+                ffi::MDB_NOTFOUND => break Ok(Ok(())),
+                rc => break Err(rc),
+            }
+            let (key, value) = unsafe {
+                (
+                    std::slice::from_raw_parts(k.mv_data as *const u8, k.mv_size),
+                    std::slice::from_raw_parts(v.mv_data as *const u8, v.mv_size),
+                )
+            };
+            if let Err(e) = visit(key, value) {
+                break Ok(Err(e));
+            }
+            op = ffi::MDB_NEXT;
+        };
+        unsafe { ffi::mdb_cursor_close(cursor) };
+        result
+    })();
+    // SAFETY: the read transaction begun above.
+    unsafe { ffi::mdb_txn_abort(txn) };
+    walked
+}
 
 /// fdatasync(fd) in a thread that first waits for `before` (an earlier sync of the same file)
 /// and returns the first error of either: a failed fsync is reported once, and a later one may
@@ -1463,6 +1557,68 @@ mod tests {
         let data = dir.join("data.mdb");
         let before = inode(&data);
         (dir, data, before)
+    }
+
+    #[test]
+    fn trees_read_back_on_several_threads_each_see_their_own_records() {
+        let (dir, _, _) = empty_environment("sealed-many");
+        let mut w = Writer::open(&dir, staging(64 << 20)).unwrap();
+        w.set_commit_every(64 << 10);
+        let names: Vec<Vec<u8>> = (0..5).map(|i| format!("t{i}").into_bytes()).collect();
+        let mut trees = Vec::new();
+        let mut want = Vec::new();
+        for (n, name) in names.iter().enumerate() {
+            let mut t = w.open_tree(name).unwrap();
+            let records: Records = (0..(n as u32 + 1) * 700)
+                .map(|i| (key(i), vec![n as u8; 50 + n]))
+                .collect();
+            for (k, v) in &records {
+                w.put(&mut t, k, v, true).unwrap();
+            }
+            trees.push(t);
+            want.push(records);
+        }
+        let collect = |k: &[u8], v: &[u8], seen: &mut Records| {
+            seen.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        };
+        let refs: Vec<&Tree> = trees.iter().collect();
+        // Not before seal(), as read_back.
+        assert!(w
+            .read_back_trees(&refs, vec![Records::new(); 5], 2, |s, k, v| collect(
+                k, v, s
+            ))
+            .is_err());
+        w.seal().unwrap();
+        for threads in [1, 2, 3, 8] {
+            let got = w
+                .read_back_trees(&refs, vec![Records::new(); 5], threads, |s, k, v| {
+                    collect(k, v, s)
+                })
+                .unwrap();
+            assert_eq!(got, want, "threads={threads}");
+        }
+        // A visitor's error is the read's, whichever thread met it.
+        let stop = w.read_back_trees(&refs, vec![0u32; 5], 2, |n, _, _| {
+            *n += 1;
+            if *n > 1000 {
+                Err(Error::invalid("stop"))
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(stop.unwrap_err().to_string(), "stop");
+        assert!(w
+            .read_back_trees(&[], Vec::<u8>::new(), 2, |_, _, _| Ok(()))
+            .unwrap()
+            .is_empty());
+        w.commit().unwrap();
+        for (name, records) in names.iter().zip(&want) {
+            assert_eq!(
+                &read_tree(&dir, std::str::from_utf8(name).unwrap()),
+                records
+            );
+        }
     }
 
     #[test]

@@ -181,3 +181,70 @@ def test_commit_without_replace_links_a_new_file_or_leaves_the_old_one(
     assert [p.name for p in tmp_path.iterdir()] == ["key.pem"]
     with pytest.raises(BackupIOError, match="cannot write key file to"):
         atomic.AtomicFile(str(tmp_path), "key file")
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_failure_after_linking_a_new_file_removes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replace: bool
+) -> None:
+    """The directory's fsync fails after the new file was linked where none was: the error means
+    nothing was written, so the file is gone again."""
+    calls = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:  # the file's fsync, then the directory's
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = tmp_path / "new.pem"
+    with atomic.AtomicFile(str(path), "key file") as out:
+        out.file.write(b"data")
+        with pytest.raises(BackupIOError, match="cannot write key file to .*Input/output error"):
+            out.commit(replace=replace)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_hard_links_a_new_file_is_renamed_to_a_free_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the filesystem has neither O_TMPFILE nor hard links (FAT), commit(replace=False)
+    renames the temporary file to the path if that is free, and refuses a taken one."""
+    monkeypatch.setattr(atomic.AtomicFile, "_open_unnamed", lambda self: None)
+
+    def no_links(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "key.pem"
+    for data in (b"first", b"second"):
+        with atomic.AtomicFile(str(path), "key file") as out:
+            out.file.write(data)
+            if data == b"first":
+                out.commit(replace=False)
+            else:
+                with pytest.raises(FileExistsError):
+                    out.commit(replace=False)
+    assert path.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["key.pem"]
+
+
+def test_follow_symlinks_false_replaces_the_link_itself(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere" / "target"
+    target.parent.mkdir()
+    target.write_bytes(b"keep me")
+    link = tmp_path / "key.pem"
+    link.symlink_to(target)
+    with atomic.AtomicFile(str(link), "key file", follow_symlinks=False) as out:
+        out.file.write(b"new key")
+        out.commit()
+    assert not link.is_symlink() and link.read_bytes() == b"new key"
+    assert target.read_bytes() == b"keep me"
+    dangling = tmp_path / "dangling.pem"
+    dangling.symlink_to(tmp_path / "elsewhere" / "missing")
+    with atomic.AtomicFile(str(dangling), "key file", follow_symlinks=False) as out:
+        out.file.write(b"new key")
+        out.commit()
+    assert not dangling.is_symlink() and not (tmp_path / "elsewhere" / "missing").exists()

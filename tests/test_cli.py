@@ -179,6 +179,18 @@ def test_keygen_writes_a_0600_pkcs8_key_and_refuses_to_overwrite(tmp_path: Path)
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
 
 
+def test_keygen_force_replaces_a_symlink_itself_not_its_target(tmp_path: Path) -> None:
+    """A link planted where a key is written (say in a shared /tmp) cannot redirect the key."""
+    target = tmp_path / "victim"
+    target.write_text("not a key")
+    link = tmp_path / "k.pem"
+    link.symlink_to(target)
+    expect(run("keygen", "--out", link), EXIT_USAGE, "already exists")
+    expect(run("keygen", "--out", link, "--force", "-q"), EXIT_OK)
+    assert not link.is_symlink() and link.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert target.read_text() == "not a key"
+
+
 def test_keygen_unwritable_destination_exits_4(tmp_path: Path) -> None:
     expect(run("keygen", "--out", tmp_path / "missing-dir" / "k.pem"), EXIT_IO, "cannot write key file")
     blocker = tmp_path / "file"
@@ -189,7 +201,9 @@ def test_keygen_unwritable_destination_exits_4(tmp_path: Path) -> None:
 KEYGEN_KILLED = """
 import os, sys, time
 from datafold import atomic, cli
-marker, point = sys.argv[1], sys.argv[2]
+marker, point, unnamed = sys.argv[1], sys.argv[2], sys.argv[3] == "unnamed"
+if not unnamed:  # as where O_TMPFILE is not supported
+    atomic.AtomicFile._open_unnamed = lambda self: None
 
 def hang(*args, **kwargs):
     open(marker, "w").close()
@@ -202,16 +216,20 @@ if point == "written":  # the key written out (not yet synced or named), then ki
     atomic.AtomicFile.commit = commit
 else:
     os.fsync = hang
-cli.main(sys.argv[3:])
+cli.main(sys.argv[4:])
 """
 
 
 @pytest.mark.parametrize("point", ["written", "fsync"])
 @pytest.mark.parametrize("force", [False, True])
-def test_keygen_killed_midway_leaves_no_key_file_or_the_old_one(tmp_path: Path, point: str, force: bool) -> None:
+@pytest.mark.parametrize("unnamed", [True, False])
+def test_keygen_killed_midway_leaves_no_key_file_or_the_old_one(
+    tmp_path: Path, point: str, force: bool, unnamed: bool
+) -> None:
     """A key file appears whole or not at all (a lost key loses every backup made with it): killed
-    once the key is written or while it is synced, keygen leaves nothing at the path, nor a
-    temporary file, and --force leaves the old key as it was."""
+    once the key is written or while it is synced, keygen leaves nothing at the path (or the old
+    key, with --force). With O_TMPFILE nothing else is left either; without it, the hidden
+    temporary file (mode 0600) stays, as documented."""
     keys = tmp_path / "keys"
     keys.mkdir()
     key = keys / "k.pem"
@@ -220,15 +238,21 @@ def test_keygen_killed_midway_leaves_no_key_file_or_the_old_one(tmp_path: Path, 
     before = sorted((p.name, p.read_bytes()) for p in keys.iterdir())
     script, marker = tmp_path / "child.py", tmp_path / "marker"
     script.write_text(KEYGEN_KILLED)
-    args = ["keygen", "--out", str(key), *(["--force"] if force else [])]
-    child = subprocess.Popen([sys.executable, str(script), str(marker), point, *args], stderr=subprocess.PIPE)
+    args = [str(marker), point, "unnamed" if unnamed else "named", "keygen", "--out", str(key)]
+    child = subprocess.Popen(
+        [sys.executable, str(script), *args, *(["--force"] if force else [])], stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 60
     while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     child.kill()
     err = child.communicate()[1].decode()
     assert marker.exists(), f"the child did not reach the kill point:\n{err[-2000:]}"
-    assert sorted((p.name, p.read_bytes()) for p in keys.iterdir()) == before
+    left = [p for p in keys.iterdir() if not (p.name.startswith(".") and p.name.endswith(".dfb-tmp"))]
+    assert sorted((p.name, p.read_bytes()) for p in left) == before
+    strays = [p for p in keys.iterdir() if p not in left]
+    assert len(strays) == (0 if unnamed else 1)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in strays)
 
 
 @pytest.mark.parametrize("setup", ["lmdb"], indirect=True)  # backend-independent

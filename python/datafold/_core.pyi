@@ -309,10 +309,14 @@ class LmdbWriter:
     def seal(self) -> None:
         """Staged writes only (InvalidArgumentError otherwise): commits the last records to the
         new file and starts its fsync in a background thread; nothing more can be written.
-        tree_digest() then reads the file while it syncs; commit() waits for the sync."""
-    def tree_digest(self, index: int, backup_key: Buffer) -> tuple[int, int, bytes]:
-        """digest_items(backup_key, records) of tree `index` (from open_tree) as the sealed new
-        file holds it, read back through the core's LMDB before commit() publishes the file."""
+        tree_digests() then reads the file while it syncs; commit() waits for the sync."""
+    def tree_digests(
+        self, indices: Sequence[int], backup_key: Buffer, *, threads: int = 0
+    ) -> list[tuple[int, int, bytes]]:
+        """[digest_items(backup_key, records) of tree i for i in indices] (from open_tree) as the
+        sealed new file holds them, read back through the core's LMDB before commit() publishes
+        the file; up to `threads` trees at once (0: all cores), each in a read transaction of its
+        own on a thread of its own."""
     def commit(self) -> None:
         """Commits durably (fsync; staged: the new file synced, after seal() if that was not
         called, and renamed over data.mdb, the directory synced) and closes the environment;

@@ -5,9 +5,10 @@ SIGKILL at any point before `commit()` leaves nothing behind; `commit()` fsyncs,
 path when no file is there (the link is atomic and replaces nothing), else under a temporary name
 that it renames over the old file (or, with `replace=False`, fails: a key file is never replaced
 unasked), then fsyncs the directory. Where O_TMPFILE is not
-supported it falls back to a named hidden temporary file that is removed on any failure. A path that
-is a symlink is written through (its target is replaced, the link stays); a device, pipe or socket
-there is refused, since a rename would replace it with a file.
+supported it falls back to a named hidden temporary file that is removed on any failure (a crash
+leaves it: `*.dfb-tmp`). A path that is a symlink is written through (its target is replaced, the
+link stays) unless follow_symlinks=False; a device, pipe or socket there is refused, since a rename
+would replace it with a file.
 
 Write-behind: data written through `sink` is fdatasync()ed by a background thread every
 WRITE_BEHIND_BYTES, and `start_sync()` syncs the rest while the caller goes on (verifying the file
@@ -150,20 +151,21 @@ class GrowingFile:
 
 
 class AtomicFile:
-    """`what` names the file in error messages ("backup", "key file")."""
+    """`what` names the file in error messages ("backup", "key file"). A path that is a symlink
+    is written through (its target is replaced, the link stays), or with follow_symlinks=False
+    replaced itself (key files: a link planted where a key is written cannot redirect it)."""
 
-    def __init__(self, path: str, what: str = "backup") -> None:
-        # Through a symlink: its target is replaced (atomically), the link stays.
-        self.path = os.path.realpath(path)
+    def __init__(self, path: str, what: str = "backup", *, follow_symlinks: bool = True) -> None:
+        self.path = os.path.realpath(path) if follow_symlinks else os.path.abspath(path)
         self._what = what
         directory = os.path.dirname(self.path)
-        if os.path.isdir(self.path) or path.endswith((os.sep, "/")):
-            raise BackupIOError(f"cannot write {what} to {path}: it is a directory; give a file path")
         try:
-            mode = os.stat(self.path).st_mode
+            mode = (os.stat if follow_symlinks else os.lstat)(self.path).st_mode
         except OSError:
             mode = None  # no file there yet (or none that can be seen): the rename will tell
-        if mode is not None and not stat.S_ISREG(mode):
+        if (mode is not None and stat.S_ISDIR(mode)) or path.endswith((os.sep, "/")):
+            raise BackupIOError(f"cannot write {what} to {path}: it is a directory; give a file path")
+        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
             raise BackupIOError(
                 f"cannot write {what} to {path}: it is not a regular file (a device, pipe or socket); give a file path"
             )
@@ -240,8 +242,9 @@ class AtomicFile:
     def commit(self, *, replace: bool = True) -> None:
         """Makes the file durable and puts it at its path, replacing an older file there; with
         replace=False a file there is a FileExistsError instead (the new one is dropped): the
-        check and the link are one atomic step."""
-        taken = False
+        check and the link are one atomic step. A failure after the file was linked where none
+        was (the directory's fsync) removes it again: an error means nothing was written."""
+        taken = linked_new = False
         try:
             self.file.flush()
             error = self._syncer.stop()
@@ -249,10 +252,13 @@ class AtomicFile:
                 raise error
             os.fsync(self.file.fileno())
             if not replace:
-                taken = not self._link_new()
+                linked_new = self._link_new()
+                taken = not linked_new
                 if taken:
                     raise FileExistsError(errno.EEXIST, "a file is there", self.path)
-            elif self._temp_name is not None or not self._link_unnamed(self.path):
+            elif self._temp_name is None and self._link_unnamed(self.path):
+                linked_new = True
+            else:
                 if self._temp_name is None:
                     # A file is at the path: name the inode beside it, then rename over it.
                     self._temp_name = os.path.join(self._dir, f".{uuid.uuid4().hex}{TEMP_SUFFIX}")
@@ -271,16 +277,31 @@ class AtomicFile:
             self.discard()
             if taken:
                 raise
+            if linked_new:
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
             raise BackupIOError(f"cannot write {self._what} to {self.path}: {e.strerror or e}") from e
 
     def _link_new(self) -> bool:
-        """Links the file at its path unless a file is there (False)."""
+        """Links the file at its path unless a file is there (False). The named fallback links
+        the temporary file there and removes its name; on a filesystem without hard links (FAT)
+        it renames it there after checking that the path is free (not atomic with the check)."""
         if self._temp_name is None:
             return self._link_unnamed(self.path)
         try:
             os.link(self._temp_name, self.path)
         except FileExistsError:
             return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            if os.path.lexists(self.path):
+                return False
+            os.rename(self._temp_name, self.path)
+            self._temp_name = None
+            return True
         os.unlink(self._temp_name)
         self._temp_name = None
         return True

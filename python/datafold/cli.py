@@ -634,7 +634,7 @@ def _write_private_file(path: str, data: bytes, *, replace: bool) -> None:
     """Writes a 0600 file that appears whole or not at all, durably (AtomicFile: the file and its
     directory fsynced): next to nothing at `path` unless `replace`."""
     try:
-        with AtomicFile(path, "key file") as out:
+        with AtomicFile(path, "key file", follow_symlinks=False) as out:
             out.file.write(data)
             out.commit(replace=replace)
     except FileExistsError:

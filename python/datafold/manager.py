@@ -842,18 +842,17 @@ class EncryptedBackupManager:
         meter: Meter,
     ) -> set[str]:
         """_verify_restored's check by TREE_END digest, of the trees a sealed staged writer holds
-        (core.LmdbWriter.tree_digest), before its file is published; the names of those trees."""
+        (core.LmdbWriter.tree_digests: several trees at once), before its file is published; the
+        names of those trees."""
         backup_key = self._file_key(path)
         expected = _tree_ends(trailer)
-        checked = set()
-        for name, result in outcome.items():
-            if name in expected and _checked_by_tree_end(result, prefix):
-                assert result.index is not None
-                got = tuple(writer.tree_digest(result.index, backup_key))
-                _compare_digests(name, got, expected[name], applied=False)
-                meter.add_items(expected[name][0])
-                checked.add(name)
-        return checked
+        names = [n for n, result in outcome.items() if n in expected and _checked_by_tree_end(result, prefix)]
+        indices = [outcome[n].index for n in names]
+        digests = writer.tree_digests(indices, backup_key, threads=self._threads) if names else []
+        for name, got in zip(names, digests, strict=True):
+            _compare_digests(name, tuple(got), expected[name], applied=False)
+            meter.add_items(expected[name][0])
+        return set(names)
 
     def _verify_restored(
         self,

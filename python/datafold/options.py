@@ -219,8 +219,9 @@ class RestoreOptions(_PrefixMixin):
         aborting; integrity failures always abort.
     verify_after_restore: read back what was written and check it against the backup (per-tree
         digests where a whole tree went into an empty tree, item by item otherwise). A staged
-        native restore of one file is read back from its new data file while that syncs, before
-        it replaces data.mdb: a mismatch then leaves the database as it was.
+        native restore of one file is read back from its new data file while that syncs (several
+        trees at once, up to `threads`), before it replaces data.mdb: a mismatch then leaves the
+        database as it was.
     threads: threads that open segments, 0 = all cores (the Rust core; the pure core uses one).
         A number other than 0 also keeps the verify pass before the write (see above).
     chain: for an incremental backup, the paths of its parents, oldest (the full backup) first; the

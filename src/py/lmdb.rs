@@ -363,26 +363,55 @@ impl PyLmdbWriter {
 
     /// Ends the writing of a staged write (crate::lmdb_write, `Writer::seal`): its last records
     /// are committed to the staging file, whose sync then runs in the background while
-    /// tree_digest() reads the file; commit() waits for the sync and publishes the file.
+    /// tree_digests() reads the file; commit() waits for the sync and publishes the file.
     fn seal(&mut self, py: Python<'_>) -> PyResult<()> {
         let mut job = AssertSend(self.writer()?);
         py.detach(move || job.run(|w| w.seal()))?;
         Ok(())
     }
 
-    /// digest_items(backup_key, ...) of the records of tree `index` as a sealed staged write
-    /// holds them: (items, bytes, digest), read back through LMDB before the file is published.
-    fn tree_digest<'py>(
+    /// [digest_items(backup_key, ...) of the records of tree `i` for i in `indices`] as a sealed
+    /// staged write holds them: (items, bytes, digest) each, read back through LMDB before the
+    /// file is published, on up to `threads` threads (0: all cores) a tree at a time.
+    #[pyo3(signature = (indices, backup_key, *, threads=IntArg::Default(0)))]
+    fn tree_digests<'py>(
         &mut self,
         py: Python<'py>,
-        index: usize,
+        indices: Vec<usize>,
         backup_key: &Bound<'py, PyAny>,
-    ) -> PyResult<DigestResult<'py>> {
-        let mut digester = item_digester(backup_key)?;
-        let mut job = AssertSend((self.parts(index)?, &mut digester));
-        py.detach(move || job.run(|((w, t), d)| w.read_back(t, |k, v| d.add(k, Some(v)))))?;
-        let (tally, digest) = digester.finish();
-        Ok((tally.items, tally.bytes, PyBytes::new(py, &digest)))
+        threads: IntArg<'py>,
+    ) -> PyResult<Vec<DigestResult<'py>>> {
+        let threads = super::threads_arg(&threads)?;
+        let digesters = indices
+            .iter()
+            .map(|_| item_digester(backup_key))
+            .collect::<PyResult<Vec<_>>>()?;
+        let state = self.state.get_mut()?;
+        let writer = state.writer.as_mut().ok_or_else(closed)?;
+        let trees = indices
+            .iter()
+            .map(|&i| {
+                state.trees.get(i).ok_or_else(|| {
+                    PyErr::from(crate::error::Error::invalid(format!(
+                        "no tree {i} in this writer"
+                    )))
+                })
+            })
+            .collect::<PyResult<Vec<&Tree>>>()?;
+        let mut job = AssertSend((writer, trees, Some(digesters)));
+        let digesters = py.detach(move || {
+            job.run(|(w, trees, digesters)| {
+                let digesters = digesters.take().expect("taken once");
+                w.read_back_trees(trees, digesters, threads, |d, k, v| d.add(k, Some(v)))
+            })
+        })?;
+        Ok(digesters
+            .into_iter()
+            .map(|d| {
+                let (tally, digest) = d.finish();
+                (tally.items, tally.bytes, PyBytes::new(py, &digest))
+            })
+            .collect())
     }
 
     /// Commits durably and closes the environment.

@@ -63,7 +63,7 @@ process has it open and writemap is off, the core's writer instead builds the re
 a new file, STAGING_FILE in the directory (an LMDB environment of its own, no lock file, no syncs),
 committing every 16 MiB so memory stays flat (each commit followed by an fdatasync of the file in
 a thread, unless the previous one still runs, so the disk works meanwhile), then fsyncs it (the
-restore's read-back check reads the file meanwhile: LmdbWriter.seal / tree_digest), gives it
+restore's read-back check reads the file meanwhile: LmdbWriter.seal / tree_digests), gives it
 data.mdb's permissions, owner and extended attributes (ACLs, security labels; copied when
 the file is created), renames it over data.mdb and fsyncs the directory: the
 database still changes all at once or not at all.
