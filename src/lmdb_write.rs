@@ -794,54 +794,61 @@ impl Writer {
 
     /// `read_back` of several trees on up to `threads` threads, each tree whole on one of them
     /// in a read transaction of its own: the staging environment has no lock table and nothing
-    /// writes to it once sealed, so its readers share nothing. `visitors[i]` sees the records of
-    /// `trees[i]` through `visit`; they come back in that order. Why: the check of a restore of
-    /// many trees was one thread's work while the other cores waited for the final sync.
-    pub fn read_back_trees<V: Send>(
+    /// writes to it once sealed, so its readers share nothing. Each tree gets a visitor from
+    /// `start`, sees its records through `visit`, and `finish` turns it into the tree's result
+    /// on the same thread (so at most `threads` visitors live at once); the results come back in
+    /// the order of `trees`. An LMDB failure on any tree is the error (and fails the writer, as
+    /// in `read_back`); otherwise the first visitor error in that order. Why: the check of a
+    /// restore of many trees was one thread's work while the other cores waited for the final
+    /// sync.
+    pub fn read_back_trees<V, R: Send>(
         &mut self,
         trees: &[&Tree],
-        visitors: Vec<V>,
         threads: usize,
+        start: impl Fn() -> V + Sync,
         visit: impl Fn(&mut V, &[u8], &[u8]) -> Result<()> + Sync,
-    ) -> Result<Vec<V>> {
+        finish: impl Fn(V) -> R + Sync,
+    ) -> Result<Vec<R>> {
         self.check_sealed()?;
-        assert_eq!(trees.len(), visitors.len(), "one visitor per tree");
         let dbis: Vec<ffi::MDB_dbi> = trees.iter().map(|t| t.dbi).collect();
-        let slots: Vec<std::sync::Mutex<(V, Option<Walked>)>> = visitors
-            .into_iter()
-            .map(|v| std::sync::Mutex::new((v, None)))
-            .collect();
+        let outcomes: Vec<std::sync::Mutex<Option<Walked<R>>>> =
+            dbis.iter().map(|_| std::sync::Mutex::new(None)).collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         let env = SharedEnv(self.env);
         let work = || loop {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(slot) = slots.get(i) else { break };
-            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-            let (visitor, outcome) = &mut *slot;
-            *outcome = Some(walk_tree(env.get(), dbis[i], &mut |k, v| {
-                visit(visitor, k, v)
-            }));
+            let (Some(&dbi), Some(outcome)) = (dbis.get(i), outcomes.get(i)) else {
+                break;
+            };
+            let mut visitor = start();
+            let walked = walk_tree(env.get(), dbi, &mut |k, v| visit(&mut visitor, k, v));
+            let walked = walked.map(|visited| visited.map(|()| finish(visitor)));
+            *outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(walked);
         };
         std::thread::scope(|scope| {
-            for _ in 1..threads.clamp(1, trees.len().max(1)) {
-                std::thread::Builder::new()
-                    .name("datafold-read-back".into())
-                    .spawn_scoped(scope, work)
-                    .map_err(|e| Error::Store(format!("cannot start a read-back thread: {e}")))?;
+            for _ in 1..threads.clamp(1, dbis.len().max(1)) {
+                let helper = std::thread::Builder::new().name("datafold-read-back".into());
+                if helper.spawn_scoped(scope, work).is_err() {
+                    break; // fewer threads: the ones running (this one at least) read the rest
+                }
             }
             work();
-            Ok::<(), Error>(())
-        })?;
-        let mut visited = Vec::with_capacity(slots.len());
-        for slot in slots {
-            let (visitor, outcome) = slot.into_inner().unwrap_or_else(|e| e.into_inner());
-            match outcome.expect("every tree was read") {
-                Ok(Ok(())) => visited.push(visitor),
-                Ok(Err(e)) => return Err(e),
-                Err(rc) => return Err(self.fail(rc, "read back the staging file")),
-            }
+        });
+        let outcomes: Vec<Walked<R>> = outcomes
+            .into_iter()
+            .map(|o| {
+                o.into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .expect("every tree was read")
+            })
+            .collect();
+        if let Some(&rc) = outcomes.iter().find_map(|o| o.as_ref().err()) {
+            return Err(self.fail(rc, "read back the staging file"));
         }
-        Ok(visited)
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("no LMDB error"))
+            .collect()
     }
 
     fn check_sealed(&self) -> Result<()> {
@@ -1062,7 +1069,7 @@ impl SharedEnv {
 }
 
 /// What `walk_tree` did: Err(rc) for an LMDB failure, Ok(the visitor's outcome) otherwise.
-type Walked = std::result::Result<Result<()>, c_int>;
+type Walked<T = ()> = std::result::Result<Result<T>, c_int>;
 
 /// A visitor of records (key, value).
 type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
@@ -1578,40 +1585,65 @@ mod tests {
             trees.push(t);
             want.push(records);
         }
-        let collect = |k: &[u8], v: &[u8], seen: &mut Records| {
-            seen.push((k.to_vec(), v.to_vec()));
-            Ok(())
-        };
         let refs: Vec<&Tree> = trees.iter().collect();
+        let read = |w: &mut Writer, threads: usize| {
+            w.read_back_trees(
+                &refs,
+                threads,
+                Records::new,
+                |seen, k, v| {
+                    seen.push((k.to_vec(), v.to_vec()));
+                    Ok(())
+                },
+                |seen| seen,
+            )
+        };
         // Not before seal(), as read_back.
-        assert!(w
-            .read_back_trees(&refs, vec![Records::new(); 5], 2, |s, k, v| collect(
-                k, v, s
-            ))
-            .is_err());
+        assert!(read(&mut w, 2).is_err());
         w.seal().unwrap();
         for threads in [1, 2, 3, 8] {
-            let got = w
-                .read_back_trees(&refs, vec![Records::new(); 5], threads, |s, k, v| {
-                    collect(k, v, s)
-                })
-                .unwrap();
-            assert_eq!(got, want, "threads={threads}");
+            assert_eq!(read(&mut w, threads).unwrap(), want, "threads={threads}");
         }
-        // A visitor's error is the read's, whichever thread met it.
-        let stop = w.read_back_trees(&refs, vec![0u32; 5], 2, |n, _, _| {
-            *n += 1;
-            if *n > 1000 {
-                Err(Error::invalid("stop"))
-            } else {
+        // A visitor's error is the read's, whichever thread met it; the visitors are finished
+        // on their threads, at most `threads` of them alive at once.
+        let alive = std::sync::atomic::AtomicUsize::new(0);
+        let most = std::sync::atomic::AtomicUsize::new(0);
+        let counted = w.read_back_trees(
+            &refs,
+            2,
+            || {
+                let now = alive.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                0u32
+            },
+            |n, _, _| {
+                *n += 1;
                 Ok(())
-            }
-        });
+            },
+            |n| {
+                alive.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                n
+            },
+        );
+        assert_eq!(counted.unwrap(), vec![700, 1400, 2100, 2800, 3500]);
+        assert!(most.load(std::sync::atomic::Ordering::SeqCst) <= 2);
+        let stop = w.read_back_trees(
+            &refs,
+            2,
+            || 0u32,
+            |n, _, _| {
+                *n += 1;
+                if *n > 1000 {
+                    Err(Error::invalid("stop"))
+                } else {
+                    Ok(())
+                }
+            },
+            |n| n,
+        );
         assert_eq!(stop.unwrap_err().to_string(), "stop");
-        assert!(w
-            .read_back_trees(&[], Vec::<u8>::new(), 2, |_, _, _| Ok(()))
-            .unwrap()
-            .is_empty());
+        let none = w.read_back_trees(&[], 2, || (), |_, _, _| Ok(()), |()| ());
+        assert!(none.unwrap().is_empty());
         w.commit().unwrap();
         for (name, records) in names.iter().zip(&want) {
             assert_eq!(
@@ -1619,6 +1651,34 @@ mod tests {
                 records
             );
         }
+    }
+
+    #[test]
+    fn an_lmdb_failure_on_any_tree_read_back_beats_a_visitor_error_and_fails_the_writer() {
+        let (dir, _, _) = empty_environment("sealed-bad");
+        let mut w = Writer::open(&dir, staging(64 << 20)).unwrap();
+        let mut t = w.open_tree(b"t").unwrap();
+        w.put(&mut t, b"k", b"v", true).unwrap();
+        w.seal().unwrap();
+        let no_such_tree = Tree {
+            dbi: 1000, // never opened: mdb_cursor_open fails with EINVAL
+            cursor: ptr::null_mut(),
+            txn_serial: 0,
+            was_empty: true,
+            appending: false,
+            last_key: Vec::new(),
+        };
+        let got = w.read_back_trees(
+            &[&t, &no_such_tree],
+            2,
+            || (),
+            |_, _, _| Err(Error::invalid("the visitor's error")),
+            |()| (),
+        );
+        let e = got.unwrap_err().to_string();
+        assert!(e.contains("read back the staging file"), "{e}");
+        assert!(w.failed);
+        assert!(w.commit().is_err()); // a failed writer publishes nothing
     }
 
     #[test]

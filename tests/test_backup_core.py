@@ -1156,7 +1156,8 @@ def test_skipping_a_tree_lets_other_threads_run(backup_key: bytes) -> None:
     another Python thread keeps running meanwhile (a read-back check beside the writer, or a
     verify in a server's thread, would otherwise stall the rest of the program). Measured as the
     part of the call in which the other thread made no progress for 5 ms or more: with the GIL
-    held while parsing, that was nearly all of it."""
+    held while parsing, that was nearly all of it, every time. Up to three tries: on a machine
+    busy with other work the other thread may not get a core for a while even without the GIL."""
     if (os.cpu_count() or 1) < 2:
         pytest.skip("needs two cores: on one, the two threads take turns whatever the GIL does")
     rust = load_core("rust")
@@ -1167,33 +1168,42 @@ def test_skipping_a_tree_lets_other_threads_run(backup_key: bytes) -> None:
     writer.add_items((i.to_bytes(4, "big"), b"") for i in range(2_000_000))
     writer.end_tree()
     writer.finish()
-    reader = rust.BackupReader(io.BytesIO(sink.getvalue()), threads=1)
-    reader.unlock(backup_key)
-    assert reader.next_tree() == "t"
-    ticks: list[float] = []
-    stop = threading.Event()
 
-    def tick() -> None:
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
+    def stalled_share() -> float:
+        reader = rust.BackupReader(io.BytesIO(sink.getvalue()), threads=1)
+        reader.unlock(backup_key)
+        assert reader.next_tree() == "t"
+        ticks: list[float] = []
+        stop = threading.Event()
 
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(0.001)
-    ticker = threading.Thread(target=tick)
-    ticker.start()
-    try:
-        time.sleep(0.01)
-        start = time.perf_counter()
-        assert reader.next_tree() is None  # skips all of "t", then reads the trailer
-        end = time.perf_counter()
-    finally:
-        stop.set()
-        ticker.join()
-        sys.setswitchinterval(switch)
-    assert reader.trailer is not None and reader.trailer[0] == 2_000_000
-    seen = [start, *(t for t in ticks if start < t < end), end]
-    stalled = sum(b - a for a, b in itertools.pairwise(seen) if b - a >= 0.005)
-    assert stalled < (end - start) / 2, f"the other thread stood still {stalled:.3f} s of {end - start:.3f} s"
+        def tick() -> None:
+            while not stop.is_set():
+                ticks.append(time.perf_counter())
+
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(0.001)
+        ticker = threading.Thread(target=tick)
+        ticker.start()
+        try:
+            time.sleep(0.01)
+            start = time.perf_counter()
+            assert reader.next_tree() is None  # skips all of "t", then reads the trailer
+            end = time.perf_counter()
+        finally:
+            stop.set()
+            ticker.join()
+            sys.setswitchinterval(switch)
+        assert reader.trailer is not None and reader.trailer[0] == 2_000_000
+        seen = [start, *(t for t in ticks if start < t < end), end]
+        stalled = sum(b - a for a, b in itertools.pairwise(seen) if b - a >= 0.005)
+        return stalled / (end - start)
+
+    shares = []
+    for _ in range(3):
+        shares.append(stalled_share())
+        if shares[-1] < 0.5:
+            return
+    pytest.fail(f"the other thread stood still for {', '.join(f'{s:.0%}' for s in shares)} of the call")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

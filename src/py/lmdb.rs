@@ -10,7 +10,8 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
-use super::{batch_limit, item_digester, untracked_pair, with_bytes, DigestResult, IntArg};
+use super::{batch_limit, untracked_pair, with_bytes, DigestResult, IntArg};
+use crate::digest::ItemDigester;
 use crate::lmdb_file::{Batch, DataFile, Scan, TreeRoot};
 use crate::lmdb_write::{EnvOptions, Tree, Writer, Written};
 
@@ -382,10 +383,7 @@ impl PyLmdbWriter {
         threads: IntArg<'py>,
     ) -> PyResult<Vec<DigestResult<'py>>> {
         let threads = super::threads_arg(&threads)?;
-        let digesters = indices
-            .iter()
-            .map(|_| item_digester(backup_key))
-            .collect::<PyResult<Vec<_>>>()?;
+        let digest_key = super::digest_key_arg(backup_key)?;
         let state = self.state.get_mut()?;
         let writer = state.writer.as_mut().ok_or_else(closed)?;
         let trees = indices
@@ -398,19 +396,22 @@ impl PyLmdbWriter {
                 })
             })
             .collect::<PyResult<Vec<&Tree>>>()?;
-        let mut job = AssertSend((writer, trees, Some(digesters)));
-        let digesters = py.detach(move || {
-            job.run(|(w, trees, digesters)| {
-                let digesters = digesters.take().expect("taken once");
-                w.read_back_trees(trees, digesters, threads, |d, k, v| d.add(k, Some(v)))
+        let mut job = AssertSend((writer, trees));
+        let key = digest_key.as_bytes();
+        let digests = py.detach(move || {
+            job.run(|(w, trees)| {
+                w.read_back_trees(
+                    trees,
+                    threads,
+                    || ItemDigester::new(key),
+                    |d, k, v| d.add(k, Some(v)),
+                    ItemDigester::finish,
+                )
             })
         })?;
-        Ok(digesters
+        Ok(digests
             .into_iter()
-            .map(|d| {
-                let (tally, digest) = d.finish();
-                (tally.items, tally.bytes, PyBytes::new(py, &digest))
-            })
+            .map(|(tally, digest)| (tally.items, tally.bytes, PyBytes::new(py, &digest)))
             .collect())
     }
 

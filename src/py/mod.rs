@@ -340,10 +340,13 @@ fn digest_sources<'py>(
 
 /// An ItemDigester with the digest key of `backup_key`.
 pub(crate) fn item_digester(backup_key: &Bound<'_, PyAny>) -> PyResult<ItemDigester> {
+    Ok(ItemDigester::new(digest_key_arg(backup_key)?.as_bytes()))
+}
+
+/// The digest key of `backup_key`, for ItemDigesters made where Python cannot be reached.
+pub(crate) fn digest_key_arg(backup_key: &Bound<'_, PyAny>) -> PyResult<SecretKey> {
     let key = SecretKey::from_slice(&secret_arg(backup_key)?, "backup key")?;
-    Ok(ItemDigester::new(
-        derive_digest_key(key.as_bytes()).as_bytes(),
-    ))
+    Ok(derive_digest_key(key.as_bytes()))
 }
 
 #[pyfunction]
