@@ -354,6 +354,23 @@ def test_create_compressed_inspect_and_restore(setup: Setup) -> None:
     assert setup.read_db(target) == setup.read_db(setup.db)
 
 
+@pytest.mark.parametrize("setup", ["lmdb"], indirect=True)
+def test_restore_refuses_a_directory_of_other_files(setup: Setup) -> None:
+    """`restore BACKUP .` in a home directory must not put data.mdb and lock.mdb among its files;
+    a new or empty directory becomes an LMDB database, and the cwd works once it is one."""
+    home = setup.tmp / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    expect(run("restore", setup.backup, ".", "--key", setup.key, cwd=home), EXIT_USAGE, "no data.mdb", "empty")
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+    empty = setup.tmp / "empty-dir"
+    empty.mkdir()
+    expect(run("restore", setup.backup, ".", "--key", setup.key, "-q", cwd=empty), EXIT_OK)
+    assert setup.read_db(empty) == setup.read_db(setup.db)
+    (empty / "README").write_text("an LMDB database may hold other files too")
+    expect(run("restore", setup.backup, ".", "--key", setup.key, "--overwrite", "-q", cwd=empty), EXIT_OK)
+
+
 def test_restore_options(setup: Setup) -> None:
     target = setup.new_db("restore-options")
     with DbOperations.open(target, setup.backend) as db:

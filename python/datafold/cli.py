@@ -538,6 +538,23 @@ def backend_for(path: str, choice: str) -> str:
     return "sqlite" if path.lower().endswith(SQLITE_SUFFIXES) else "lmdb"
 
 
+def _refuse_foreign_directory(path: str, backend: str) -> None:
+    """A restore makes an LMDB database of a new or empty directory, or writes into one that is
+    an LMDB database; a directory holding other files and no data.mdb (`restore BACKUP .` in a
+    home directory, say) is refused rather than given a data.mdb and lock.mdb among them."""
+    if backend != "lmdb" or not os.path.isdir(path) or os.path.lexists(os.path.join(path, "data.mdb")):
+        return
+    try:
+        others = os.listdir(path)
+    except OSError as e:
+        raise CliError(f"cannot read directory {path}: {e.strerror or e}", "check the path", code=EXIT_IO) from None
+    if others:
+        raise UsageError(
+            f"{path} is a directory with other files in it and no LMDB database (no data.mdb)",
+            "restore into a new or empty directory, or into an existing LMDB database",
+        )
+
+
 def open_existing_db(path: str, choice: str, *, direct_reads: bool = True) -> DbOperations:
     backend = backend_for(path, choice)
     if not direct_reads and backend != "lmdb":
@@ -718,6 +735,7 @@ def cmd_restore(args: argparse.Namespace, out: Output, ctx: Context) -> int:
             if backend != "lmdb":
                 raise UsageError(f"{flag} is an LMDB option and {args.db} is a {backend} database", f"leave {flag} out")
             store_options[option] = flag == "--writemap"  # writemap=True, native_restore=False
+    _refuse_foreign_directory(args.db, backend)
     is_new = not os.path.lexists(args.db)
     try:
         with DbOperations.open(args.db, backend, **store_options) as db:
