@@ -178,6 +178,28 @@ impl DataFile {
     }
 
     /// A page `tree_page` accepted before, without checking it again.
+    /// Asks the CPU to load page `pgno` into its caches (a hint: no fault, no error, a no-op
+    /// past the end or off x86_64).
+    fn prefetch_page(&self, pgno: u64) {
+        let Some(start) = (pgno as usize).checked_mul(self.page_size) else {
+            return;
+        };
+        let Some(page) = self.map.get(start..start.saturating_add(self.page_size)) else {
+            return;
+        };
+        #[cfg(target_arch = "x86_64")]
+        for line in page.chunks(64) {
+            // SAFETY: a prefetch of mapped memory; it reads nothing and cannot fault.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    line.as_ptr().cast(),
+                )
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = page;
+    }
+
     fn checked_page(&self, pgno: u64, count: usize) -> Page<'_> {
         let start = pgno as usize * self.page_size;
         Page {
@@ -372,6 +394,28 @@ impl Scan {
         }
     }
 
+    /// On entering a leaf: the leaf after it (its parent's next child) is loaded into the CPU's
+    /// caches while this one is read. Why: the first read of each node was a cache miss, ~10%
+    /// of a backup of small records (perf).
+    fn prefetch_next_leaf(&self, file: &DataFile) {
+        let Some(&(parent, next)) = self
+            .stack
+            .len()
+            .checked_sub(2)
+            .and_then(|i| self.stack.get(i))
+        else {
+            return;
+        };
+        let Ok((page, true)) = file.tree_page(parent) else {
+            return;
+        };
+        if next < page.count {
+            if let Ok(node) = page.node(next) {
+                file.prefetch_page(node.child());
+            }
+        }
+    }
+
     /// The next record, or None at the end of the tree (or of the prefix).
     pub fn next<'f>(&mut self, file: &'f DataFile) -> Result<Option<(&'f [u8], &'f [u8])>> {
         while !self.done {
@@ -398,8 +442,9 @@ impl Scan {
                 self.stack.pop();
                 continue;
             }
-            if !branch {
+            if !branch && self.leaf.map_or(true, |(leaf, _)| leaf != pgno) {
                 self.leaf = Some((pgno, page.count));
+                self.prefetch_next_leaf(file);
             }
             self.stack.last_mut().expect("not empty").1 += 1;
             let node = page.node(index)?;
