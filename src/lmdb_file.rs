@@ -177,7 +177,6 @@ impl DataFile {
         Ok((Page::new(pgno, bytes)?, kind == P_BRANCH))
     }
 
-    /// A page `tree_page` accepted before, without checking it again.
     /// Asks the CPU to load page `pgno` into its caches (a hint: no fault, no error, a no-op
     /// past the end or off x86_64).
     fn prefetch_page(&self, pgno: u64) {
@@ -200,6 +199,7 @@ impl DataFile {
         let _ = page;
     }
 
+    /// A page `tree_page` accepted before, without checking it again.
     fn checked_page(&self, pgno: u64, count: usize) -> Page<'_> {
         let start = pgno as usize * self.page_size;
         Page {

@@ -21,8 +21,8 @@
 //! removed by the next staged write or open of the store). With `EnvOptions::stage_writemap` the
 //! staging environment writes through its map, with the file allocated ahead of LMDB (`Room`).
 //! `seal` commits the last records and starts the final sync in a thread, so the caller can read
-//! the new file back (`read_back`) during the sync. Meanwhile the writer holds the target's write
-//! transaction. No other process can have the old file open: none had the environment open when the
+//! the new file back (`read_back_trees`) during the sync. Meanwhile the writer holds the target's
+//! write transaction. No other process can have the old file open: none had the environment open when the
 //! writer began (byte 0 of lock.mdb, which each opener read-locks, could be write-locked), a
 //! py-lmdb opener fails on the lock-file format, and another writer of this crate waits on the
 //! flock every one holds (`exclusive_writer_lock`). After the writer is gone the next opener is
@@ -737,7 +737,7 @@ impl Writer {
     }
 
     /// Ends the writing of a staged write: commits its last records to the staging file and
-    /// starts syncing that file in a background thread. `read_back` can then read what was
+    /// starts syncing that file in a background thread. `read_back_trees` can then read what was
     /// written while the disk works; `commit` waits for the sync and publishes the file.
     pub fn seal(&mut self) -> Result<()> {
         self.live()?;
@@ -777,28 +777,15 @@ impl Writer {
         self.staged.as_ref().is_some_and(|s| s.sync.is_some())
     }
 
-    /// Calls `visit(key, value)` for each record of `tree` in the staging file of a sealed
-    /// staged write, in key order, through a read transaction of the staging environment: what
-    /// a reader of the database will see once the file is published.
-    pub fn read_back(
-        &mut self,
-        tree: &Tree,
-        mut visit: impl FnMut(&[u8], &[u8]) -> Result<()>,
-    ) -> Result<()> {
-        self.check_sealed()?;
-        match walk_tree(self.env, tree.dbi, &mut visit) {
-            Ok(visited) => visited,
-            Err(rc) => Err(self.fail(rc, "read back the staging file")),
-        }
-    }
-
-    /// `read_back` of several trees on up to `threads` threads, each tree whole on one of them
-    /// in a read transaction of its own: the staging environment has no lock table and nothing
-    /// writes to it once sealed, so its readers share nothing. Each tree gets a visitor from
+    /// Reads back the records of `trees` from the staging file of a sealed staged write, each
+    /// tree in key order through a read transaction of the staging environment (what a reader of
+    /// the database will see once the file is published), on up to `threads` threads, each tree
+    /// whole on one of them: the staging environment has no lock table and nothing writes to it
+    /// once sealed, so its readers share nothing. Each tree gets a visitor from
     /// `start`, sees its records through `visit`, and `finish` turns it into the tree's result
     /// on the same thread (so at most `threads` visitors live at once); the results come back in
-    /// the order of `trees`. An LMDB failure on any tree is the error (and fails the writer, as
-    /// in `read_back`); otherwise the first visitor error in that order. Why: the check of a
+    /// the order of `trees`. An LMDB failure on any tree is the error (and fails the writer);
+    /// otherwise the first visitor error in that order. Why: the check of a
     /// restore of many trees was one thread's work while the other cores waited for the final
     /// sync.
     pub fn read_back_trees<V, R: Send>(
@@ -854,7 +841,7 @@ impl Writer {
     fn check_sealed(&self) -> Result<()> {
         if self.failed || !self.sealed() {
             return Err(Error::invalid(
-                "read_back() reads a staged write after seal() and before commit()",
+                "a staged write is read back after seal() and before commit()",
             ));
         }
         Ok(())
@@ -1598,7 +1585,7 @@ mod tests {
                 |seen| seen,
             )
         };
-        // Not before seal(), as read_back.
+        // Not before seal().
         assert!(read(&mut w, 2).is_err());
         w.seal().unwrap();
         for threads in [1, 2, 3, 8] {
@@ -1695,12 +1682,12 @@ mod tests {
             (w, t)
         };
         let read_back = |w: &mut Writer, t: &Tree| {
-            let mut seen = Records::new();
-            w.read_back(t, |k, v| {
+            let push = |seen: &mut Records, k: &[u8], v: &[u8]| {
                 seen.push((k.to_vec(), v.to_vec()));
                 Ok(())
-            })
-            .map(|()| seen)
+            };
+            w.read_back_trees(&[t], 1, Records::new, push, |seen| seen)
+                .map(|mut trees| trees.pop().expect("one tree"))
         };
 
         // Not before seal(): the last records are not committed to the staging file yet.
@@ -1711,7 +1698,7 @@ mod tests {
         // Sealed: nothing more goes in.
         assert!(w.put(&mut t, b"late", b"x", true).is_err());
         // A visitor's error is the read's; dropping the sealed writer publishes nothing.
-        let stop = w.read_back(&t, |_, _| Err(Error::invalid("stop")));
+        let stop = w.read_back_trees(&[&t], 1, || (), |_, _, _| Err(Error::invalid("stop")), drop);
         assert_eq!(stop.unwrap_err().to_string(), "stop");
         drop(w);
         assert!(!dir.join(STAGING_FILE).exists());

@@ -213,15 +213,17 @@ impl PyLmdbWriter {
     pub(crate) fn parts(&mut self, index: usize) -> PyResult<(&mut Writer, &mut Tree)> {
         let state = self.state.get_mut()?;
         let writer = state.writer.as_mut().ok_or_else(closed)?;
-        let tree = state.trees.get_mut(index).ok_or_else(|| {
-            crate::error::Error::invalid(format!("no tree {index} in this writer"))
-        })?;
+        let tree = state.trees.get_mut(index).ok_or_else(|| no_tree(index))?;
         Ok((writer, tree))
     }
 
     fn writer(&mut self) -> PyResult<&mut Writer> {
         self.state.get_mut()?.writer.as_mut().ok_or_else(closed)
     }
+}
+
+fn no_tree(index: usize) -> PyErr {
+    crate::error::Error::invalid(format!("no tree {index} in this writer")).into()
 }
 
 fn closed() -> PyErr {
@@ -388,13 +390,7 @@ impl PyLmdbWriter {
         let writer = state.writer.as_mut().ok_or_else(closed)?;
         let trees = indices
             .iter()
-            .map(|&i| {
-                state.trees.get(i).ok_or_else(|| {
-                    PyErr::from(crate::error::Error::invalid(format!(
-                        "no tree {i} in this writer"
-                    )))
-                })
-            })
+            .map(|&i| state.trees.get(i).ok_or_else(|| no_tree(i)))
             .collect::<PyResult<Vec<&Tree>>>()?;
         let mut job = AssertSend((writer, trees));
         let key = digest_key.as_bytes();
