@@ -22,11 +22,11 @@
 //! staging environment writes through its map, with the file allocated ahead of LMDB (`Room`).
 //! `seal` commits the last records and starts the final sync in a thread, so the caller can read
 //! the new file back (`read_back_trees`) during the sync. Meanwhile the writer holds the target's
-//! write transaction. No other process can have the old file open: none had the environment open when the
-//! writer began (byte 0 of lock.mdb, which each opener read-locks, could be write-locked), a
-//! py-lmdb opener fails on the lock-file format, and another writer of this crate waits on the
-//! flock every one holds (`exclusive_writer_lock`). After the writer is gone the next opener is
-//! LMDB's first again and rebuilds the lock table from the new file.
+//! write transaction. No other process can have the old file open: none had the environment open
+//! when the writer began (byte 0 of lock.mdb, which each opener read-locks, could be
+//! write-locked), a py-lmdb opener fails on the lock-file format, and another writer of this crate
+//! waits on the flock every one holds (`exclusive_writer_lock`). After the writer is gone the next
+//! opener is LMDB's first again and rebuilds the lock table from the new file.
 
 use std::ffi::{c_int, CStr, CString};
 use std::fs::File;

@@ -4,11 +4,11 @@ Linux: the data goes to an unnamed O_TMPFILE inode in the destination directory,
 SIGKILL at any point before `commit()` leaves nothing behind; `commit()` fsyncs, links it at its
 path when no file is there (the link is atomic and replaces nothing), else under a temporary name
 that it renames over the old file (or, with `replace=False`, fails: a key file is never replaced
-unasked), then fsyncs the directory. Where O_TMPFILE is not
-supported it falls back to a named hidden temporary file that is removed on any failure (a crash
-leaves it: `*.dfb-tmp`). A path that is a symlink is written through (its target is replaced, the
-link stays) unless follow_symlinks=False; a device, pipe or socket there is refused, since a rename
-would replace it with a file.
+unasked), then fsyncs the directory. Where O_TMPFILE is not supported it falls back to a named
+hidden temporary file that is removed on any failure (a crash leaves it: `*.dfb-tmp`). A path that
+is a symlink is written through (its target is replaced, the link stays) unless
+follow_symlinks=False; a device, pipe or socket there is refused, since a rename would replace it
+with a file.
 
 Write-behind: data written through `sink` is fdatasync()ed by a background thread every
 WRITE_BEHIND_BYTES, and `start_sync()` syncs the rest while the caller goes on (verifying the file
