@@ -193,9 +193,10 @@ class ReadSnapshot(ABC):
     def batches(self, tree: str, prefix: Buffer = b"") -> Iterator[Sequence[tuple[bytes, bytes]]]:
         """items() in batches (sequences of at most SNAPSHOT_BATCH records, bounded in bytes), for
         consumers that hand whole batches on: no per-record cost here. The snapshot's end is
-        checked per batch. A batch is a list, or the Rust core's RecordBatch (LMDB direct reads),
-        which the core's BackupWriter.add_items, digest_batches and ChainMerge.diff read without
-        a Python object per record."""
+        checked per batch. A batch is a list, or the Rust core's RecordBatch (LMDB direct reads:
+        up to 65536 records, bounded by SNAPSHOT_BATCH_BYTES alone in practice), which the core's
+        BackupWriter.add_items, digest_batches and ChainMerge.diff read without a Python object
+        per record."""
 
     @property
     @abstractmethod

@@ -114,7 +114,6 @@ import lmdb
 from ..core import core
 from ..errors import ArgumentTypeError, InvalidArgumentError, StoreError
 from . import (
-    SNAPSHOT_BATCH,
     SNAPSHOT_BATCH_BYTES,
     Buffer,
     Items,
@@ -159,6 +158,10 @@ _OPTIONS = ("map_size", "max_dbs", "max_readers", "resize_timeout", "writemap", 
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)})
 # LMDB 0.9's data file format: the one the Rust core's direct reads understand.
 _DIRECT_READ_VERSION = 1
+# Records per batch of a direct scan: a RecordBatch costs no Python object per record, so only
+# SNAPSHOT_BATCH_BYTES bounds it; fewer batches mean fewer hand-overs between the walk thread and
+# the consumer (half as many on ~120-byte records as at SNAPSHOT_BATCH, ~5% of a backup).
+_DIRECT_BATCH = 1 << 16
 
 _MAP_FULL_IN_TXN = (
     "database map is full: LMDB cannot grow the map while a write transaction is open, so this "
@@ -1354,7 +1357,7 @@ class _WalkAhead:
     def _walk(self) -> None:
         try:
             while True:
-                batch = self._scan.take(SNAPSHOT_BATCH, SNAPSHOT_BATCH_BYTES)  # None at the end
+                batch = self._scan.take(_DIRECT_BATCH, SNAPSHOT_BATCH_BYTES)  # None at the end
                 if not self._hand_over(batch) or batch is None:
                     return
         except BaseException as e:  # raised in the consumer
