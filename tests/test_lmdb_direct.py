@@ -51,6 +51,29 @@ def test_direct_reads_are_record_batches_equal_to_py_lmdb(tmp_path: Path) -> Non
     plain.close()
 
 
+def test_batches_taken_one_at_a_time_are_reused_but_never_while_held(tmp_path: Path) -> None:
+    """A scan takes the buffer of a batch nobody holds any more for a later one: a batch or an
+    iterator of it still held keeps its records."""
+    direct, plain = open_pair(tmp_path)
+    records = [(b"k%06d" % i, os.urandom(i % 3000)) for i in range(5_000)]  # ~7.5 MB: many batches
+    direct.put_many("t", records)
+    with direct.snapshot() as snap:
+        got: list[tuple[bytes, bytes]] = []
+        held: list[tuple[object, list[tuple[bytes, bytes]]]] = []
+        for i, batch in enumerate(snap.batches("t")):
+            got.extend(batch)
+            if i == 1:
+                held.append((batch, list(batch)))
+            elif i == 2:
+                held.append((iter(batch), list(batch)))
+    assert got == records
+    assert len(held) == 2
+    for kept, seen in held:
+        assert list(kept) == seen  # type: ignore[call-overload]
+    direct.close()
+    plain.close()
+
+
 keys = st.binary(min_size=1, max_size=40) | st.binary(min_size=500, max_size=511)
 values = st.binary(max_size=64) | st.binary(min_size=2000, max_size=20000)
 

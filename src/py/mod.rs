@@ -6,6 +6,21 @@ mod errors;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `purge_delay` option: this build's default, 1000 ms, kept ~20 MiB of freed buffers
+/// committed through a backup (its anonymous memory grew 64 MiB against 50-52 MiB at 10 ms,
+/// near the bound), while 10 ms still keeps the buffers a backup or restore frees and
+/// takes again a moment later. The environment variable, if set, wins.
+const PURGE_DELAY_MS: std::ffi::c_long = 10;
+/// `mi_option_purge_delay` in mimalloc.h (v3).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+fn configure_allocator() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: a valid option; at import, under the GIL, before this module starts a thread.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+    }
+}
+
 mod lmdb;
 mod reader;
 mod writer;
@@ -505,6 +520,7 @@ fn parse_preamble(data: &Bound<'_, PyAny>) -> PyResult<reader::PyPreamble> {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    configure_allocator();
     m.add("CORE_NAME", "rust")?;
     m.add("MAGIC", PyBytes::new(m.py(), format::MAGIC))?;
     m.add("FORMAT_VERSION", format::FORMAT_VERSION)?;
