@@ -24,7 +24,6 @@
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 
@@ -621,37 +620,6 @@ impl Batch {
     }
 }
 
-/// At most this many batches wait in a `BatchPool` for reuse.
-const SPARE_BATCHES: usize = 4;
-
-/// Batches given back once read, for the next ones of the same scan. Why: a new megabyte per
-/// batch, freed a moment later, kept the allocator holding ~20 MiB of freed memory in a backup
-/// (it returns memory to the system after a delay), near the 64 MiB bound.
-#[derive(Default)]
-pub struct BatchPool(Mutex<Vec<Batch>>);
-
-impl BatchPool {
-    /// An empty batch: a spare one if any, else `Batch::with_capacity(records, bytes)`.
-    pub fn take(&self, records: usize, bytes: usize) -> Batch {
-        let spare = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        match spare {
-            Some(mut batch) => {
-                batch.data.clear();
-                batch.ends.clear();
-                batch
-            }
-            None => Batch::with_capacity(records, bytes),
-        }
-    }
-
-    pub fn give_back(&self, batch: Batch) {
-        let mut spare = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if spare.len() < SPARE_BATCHES {
-            spare.push(batch);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -797,22 +765,6 @@ mod tests {
         file.map_ahead(file.pages() + 10, 1);
         assert_eq!(marked(&file), chunks);
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_pooled_batch_comes_back_empty_with_its_room() {
-        let pool = BatchPool::default();
-        let mut batch = pool.take(10, 100);
-        batch.push(b"key", b"value");
-        let room = batch.data.capacity();
-        pool.give_back(batch);
-        let again = pool.take(10, 100);
-        assert!(again.is_empty() && again.nbytes() == 0);
-        assert_eq!(again.data.capacity(), room);
-        for _ in 0..SPARE_BATCHES + 2 {
-            pool.give_back(Batch::with_capacity(1, 1));
-        }
-        assert_eq!(pool.0.lock().unwrap().len(), SPARE_BATCHES);
     }
 
     #[test]

@@ -51,9 +51,9 @@ def test_direct_reads_are_record_batches_equal_to_py_lmdb(tmp_path: Path) -> Non
     plain.close()
 
 
-def test_batches_taken_one_at_a_time_are_reused_but_never_while_held(tmp_path: Path) -> None:
-    """A scan takes the buffer of a batch nobody holds any more for a later one: a batch or an
-    iterator of it still held keeps its records."""
+def test_batches_held_past_later_ones_keep_their_records(tmp_path: Path) -> None:
+    """Batches taken one at a time (each dropped by the loop) give every record once; a batch or
+    an iterator of one still held after later batches keeps its records."""
     direct, plain = open_pair(tmp_path)
     records = [(b"k%06d" % i, os.urandom(i % 3000)) for i in range(5_000)]  # ~7.5 MB: many batches
     direct.put_many("t", records)

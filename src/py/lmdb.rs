@@ -12,7 +12,7 @@ use pyo3::types::{PyBytes, PyTuple};
 
 use super::{batch_limit, untracked_pair, with_bytes, DigestResult, IntArg};
 use crate::digest::ItemDigester;
-use crate::lmdb_file::{Batch, BatchPool, DataFile, Scan, TreeRoot};
+use crate::lmdb_file::{Batch, DataFile, Scan, TreeRoot};
 use crate::lmdb_write::{EnvOptions, Tree, Writer, Written};
 
 #[pyclass(module = "datafold._core", name = "LmdbDataFile", frozen)]
@@ -65,7 +65,6 @@ impl PyLmdbDataFile {
         Ok(PyLmdbScan {
             file: self.file.clone(),
             scan: Some(scan),
-            pool: Arc::default(),
         })
     }
 }
@@ -75,8 +74,6 @@ pub struct PyLmdbScan {
     file: Arc<DataFile>,
     /// None once over or failed: a failed scan stays failed.
     scan: Option<Scan>,
-    /// Where its batches go back once read.
-    pool: Arc<BatchPool>,
 }
 
 #[pymethods]
@@ -98,18 +95,13 @@ impl PyLmdbScan {
         };
         let file = &self.file;
         // Records stop once max_bytes is reached: the last one may take up to a page more.
-        let mut batch = self.pool.take(max_items, max_bytes.saturating_add(4096));
+        let mut batch = Batch::with_capacity(max_items, max_bytes.saturating_add(4096));
         let more = py.detach(|| scan.fill(file, &mut batch, max_items, max_bytes))?;
         if more {
             self.scan = Some(scan);
         }
-        if batch.is_empty() {
-            self.pool.give_back(batch);
-            return Ok(None);
-        }
-        Ok(Some(PyRecordBatch {
+        Ok((!batch.is_empty()).then(|| PyRecordBatch {
             batch: Arc::new(batch),
-            pool: Some(self.pool.clone()),
         }))
     }
 }
@@ -118,18 +110,6 @@ impl PyLmdbScan {
 #[pyclass(module = "datafold._core", name = "RecordBatch", frozen, sequence)]
 pub struct PyRecordBatch {
     batch: Arc<Batch>,
-    /// The scan's pool, which takes the batch back when this is its last holder.
-    pool: Option<Arc<BatchPool>>,
-}
-
-impl Drop for PyRecordBatch {
-    fn drop(&mut self) {
-        if let Some(pool) = self.pool.take() {
-            if let Ok(batch) = Arc::try_unwrap(std::mem::take(&mut self.batch)) {
-                pool.give_back(batch);
-            }
-        }
-    }
 }
 
 impl PyRecordBatch {
