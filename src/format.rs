@@ -212,6 +212,15 @@ pub fn frame_put(buf: &mut Vec<u8>, key: &[u8], value: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Whether `key` starts with `prefix` (key_prefix_filter; an empty prefix takes every key).
+/// Not `starts_with` alone: an empty prefix (an empty Vec) points nowhere, and glibc's AVX-512
+/// memcmp reads 0 bytes from there with a masked load whose suppressed fault costs a microcode
+/// assist, ~60 ns per record: ~15% of a restore of small records (perf).
+#[inline]
+pub fn has_prefix(key: &[u8], prefix: &[u8]) -> bool {
+    prefix.is_empty() || key.starts_with(prefix)
+}
+
 /// Appends a PUT record up to (not including) its value bytes.
 #[inline]
 pub fn frame_put_header(buf: &mut Vec<u8>, key: &[u8], value_len: usize) -> Result<()> {
@@ -392,6 +401,16 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_prefix_takes_every_key() {
+        let none: Vec<u8> = Vec::new(); // the dangling pointer of an empty Vec
+        assert!(has_prefix(b"key", &none) && has_prefix(b"", &none));
+        assert!(has_prefix(b"key", b"ke") && has_prefix(b"key", b"key"));
+        assert!(
+            !has_prefix(b"key", b"kex") && !has_prefix(b"ke", b"key") && !has_prefix(b"", b"k")
+        );
+    }
 
     #[test]
     fn preamble_roundtrip() {

@@ -26,6 +26,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
+use crate::format::has_prefix;
 
 const MAGIC: u32 = 0xBEEF_C0DE;
 /// The data format version of LMDB 0.9 (LMDB 1.0 files differ and are not read here).
@@ -496,7 +497,7 @@ impl Scan {
                 self.push(node.child(), 0)?;
                 continue;
             }
-            if !self.prefix.is_empty() && !node.key.starts_with(&self.prefix) {
+            if !has_prefix(node.key, &self.prefix) {
                 self.done = true;
                 break;
             }
