@@ -188,8 +188,10 @@ impl DataFile {
     }
 
     /// Asks the CPU to load page `pgno` into its caches (a hint: no fault, no error, a no-op
-    /// past the end or off x86_64).
+    /// past the end or off x86_64), after `map_ahead` made sure the page is mapped (a prefetch
+    /// of a page that is not does nothing).
     fn prefetch_page(&self, pgno: u64) {
+        self.map_ahead(pgno, 1);
         let Some(start) = (pgno as usize).checked_mul(self.page_size) else {
             return;
         };
@@ -455,7 +457,6 @@ impl Scan {
         };
         if next < page.count {
             if let Ok(node) = page.node(next) {
-                file.map_ahead(node.child(), 1);
                 file.prefetch_page(node.child());
             }
         }
