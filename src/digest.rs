@@ -4,7 +4,7 @@
 //! record by record, so BLAKE3's SIMD paths see big inputs.
 
 use crate::error::{Error, Result};
-use crate::format::{frame_delete, frame_put, TreeSummary, DIGEST_LENGTH};
+use crate::format::{frame_delete, frame_put, PutBatch, TreeSummary, DIGEST_LENGTH};
 
 pub struct Digests {
     key: [u8; DIGEST_LENGTH],
@@ -62,12 +62,15 @@ pub struct Tally {
 
 impl Tally {
     pub fn add(&mut self, key_len: usize, value_len: usize) -> Result<()> {
+        self.add_many(1, (key_len as u64).checked_add(value_len as u64))
+    }
+
+    /// `items` records of `bytes` bytes of keys and values in all (None: that sum overflowed).
+    pub fn add_many(&mut self, items: u64, bytes: Option<u64>) -> Result<()> {
         let overflow = || Error::integrity("item or byte count overflows 64 bits");
-        self.items = self.items.checked_add(1).ok_or_else(overflow)?;
-        self.bytes = self
-            .bytes
-            .checked_add(key_len as u64)
-            .and_then(|b| b.checked_add(value_len as u64))
+        self.items = self.items.checked_add(items).ok_or_else(overflow)?;
+        self.bytes = bytes
+            .and_then(|b| self.bytes.checked_add(b))
             .ok_or_else(overflow)?;
         Ok(())
     }
@@ -119,6 +122,16 @@ impl ItemDigester {
             self.digests.absorb(&self.buf);
             self.buf.clear();
         }
+        Ok(())
+    }
+
+    /// The batch's records, as `add` of each would: its framed bytes are hashed as they are.
+    pub fn add_batch(&mut self, batch: &PutBatch) -> Result<()> {
+        let (framed, bytes) = batch.framed(0, batch.len());
+        self.tally.add_many(batch.len() as u64, Some(bytes))?;
+        self.digests.absorb(&self.buf);
+        self.buf.clear();
+        self.digests.absorb(framed);
         Ok(())
     }
 

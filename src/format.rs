@@ -398,6 +398,102 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// PUT records framed as in the stream (`frame_put`), one after the other in one buffer: what
+/// a batch of a store's snapshot hands over. A backup appends a run of them with one copy
+/// (`BackupEncoder::put_batch`); everyone else reads the records through `get` / `records`.
+#[derive(Default)]
+pub struct PutBatch {
+    framed: Vec<u8>,
+    /// (end of the key, end of the record) in `framed`, per record.
+    ends: Vec<(usize, usize)>,
+    /// Bytes of keys and values (`framed` less the record headers).
+    nbytes: usize,
+}
+
+/// A PUT record's bytes before its key: type, key length, value length.
+pub const PUT_HEADER_LENGTH: usize = 9;
+
+impl PutBatch {
+    /// Room for `records` records of `bytes` bytes of keys and values in all, and their headers
+    /// (capped: the limits may be huge, and a few large values need few record ends).
+    pub fn with_capacity(records: usize, bytes: usize) -> Self {
+        let headers = records.min(bytes).saturating_mul(PUT_HEADER_LENGTH);
+        PutBatch {
+            framed: Vec::with_capacity(bytes.saturating_add(headers).min(16 << 20)),
+            ends: Vec::with_capacity(records.min(4096)),
+            nbytes: 0,
+        }
+    }
+
+    pub fn push(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.framed
+            .reserve(PUT_HEADER_LENGTH + key.len() + value.len());
+        frame_put_header(&mut self.framed, key, value.len())?;
+        let key_end = self.framed.len();
+        self.framed.extend_from_slice(value);
+        self.ends.push((key_end, self.framed.len()));
+        self.nbytes += key.len() + value.len();
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Bytes of keys and values.
+    pub fn nbytes(&self) -> usize {
+        self.nbytes
+    }
+
+    /// Bytes its buffer holds without growing.
+    pub fn capacity(&self) -> usize {
+        self.framed.capacity()
+    }
+
+    /// Empty, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.framed.clear();
+        self.ends.clear();
+        self.nbytes = 0;
+    }
+
+    fn start(&self, i: usize) -> usize {
+        if i == 0 {
+            0
+        } else {
+            self.ends[i - 1].1
+        }
+    }
+
+    pub fn get(&self, i: usize) -> Option<(&[u8], &[u8])> {
+        let &(key_end, end) = self.ends.get(i)?;
+        let key_start = self.start(i) + PUT_HEADER_LENGTH;
+        Some((&self.framed[key_start..key_end], &self.framed[key_end..end]))
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        (0..self.len()).map(|i| self.get(i).expect("in range"))
+    }
+
+    /// The framed records `first..end`: (bytes, bytes of keys and values).
+    pub fn framed(&self, first: usize, end: usize) -> (&[u8], u64) {
+        let (from, to) = (self.start(first), self.start(end));
+        let headers = (end - first) * PUT_HEADER_LENGTH;
+        (&self.framed[from..to], (to - from - headers) as u64)
+    }
+
+    /// The end of the longest run of records from `first` whose framed bytes fit in `room`
+    /// (`first` itself if its record does not).
+    pub fn fitting(&self, first: usize, room: usize) -> usize {
+        let limit = self.start(first).saturating_add(room);
+        first + self.ends[first..].partition_point(|&(_, end)| end <= limit)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,6 +506,56 @@ mod tests {
         assert!(
             !has_prefix(b"key", b"kex") && !has_prefix(b"ke", b"key") && !has_prefix(b"", b"k")
         );
+    }
+
+    #[test]
+    fn a_put_batch_holds_its_records_framed_as_the_stream_frames_them() {
+        let records: Vec<(Vec<u8>, Vec<u8>)> = (0..50u8)
+            .map(|i| (vec![i; 1 + i as usize % 7], vec![i ^ 0x5a; i as usize * 3]))
+            .collect();
+        let mut batch = PutBatch::with_capacity(50, 4096);
+        let mut framed = Vec::new();
+        for (k, v) in &records {
+            batch.push(k, v).unwrap();
+            frame_put(&mut framed, k, v).unwrap();
+        }
+        let got: Vec<_> = batch
+            .records()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect();
+        assert_eq!(got, records);
+        let kv: usize = records.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert_eq!(batch.nbytes(), kv);
+        assert_eq!(batch.framed(0, 50), (&framed[..], kv as u64));
+        // A run from record 10: bytes from its start, keys and values without the headers.
+        let start: usize = records[..10]
+            .iter()
+            .map(|(k, v)| 9 + k.len() + v.len())
+            .sum();
+        let (run, bytes) = batch.framed(10, 20);
+        let run_kv: usize = records[10..20].iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert_eq!(
+            (run, bytes),
+            (&framed[start..start + run.len()], run_kv as u64)
+        );
+        assert_eq!(run.len(), run_kv + 10 * PUT_HEADER_LENGTH);
+        assert_eq!(batch.framed(7, 7), (&[][..], 0));
+    }
+
+    #[test]
+    fn fitting_takes_the_whole_records_that_fit_in_the_room() {
+        let mut batch = PutBatch::default();
+        for len in [10usize, 20, 30] {
+            batch.push(b"k", &vec![0; len]).unwrap(); // 10 + len framed bytes each
+        }
+        assert_eq!(batch.fitting(0, 0), 0);
+        assert_eq!(batch.fitting(0, 19), 0);
+        assert_eq!(batch.fitting(0, 20), 1);
+        assert_eq!(batch.fitting(0, 49), 1);
+        assert_eq!(batch.fitting(0, 50), 2);
+        assert_eq!(batch.fitting(1, 70), 3);
+        assert_eq!(batch.fitting(2, usize::MAX), 3);
+        assert_eq!(batch.fitting(3, 100), 3);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
-use crate::format::has_prefix;
+use crate::format::{has_prefix, PutBatch};
 
 const MAGIC: u32 = 0xBEEF_C0DE;
 /// The data format version of LMDB 0.9 (LMDB 1.0 files differ and are not read here).
@@ -520,7 +520,7 @@ impl Scan {
     pub fn fill(
         &mut self,
         file: &DataFile,
-        batch: &mut Batch,
+        batch: &mut PutBatch,
         max_items: usize,
         max_bytes: usize,
     ) -> Result<bool> {
@@ -528,7 +528,7 @@ impl Scan {
         while batch.len() < max_items && bytes < max_bytes {
             match self.next(file)? {
                 Some((k, v)) => {
-                    batch.push(k, v);
+                    batch.push(k, v)?;
                     bytes += k.len() + v.len();
                 }
                 None => return Ok(false),
@@ -571,55 +571,6 @@ fn leaf_value<'f>(
                 "the overflow pages at {first} are shorter than their value"
             ))
         })
-}
-
-/// Records copied out of the file into one buffer: what a batch of a snapshot hands over.
-#[derive(Default)]
-pub struct Batch {
-    data: Vec<u8>,
-    /// (end of the key, end of the value) in `data`, per record.
-    ends: Vec<(usize, usize)>,
-}
-
-impl Batch {
-    /// Room for `records` records of `bytes` bytes in all (capped: the limits may be huge, and
-    /// a few large values need few record ends).
-    pub fn with_capacity(records: usize, bytes: usize) -> Self {
-        Batch {
-            data: Vec::with_capacity(bytes.min(16 << 20)),
-            ends: Vec::with_capacity(records.min(4096)),
-        }
-    }
-
-    pub fn push(&mut self, key: &[u8], value: &[u8]) {
-        self.data.extend_from_slice(key);
-        let key_end = self.data.len();
-        self.data.extend_from_slice(value);
-        self.ends.push((key_end, self.data.len()));
-    }
-
-    pub fn len(&self) -> usize {
-        self.ends.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-
-    /// Bytes of keys and values.
-    pub fn nbytes(&self) -> usize {
-        self.data.len()
-    }
-
-    pub fn get(&self, i: usize) -> Option<(&[u8], &[u8])> {
-        let &(key_end, end) = self.ends.get(i)?;
-        let start = if i == 0 { 0 } else { self.ends[i - 1].1 };
-        Some((&self.data[start..key_end], &self.data[key_end..end]))
-    }
-
-    pub fn records(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        (0..self.len()).map(|i| self.get(i).expect("in range"))
-    }
 }
 
 #[cfg(test)]
@@ -779,7 +730,7 @@ mod tests {
             Scan::new(&file, TreeRoot::parse(&db_record(&dir, "t")).unwrap(), b"").unwrap();
         let mut got = Vec::new();
         loop {
-            let mut batch = Batch::default();
+            let mut batch = PutBatch::default();
             let more = scan.fill(&file, &mut batch, 777, 1 << 20).unwrap();
             assert!(batch.len() <= 777);
             got.extend(batch.records().map(|(k, v)| (k.to_vec(), v.to_vec())));

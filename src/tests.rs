@@ -183,24 +183,35 @@ fn writer_state_machine() {
     .is_err());
 }
 
-#[test]
-fn streamed_value_equals_buffered_put() {
-    let opts = EncoderOptions {
-        segment_size: 4096,
+/// Options with a fixed salt and nonce prefix: the same input gives the same file.
+fn deterministic(segment_size: u32) -> EncoderOptions<'static> {
+    EncoderOptions {
+        segment_size,
         kdf_id: 0,
         kdf_params: b"",
         salt: Some(&[1; 32]),
         nonce_prefix: Some(&[2; 7]),
         threads: 2,
         compression_level: 0,
-    };
+    }
+}
+
+/// An encoder with tree "t" begun, and the file so far (its preamble and stream header).
+fn begun(opts: &EncoderOptions<'_>) -> (BackupEncoder, Vec<u8>) {
+    let mut enc = BackupEncoder::new(&KEY, b"{}", opts).unwrap();
+    let file = enc.output().to_vec();
+    enc.clear_output();
+    enc.begin_tree("t").unwrap();
+    (enc, file)
+}
+
+#[test]
+fn streamed_value_equals_buffered_put() {
+    let opts = deterministic(4096);
     let value: Vec<u8> = (0..50_000u32).map(|i| (i * 7) as u8).collect();
     let mut files = Vec::new();
     for streamed in [false, true] {
-        let mut enc = BackupEncoder::new(&KEY, b"{}", &opts).unwrap();
-        let mut file = enc.output().to_vec();
-        enc.clear_output();
-        enc.begin_tree("t").unwrap();
+        let (mut enc, mut file) = begun(&opts);
         if streamed {
             enc.begin_put(b"k", value.len()).unwrap();
             assert!(matches!(enc.end_tree(), Err(Error::InvalidArgument(_))));
@@ -223,6 +234,67 @@ fn streamed_value_equals_buffered_put() {
     }
     // Both hold the whole file (the streamed encoder's output was never cleared).
     assert_eq!(files[0], files[1]);
+}
+
+#[test]
+fn put_batch_runs_give_the_file_of_puts_record_by_record() {
+    let opts = deterministic(4096);
+    let records: Vec<(Vec<u8>, Vec<u8>)> = (0..3000u32)
+        .map(|i| {
+            (
+                i.to_be_bytes().to_vec(),
+                vec![i as u8; (i as usize * 37) % 700],
+            )
+        })
+        .collect();
+    let mut batch = crate::format::PutBatch::default();
+    for (k, v) in &records {
+        batch.push(k, v).unwrap();
+    }
+    let seal_at: usize = 20_000;
+    let mut files = Vec::new();
+    for runs in [false, true] {
+        let (mut enc, mut file) = begun(&opts);
+        let mut next = 0;
+        while next < batch.len() {
+            if runs {
+                let room = seal_at.saturating_sub(enc.pending());
+                let end = batch.fitting(next, room).max(next + 1);
+                enc.put_batch(&batch, next, end).unwrap();
+                next = end;
+            } else {
+                let (k, v) = batch.get(next).unwrap();
+                enc.put(k, v).unwrap();
+                next += 1;
+            }
+            if enc.pending() >= seal_at {
+                enc.seal_ready().unwrap();
+                file.extend_from_slice(enc.output());
+                enc.clear_output();
+            }
+        }
+        let summary = enc.end_tree().unwrap();
+        assert_eq!(summary.item_count, 3000);
+        enc.finish().unwrap();
+        file.extend_from_slice(enc.output());
+        files.push(file);
+    }
+    assert_eq!(files[0], files[1]);
+    let (_, trees, _) = decode(&files[1], &KEY).unwrap();
+    let want: Vec<_> = records.into_iter().map(|(k, v)| (k, Some(v))).collect();
+    assert_eq!(trees, vec![("t".to_string(), want)]);
+
+    // With compression the records go into blocks one by one: a run is refused.
+    let opts = EncoderOptions {
+        compression_level: 3,
+        ..opts
+    };
+    let mut enc = BackupEncoder::new(&KEY, b"{}", &opts).unwrap();
+    enc.begin_tree("t").unwrap();
+    assert!(matches!(
+        enc.put_batch(&batch, 0, 1),
+        Err(Error::InvalidArgument(_))
+    ));
 }
 
 /// Text-like records (as the "small" dataset): ~17-byte keys, ~100-byte values.

@@ -18,7 +18,7 @@ use crate::digest::{Digests, Tally};
 use crate::error::{Error, Result};
 use crate::format::{
     check_tree_name, frame_blob, frame_delete, frame_put, frame_put_header, frame_tree_end,
-    Preamble, Trailer, TreeSummary, REC_HEADER, REC_TREE_BEGIN,
+    Preamble, PutBatch, Trailer, TreeSummary, REC_HEADER, REC_TREE_BEGIN,
 };
 use crate::keys::{derive_digest_key, derive_key_id, SecretKey};
 use crate::parallel;
@@ -499,6 +499,27 @@ impl BackupEncoder {
                 .1
                 .add(key.len(), value.len())
         })
+    }
+
+    /// PUT records `first..end` of `batch`, appended as they are framed there (one copy, no
+    /// work per record). Without compression only: with it, records go into blocks one by one
+    /// (`put`).
+    pub fn put_batch(&mut self, batch: &PutBatch, first: usize, end: usize) -> Result<()> {
+        self.guarded(|s| {
+            s.expect(State::InTree, "add items")?;
+            if s.blocks.level > 0 {
+                return Err(Error::invalid("put_batch() with compression on; use put()"));
+            }
+            let (framed, bytes) = batch.framed(first, end);
+            s.plain.extend_from_slice(framed);
+            let tally = &mut s.tree.as_mut().expect("in tree").1;
+            tally.add_many((end - first) as u64, Some(bytes))
+        })
+    }
+
+    /// Whether records go into compressed blocks (`compression_level` > 0).
+    pub fn compresses(&self) -> bool {
+        self.blocks.level > 0
     }
 
     /// Starts a PUT whose value arrives in pieces through `extend_value` (for large values, so

@@ -131,6 +131,25 @@ def test_snapshot_isolation_while_another_thread_rewrites(tmp_path: Path) -> Non
     db.close()
 
 
+def test_record_batches_digest_as_their_pairs_do(tmp_path: Path) -> None:
+    """A RecordBatch is hashed from its buffer (the records framed as a backup frames them): the
+    digest is the pure core's of the same pairs, across batches and with pairs mixed in."""
+    from datafold._pure import backup as pure
+
+    db = DbOperations.open(tmp_path / "db")
+    records = [(b"k%05d" % i, os.urandom(i % 700)) for i in range(6_000)]  # several batches
+    db.put_many("t", records)
+    key = bytes(range(32))
+    with db.snapshot() as snap:
+        batches = list(snap.batches("t"))
+    assert len(batches) > 1 and all(isinstance(b, rust.RecordBatch) for b in batches)
+    want = pure.digest_items(key, records)
+    assert rust.digest_batches(key, batches) == want
+    assert rust.digest_batches(key, [batches[0], list(batches[1]), *batches[2:]]) == want
+    assert rust.digest_items(key, (pair for b in batches for pair in b)) == want
+    db.close()
+
+
 def test_record_batch_is_a_sequence(tmp_path: Path) -> None:
     db = DbOperations.open(tmp_path / "db")
     db.put_many("t", [(b"a", b"1"), (b"b", b""), (b"c", b"333")])

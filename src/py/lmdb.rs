@@ -5,19 +5,50 @@
 
 use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
 use super::{batch_limit, untracked_pair, with_bytes, DigestResult, IntArg};
 use crate::digest::ItemDigester;
-use crate::lmdb_file::{Batch, DataFile, Scan, TreeRoot};
+use crate::format::PutBatch;
+use crate::lmdb_file::{DataFile, Scan, TreeRoot};
 use crate::lmdb_write::{EnvOptions, Tree, Writer, Written};
 
 #[pyclass(module = "datafold._core", name = "LmdbDataFile", frozen)]
 pub struct PyLmdbDataFile {
     file: Arc<DataFile>,
+    pool: Arc<BatchPool>,
+}
+
+/// The buffers of dropped batches, for the next batches of the file's scans. A batch is ~1 MiB:
+/// fresh memory for each cost page faults and zeroing, since the allocator gives freed memory
+/// back after 10 ms (src/py/mod.rs).
+#[derive(Default)]
+struct BatchPool(Mutex<Vec<PutBatch>>);
+
+/// Enough for the batches a backup has in flight (the walk ahead, the writer's).
+const POOLED_BATCHES: usize = 4;
+/// Larger buffers (a batch that grew for a large value) are freed, not kept.
+const POOLED_CAPACITY: usize = 4 << 20;
+
+impl BatchPool {
+    fn take(&self, records: usize, bytes: usize) -> PutBatch {
+        let pooled = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        pooled.unwrap_or_else(|| PutBatch::with_capacity(records, bytes))
+    }
+
+    fn give(&self, mut batch: PutBatch) {
+        if batch.capacity() > POOLED_CAPACITY {
+            return;
+        }
+        batch.clear();
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < POOLED_BATCHES {
+            pool.push(batch);
+        }
+    }
 }
 
 #[pymethods]
@@ -27,6 +58,7 @@ impl PyLmdbDataFile {
         let file = py.detach(|| DataFile::open(&path))?;
         Ok(PyLmdbDataFile {
             file: Arc::new(file),
+            pool: Arc::default(),
         })
     }
 
@@ -64,6 +96,7 @@ impl PyLmdbDataFile {
         let scan = Scan::new(&self.file, tree, &prefix)?;
         Ok(PyLmdbScan {
             file: self.file.clone(),
+            pool: self.pool.clone(),
             scan: Some(scan),
         })
     }
@@ -72,6 +105,7 @@ impl PyLmdbDataFile {
 #[pyclass(module = "datafold._core", name = "LmdbScan")]
 pub struct PyLmdbScan {
     file: Arc<DataFile>,
+    pool: Arc<BatchPool>,
     /// None once over or failed: a failed scan stays failed.
     scan: Option<Scan>,
 }
@@ -95,13 +129,18 @@ impl PyLmdbScan {
         };
         let file = &self.file;
         // Records stop once max_bytes is reached: the last one may take up to a page more.
-        let mut batch = Batch::with_capacity(max_items, max_bytes.saturating_add(4096));
+        let mut batch = self.pool.take(max_items, max_bytes.saturating_add(4096));
         let more = py.detach(|| scan.fill(file, &mut batch, max_items, max_bytes))?;
         if more {
             self.scan = Some(scan);
         }
-        Ok((!batch.is_empty()).then(|| PyRecordBatch {
+        if batch.is_empty() {
+            self.pool.give(batch);
+            return Ok(None);
+        }
+        Ok(Some(PyRecordBatch {
             batch: Arc::new(batch),
+            pool: self.pool.clone(),
         }))
     }
 }
@@ -109,11 +148,21 @@ impl PyLmdbScan {
 /// Records in one buffer; a read-only sequence of (key, value) bytes pairs.
 #[pyclass(module = "datafold._core", name = "RecordBatch", frozen, sequence)]
 pub struct PyRecordBatch {
-    batch: Arc<Batch>,
+    batch: Arc<PutBatch>,
+    /// Where its buffer goes once no one holds the batch.
+    pool: Arc<BatchPool>,
+}
+
+impl Drop for PyRecordBatch {
+    fn drop(&mut self) {
+        if let Some(batch) = Arc::into_inner(std::mem::take(&mut self.batch)) {
+            self.pool.give(batch);
+        }
+    }
 }
 
 impl PyRecordBatch {
-    pub(crate) fn batch(&self) -> Arc<Batch> {
+    pub(crate) fn batch(&self) -> Arc<PutBatch> {
         self.batch.clone()
     }
 
@@ -169,7 +218,7 @@ impl PyRecordBatch {
 
 #[pyclass(module = "datafold._core", name = "_RecordBatchIter")]
 pub struct PyRecordBatchIter {
-    batch: Arc<Batch>,
+    batch: Arc<PutBatch>,
     next: usize,
 }
 

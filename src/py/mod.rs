@@ -320,9 +320,7 @@ fn derive_key_id<'py>(
 /// a store's RecordBatch without a Python object per record.
 fn digest_into(digester: &mut ItemDigester, items: &Bound<'_, PyAny>) -> PyResult<()> {
     if let Ok(batch) = items.downcast::<lmdb::PyRecordBatch>() {
-        for (k, v) in batch.get().batch().records() {
-            digester.add(k, Some(v))?;
-        }
+        digester.add_batch(&batch.get().batch())?;
         return Ok(());
     }
     for item in items.try_iter()? {

@@ -6,8 +6,7 @@ use pyo3::types::PyBytes;
 
 use super::lmdb::PyRecordBatch;
 use super::{opt_arg, pair, secret_arg, str_arg, with_bytes, IntArg, PyResultExt};
-use crate::format::{Trailer, TreeSummary, DEFAULT_SEGMENT_SIZE};
-use crate::lmdb_file::Batch;
+use crate::format::{PutBatch, Trailer, TreeSummary, DEFAULT_SEGMENT_SIZE};
 use crate::writer::{BackupEncoder, EncoderOptions};
 
 #[pyclass(module = "datafold._core", name = "BackupWriter")]
@@ -147,27 +146,41 @@ impl PyBackupWriter {
         Ok(())
     }
 
-    /// A store's batch of records (`record` for each), framed without the GIL, so other Python
+    /// A store's batch of records (`record` for each), added without the GIL, so other Python
     /// threads (the read-back check, the write-behind) run meanwhile; it is taken again to write
-    /// what was sealed and for a value larger than a batch.
-    fn add_batch(&mut self, py: Python<'_>, batch: &Batch) -> PyResult<()> {
-        enum Stop<'a> {
+    /// what was sealed and for a value larger than a batch. Without compression the records go
+    /// in runs, as framed in the batch, each run up to the next seal (the same seals as record
+    /// by record, so the same file).
+    fn add_batch(&mut self, py: Python<'_>, batch: &PutBatch) -> PyResult<()> {
+        enum Stop {
             Sealed,
-            Large(&'a [u8], &'a [u8]),
+            Large(usize),
             End,
         }
-        let mut records = batch.records();
+        let mut next = 0;
         loop {
-            let (enc, flush_at, records) = (&mut self.enc, self.flush_at, &mut records);
-            let stop = py.detach(|| -> crate::error::Result<Stop<'_>> {
-                for (k, v) in records {
-                    if enc.flushes_blocks_before(9 + k.len() + v.len()) {
-                        enc.compress_blocks()?;
-                    }
+            let (enc, flush_at, next) = (&mut self.enc, self.flush_at, &mut next);
+            let stop = py.detach(|| -> crate::error::Result<Stop> {
+                while *next < batch.len() {
+                    let i = *next;
+                    let (k, v) = batch.get(i).expect("in range");
                     if v.len() > flush_at {
-                        return Ok(Stop::Large(k, v));
+                        return Ok(Stop::Large(i));
                     }
-                    enc.put(k, v)?;
+                    if enc.compresses() {
+                        if enc.flushes_blocks_before(9 + k.len() + v.len()) {
+                            enc.compress_blocks()?;
+                        }
+                        enc.put(k, v)?;
+                        *next = i + 1;
+                    } else {
+                        // The records that fit before the seal, and at least one (its value is
+                        // no larger than flush_at, so no later record of the run is either).
+                        let room = flush_at.saturating_sub(enc.pending());
+                        let end = batch.fitting(i, room).max(i + 1);
+                        enc.put_batch(batch, i, end)?;
+                        *next = end;
+                    }
                     if enc.pending() >= flush_at {
                         enc.seal_ready()?;
                         return Ok(Stop::Sealed);
@@ -177,7 +190,11 @@ impl PyBackupWriter {
             })?;
             match stop {
                 Stop::Sealed => self.write_out(py)?,
-                Stop::Large(k, v) => self.put_large(py, k, v)?,
+                Stop::Large(i) => {
+                    let (k, v) = batch.get(i).expect("in range");
+                    self.put_large(py, k, v)?;
+                    *next = i + 1;
+                }
                 Stop::End => return Ok(()),
             }
         }
