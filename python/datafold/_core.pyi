@@ -232,9 +232,10 @@ def keys_ascending(items: object, after: bytes | None = None) -> bool:
 # Rust core only: a store accelerator, not part of the shared interface. Without it (the pure
 # core selected, or no extension) the lmdb store reads through py-lmdb.
 class RecordBatch(Sequence[tuple[bytes, bytes]]):
-    """Records copied out of an LMDB data file into one buffer: a read-only sequence of
-    (key, value) pairs. BackupWriter.add_items, digest_batches and ChainMerge.diff read it
-    without a Python object per record."""
+    """Records copied out of an LMDB data file into one buffer, framed as a backup's PUT records:
+    a read-only sequence of (key, value) pairs. BackupWriter.add_items (which appends runs of the
+    framed records whole), digest_batches and ChainMerge.diff read it without a Python object per
+    record. Once no one holds it, its buffer is reused for a later batch of the same file."""
 
     @property
     def nbytes(self) -> int: ...  # bytes of keys and values
