@@ -284,6 +284,18 @@ fn put_batch_runs_give_the_file_of_puts_record_by_record() {
     let want: Vec<_> = records.into_iter().map(|(k, v)| (k, Some(v))).collect();
     assert_eq!(trees, vec![("t".to_string(), want)]);
 
+    // A range outside the batch is an error (and poisons the encoder), not a panic.
+    let (mut enc, _) = begun(&opts);
+    assert!(matches!(
+        enc.put_batch(&batch, 5, 3001),
+        Err(Error::InvalidArgument(_))
+    ));
+    let (mut enc, _) = begun(&opts);
+    assert!(matches!(
+        enc.put_batch(&batch, 6, 5),
+        Err(Error::InvalidArgument(_))
+    ));
+
     // With compression the records go into blocks one by one: a run is refused.
     let opts = EncoderOptions {
         compression_level: 3,

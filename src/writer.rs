@@ -510,6 +510,12 @@ impl BackupEncoder {
             if s.blocks.level > 0 {
                 return Err(Error::invalid("put_batch() with compression on; use put()"));
             }
+            if first > end || end > batch.len() {
+                return Err(Error::invalid(format!(
+                    "put_batch(): records {first}..{end} of a batch of {}",
+                    batch.len()
+                )));
+            }
             let (framed, bytes) = batch.framed(first, end);
             s.plain.extend_from_slice(framed);
             let tally = &mut s.tree.as_mut().expect("in tree").1;
