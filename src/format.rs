@@ -22,6 +22,10 @@ pub const REC_PUT: u8 = 0x03;
 pub const REC_DELETE: u8 = 0x04;
 pub const REC_TREE_END: u8 = 0x05;
 pub const REC_TRAILER: u8 = 0x06;
+/// A PUT record's bytes before its key: type, u32 key length, u32 value length.
+pub const PUT_HEADER_LENGTH: usize = 1 + 4 + 4;
+/// A DELETE record's bytes before its key: type, u32 key length.
+pub const DELETE_HEADER_LENGTH: usize = 1 + 4;
 /// A run of PUT / DELETE records of the current tree, stored raw or compressed (FORMAT.md §3, §7).
 pub const REC_BLOCK: u8 = 0x07;
 
@@ -206,7 +210,7 @@ fn len_u32(len: usize, what: &str) -> Result<u32> {
 /// Appends a PUT record.
 #[inline]
 pub fn frame_put(buf: &mut Vec<u8>, key: &[u8], value: &[u8]) -> Result<()> {
-    buf.reserve(9 + key.len() + value.len());
+    buf.reserve(PUT_HEADER_LENGTH + key.len() + value.len());
     frame_put_header(buf, key, value.len())?;
     buf.extend_from_slice(value);
     Ok(())
@@ -237,9 +241,9 @@ pub fn frame_put_header(buf: &mut Vec<u8>, key: &[u8], value_len: usize) -> Resu
 #[inline]
 pub fn record_extent(rec: &[u8]) -> Option<usize> {
     let n = if rec.first() == Some(&REC_PUT) {
-        9 + u32_le(rec.get(1..9)?) as usize + u32_le(rec.get(5..9)?) as usize
+        PUT_HEADER_LENGTH + u32_le(rec.get(1..9)?) as usize + u32_le(rec.get(5..9)?) as usize
     } else {
-        5 + u32_le(rec.get(1..5)?) as usize
+        DELETE_HEADER_LENGTH + u32_le(rec.get(1..5)?) as usize
     };
     (rec.len() >= n).then_some(n)
 }
@@ -410,9 +414,6 @@ pub struct PutBatch {
     nbytes: usize,
 }
 
-/// A PUT record's bytes before its key: type, key length, value length.
-pub const PUT_HEADER_LENGTH: usize = 9;
-
 impl PutBatch {
     /// Room for `records` records of `bytes` bytes of keys and values in all, and their headers
     /// (capped: the limits may be huge, and a few large values need few record ends).
@@ -530,7 +531,7 @@ mod tests {
         // A run from record 10: bytes from its start, keys and values without the headers.
         let start: usize = records[..10]
             .iter()
-            .map(|(k, v)| 9 + k.len() + v.len())
+            .map(|(k, v)| PUT_HEADER_LENGTH + k.len() + v.len())
             .sum();
         let (run, bytes) = batch.framed(10, 20);
         let run_kv: usize = records[10..20].iter().map(|(k, v)| k.len() + v.len()).sum();

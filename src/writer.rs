@@ -18,7 +18,8 @@ use crate::digest::{Digests, Tally};
 use crate::error::{Error, Result};
 use crate::format::{
     check_tree_name, frame_blob, frame_delete, frame_put, frame_put_header, frame_tree_end,
-    Preamble, PutBatch, Trailer, TreeSummary, REC_HEADER, REC_TREE_BEGIN,
+    Preamble, PutBatch, Trailer, TreeSummary, DELETE_HEADER_LENGTH, PUT_HEADER_LENGTH, REC_HEADER,
+    REC_TREE_BEGIN,
 };
 use crate::keys::{derive_digest_key, derive_key_id, SecretKey};
 use crate::parallel;
@@ -492,7 +493,11 @@ impl BackupEncoder {
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         self.guarded(|s| {
             s.expect(State::InTree, "add items")?;
-            frame_put(s.record_buffer(9 + key.len() + value.len())?, key, value)?;
+            frame_put(
+                s.record_buffer(PUT_HEADER_LENGTH + key.len() + value.len())?,
+                key,
+                value,
+            )?;
             s.tree
                 .as_mut()
                 .expect("in tree")
@@ -560,7 +565,7 @@ impl BackupEncoder {
     pub fn delete(&mut self, key: &[u8]) -> Result<()> {
         self.guarded(|s| {
             s.expect(State::InTree, "add deletes")?;
-            frame_delete(s.record_buffer(5 + key.len())?, key)?;
+            frame_delete(s.record_buffer(DELETE_HEADER_LENGTH + key.len())?, key)?;
             s.tree.as_mut().expect("in tree").1.add(key.len(), 0)
         })
     }

@@ -6,7 +6,9 @@ use pyo3::types::PyBytes;
 
 use super::lmdb::PyRecordBatch;
 use super::{opt_arg, pair, secret_arg, str_arg, with_bytes, IntArg, PyResultExt};
-use crate::format::{PutBatch, Trailer, TreeSummary, DEFAULT_SEGMENT_SIZE};
+use crate::format::{
+    PutBatch, Trailer, TreeSummary, DEFAULT_SEGMENT_SIZE, DELETE_HEADER_LENGTH, PUT_HEADER_LENGTH,
+};
 use crate::writer::{BackupEncoder, EncoderOptions};
 
 #[pyclass(module = "datafold._core", name = "BackupWriter")]
@@ -126,8 +128,8 @@ impl PyBackupWriter {
     /// is pending. Large values are sealed piece by piece.
     fn record(&mut self, py: Python<'_>, key: &[u8], value: Option<&[u8]>) -> PyResult<()> {
         let framed = match value {
-            Some(v) => 9 + key.len() + v.len(),
-            None => 5 + key.len(),
+            Some(v) => PUT_HEADER_LENGTH + key.len() + v.len(),
+            None => DELETE_HEADER_LENGTH + key.len(),
         };
         if self.enc.flushes_blocks_before(framed) {
             // A record too large for a block follows the waiting blocks: compress them first,
@@ -168,7 +170,7 @@ impl PyBackupWriter {
                         return Ok(Stop::Large(i));
                     }
                     if enc.compresses() {
-                        if enc.flushes_blocks_before(9 + k.len() + v.len()) {
+                        if enc.flushes_blocks_before(PUT_HEADER_LENGTH + k.len() + v.len()) {
                             enc.compress_blocks()?;
                         }
                         enc.put(k, v)?;
