@@ -151,8 +151,8 @@ impl PyBackupWriter {
     /// A store's batch of records (`record` for each), added without the GIL, so other Python
     /// threads (the read-back check, the write-behind) run meanwhile; it is taken again to write
     /// what was sealed and for a value larger than a batch. Without compression the records go
-    /// in runs, as framed in the batch, each run up to the next seal (the same seals as record
-    /// by record, so the same file).
+    /// in runs, as framed in the batch, each run up to where record by record would seal, so
+    /// no more is pending than that way.
     fn add_batch(&mut self, py: Python<'_>, batch: &PutBatch) -> PyResult<()> {
         enum Stop {
             Sealed,
@@ -166,13 +166,15 @@ impl PyBackupWriter {
                 while *next < batch.len() {
                     let i = *next;
                     let (k, v) = batch.get(i).expect("in range");
+                    if enc.flushes_blocks_before(PUT_HEADER_LENGTH + k.len() + v.len()) {
+                        // A record too large for a block follows the waiting blocks: compress
+                        // them here, without the GIL.
+                        enc.compress_blocks()?;
+                    }
                     if v.len() > flush_at {
                         return Ok(Stop::Large(i));
                     }
                     if enc.compresses() {
-                        if enc.flushes_blocks_before(PUT_HEADER_LENGTH + k.len() + v.len()) {
-                            enc.compress_blocks()?;
-                        }
                         enc.put(k, v)?;
                         *next = i + 1;
                     } else {
