@@ -62,16 +62,16 @@ pub struct Tally {
 
 impl Tally {
     pub fn add(&mut self, key_len: usize, value_len: usize) -> Result<()> {
-        self.add_many(1, (key_len as u64).checked_add(value_len as u64))
+        // Each length is a slice's (at most isize::MAX) or a framed one (a u32, checked before
+        // this is called): their sum fits in 64 bits.
+        self.add_many(1, key_len as u64 + value_len as u64)
     }
 
-    /// `items` records of `bytes` bytes of keys and values in all (None: that sum overflowed).
-    pub fn add_many(&mut self, items: u64, bytes: Option<u64>) -> Result<()> {
+    /// `items` records of `bytes` bytes of keys and values in all.
+    pub fn add_many(&mut self, items: u64, bytes: u64) -> Result<()> {
         let overflow = || Error::integrity("item or byte count overflows 64 bits");
         self.items = self.items.checked_add(items).ok_or_else(overflow)?;
-        self.bytes = bytes
-            .and_then(|b| self.bytes.checked_add(b))
-            .ok_or_else(overflow)?;
+        self.bytes = self.bytes.checked_add(bytes).ok_or_else(overflow)?;
         Ok(())
     }
 
@@ -128,7 +128,7 @@ impl ItemDigester {
     /// The batch's records, as `add` of each would: its framed bytes are hashed as they are.
     pub fn add_batch(&mut self, batch: &PutBatch) -> Result<()> {
         let (framed, bytes) = batch.framed(0, batch.len());
-        self.tally.add_many(batch.len() as u64, Some(bytes))?;
+        self.tally.add_many(batch.len() as u64, bytes)?;
         self.digests.absorb(&self.buf);
         self.buf.clear();
         self.digests.absorb(framed);

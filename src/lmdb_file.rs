@@ -524,13 +524,9 @@ impl Scan {
         max_items: usize,
         max_bytes: usize,
     ) -> Result<bool> {
-        let mut bytes = 0usize;
-        while batch.len() < max_items && bytes < max_bytes {
+        while batch.len() < max_items && batch.nbytes() < max_bytes {
             match self.next(file)? {
-                Some((k, v)) => {
-                    batch.push(k, v)?;
-                    bytes += k.len() + v.len();
-                }
+                Some((k, v)) => batch.push(k, v)?,
                 None => return Ok(false),
             }
         }

@@ -512,7 +512,7 @@ impl BackupEncoder {
     pub fn put_batch(&mut self, batch: &PutBatch, first: usize, end: usize) -> Result<()> {
         self.guarded(|s| {
             s.expect(State::InTree, "add items")?;
-            if s.blocks.level > 0 {
+            if s.compresses() {
                 return Err(Error::invalid("put_batch() with compression on; use put()"));
             }
             if first > end || end > batch.len() {
@@ -524,7 +524,7 @@ impl BackupEncoder {
             let (framed, bytes) = batch.framed(first, end);
             s.plain.extend_from_slice(framed);
             let tally = &mut s.tree.as_mut().expect("in tree").1;
-            tally.add_many((end - first) as u64, Some(bytes))
+            tally.add_many((end - first) as u64, bytes)
         })
     }
 
