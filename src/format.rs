@@ -427,12 +427,9 @@ impl PutBatch {
     }
 
     pub fn push(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
-        self.framed
-            .reserve(PUT_HEADER_LENGTH + key.len() + value.len());
-        frame_put_header(&mut self.framed, key, value.len())?;
-        let key_end = self.framed.len();
-        self.framed.extend_from_slice(value);
-        self.ends.push((key_end, self.framed.len()));
+        frame_put(&mut self.framed, key, value)?;
+        let end = self.framed.len();
+        self.ends.push((end - value.len(), end));
         self.nbytes += key.len() + value.len();
         Ok(())
     }
