@@ -24,7 +24,7 @@ lint: dev
 	$(VENV)/bin/mypy python/datafold
 
 # Full size: the suites (DATAFOLD_BENCH_SCALE, default 0.25) take about a minute, compare.py
-# (scale 1, median of 3, memory at 2 and 8 GiB) about 20 minutes; it rewrites docs/BENCHMARKS.md's
+# (scale 1, median of 5, memory at 2 and 8 GiB) about 10 minutes; it rewrites docs/BENCHMARKS.md's
 # marked regions and docs/benchmarks.png. BENCH_ARGS="--scale 0.02 --repeat 1 --no-write" for a smoke run.
 bench: dev
 	$(PY) -m pip install --quiet -e '.[bench]'

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Side-by-side comparison of datafold with other ways to back up the same LMDB database.
 
-    python benches/compare.py                          # full datasets, median of 3, ~20 min, writes docs/
+    python benches/compare.py                          # full datasets, median of 5, ~10 min, writes docs/
     python benches/compare.py --scale 0.02 --repeat 1 --no-write     # a smoke run (~30 s)
     python benches/compare.py --only memory --memory-mib 512         # the memory benchmark alone
     python benches/compare.py --only incremental --only compression  # issue 6's parts alone
 
 Data: benches/datasets.py's "small" (2M text records of ~17 + 100 bytes in 4 trees) and "large"
 (256 x 1 MiB random values), scaled by --scale, written once into an LMDB database that every
-contender backs up. For each dataset one table, the median of --repeat runs per cell:
+contender backs up. For each dataset one table, the median of --repeat runs per cell (every run
+in order under it):
 
 - datafold's EncryptedBackupManager with the Rust core and with the pure-Python core (defaults:
   create_backup fsyncs and re-reads the file; restore_backup verifies the file, writes into a
@@ -648,6 +649,12 @@ def render_dataset(result: Result, repeat: int, scale: float) -> str:
             cells += [f"{t:.3f}", f"{result.nbytes / t / 1e6:,.0f}", f"{t / ref:.2f}" if ref else "–"]
         note = "; ".join(x for x in (row.note, row.error) if x)
         lines.append(f"| {_cell(row.name)} | " + " | ".join(cells) + f" | {_cell(note)} |")
+    lines += ["", "Every run behind those medians, in the order they ran (seconds):", ""]
+    lines += ["| contender |" + "".join(f" {op} s |" for op in OPS), "|---|" + "---|" * len(OPS)]
+    for row in result.rows:
+        if any(row.times.get(op) for op in OPS):
+            runs = (", ".join(f"{t:.3f}" for t in row.times.get(op, [])) or "–" for op in OPS)
+            lines.append(f"| {_cell(row.name)} | " + " | ".join(runs) + " |")
     lines += ["", "Bars (issue 5):", ""] + [f"- **{b.verdict}** {_cell(b.label)}: {b.detail}" for b in result.bars]
     return "\n".join(lines) + "\n"
 
@@ -1288,7 +1295,7 @@ def workdir(parent: str | None) -> Iterator[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the full datasets (default 1.0)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per cell; the median is reported (default 3)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per cell; the median is reported (default 5)")
     parser.add_argument("--only", action="append", choices=PARTS, help="run only this part (repeatable; default: all)")
     parser.add_argument("--no-write", action="store_true", help="print only: leave docs/ untouched")
     parser.add_argument(

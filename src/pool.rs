@@ -3,9 +3,9 @@
 //! Why not a thread per batch: a backup, restore or verify hands out a batch of segments every
 //! millisecond or so. Spawning a helper for each, and joining it, left a core idle between
 //! batches; on a virtual machine an idle core halts, and waking it again is slow, slower still
-//! after the machine was idle for a moment (docs/BENCHMARKS.md, "Helper threads"). So helpers
-//! stay: after a task each one polls for the next for `SPIN` (yielding to any other runnable
-//! thread meanwhile) before it sleeps on a condition variable.
+//! after the machine was idle for a moment (docs/benchmarks-history.md, "Helper threads"). So
+//! helpers stay: after a task each one polls for the next for `SPIN` (yielding to any other
+//! runnable thread meanwhile) before it sleeps on a condition variable.
 //!
 //! A task borrows the caller's stack. `run` guarantees it never outlives the call: the caller
 //! takes back every ticket no helper has claimed yet and waits for the claimed ones to finish,
@@ -20,7 +20,8 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 /// How long an idle helper (or a caller waiting for one) polls before it sleeps. Most gaps
-/// between batches are shorter; 0.3 ms did as well as 2 ms here (docs/BENCHMARKS.md).
+/// between batches are shorter; 0.3 ms did as well as 2 ms here (docs/benchmarks-history.md,
+/// "Helper threads").
 const SPIN: Duration = Duration::from_micros(300);
 
 /// One `run` call: the task its helpers run, and how many are running it.
