@@ -904,8 +904,8 @@ def render_incremental(run: IncrementalRun, bars: list[Bar], repeat: int, scale:
         f"checks the digests). Median of {repeat} run(s) per cell, run of "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
-        "| step | seconds | time vs full backup | file MB | size vs full backup | notes |",
-        "|---|---:|---:|---:|---:|---|",
+        "| step | seconds | time vs full backup | file MB | size vs full backup | every run, in order (s) | notes |",
+        "|---|---:|---:|---:|---:|---|---|",
     ]
     ref_time, ref_size = full.median("time"), full.size
     for key, step in steps.items():
@@ -916,6 +916,7 @@ def render_incremental(run: IncrementalRun, bars: list[Bar], repeat: int, scale:
             f"{t / ref_time:.3f}" if t is not None and ref_time else "–",
             f"{step.size / 1e6:,.3f}" if creates and step.size else "–",
             f"{step.size / ref_size:.2%}" if creates and step.size and ref_size else "–",
+            ", ".join(f"{x:.3f}" for x in step.times.get("time", [])) or "–",
         ]
         note = "; ".join(x for x in (step.note, step.error) if x)
         lines.append(f"| {_cell(step.name)} | " + " | ".join(cells) + f" | {_cell(note)} |")
