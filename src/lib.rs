@@ -11,6 +11,7 @@ pub mod keys;
 pub mod lmdb_file;
 pub mod lmdb_write;
 pub mod parallel;
+mod placement;
 mod pool;
 pub mod reader;
 pub mod stream;

@@ -14,6 +14,7 @@ use crate::format::{
     REC_TREE_BEGIN, REC_TREE_END, TREE_END_LENGTH,
 };
 use crate::keys::{derive_digest_key, derive_key_id, SecretKey};
+use crate::placement::{file_aligned, FILE_ALIGN};
 use crate::stream::{SegmentCipher, StreamParams};
 
 /// Result of a parse step that may need another segment first.
@@ -215,20 +216,20 @@ impl BackupDecoder {
                 ended = cut.last;
             }
             let count = (index - s.next_segment) as usize;
-            // The ciphertexts lie back to back from HEADROOM on. What is not parsed yet (the
+            // The ciphertexts lie back to back from `origin` on. What is not parsed yet (the
             // start of a record the batch ends) goes just before them, and the batch's buffer
             // becomes the plaintext. A tail longer than that room stays where it is and the
             // opened batch is appended to it: a record of many batches is copied once per
             // batch, not once per batch for all that came before it.
-            let rest = s.end - s.pos;
-            let in_place = rest <= HEADROOM;
+            let (rest, origin) = (s.end - s.pos, batch.origin);
+            let in_place = rest <= origin;
             if in_place {
-                batch.buf[HEADROOM - rest..HEADROOM].copy_from_slice(&s.plain[s.pos..s.end]);
+                batch.buf[origin - rest..origin].copy_from_slice(&s.plain[s.pos..s.end]);
             }
             let mut jobs = Vec::with_capacity(count);
-            let mut dst = &mut batch.buf[HEADROOM..HEADROOM + total];
+            let mut dst = &mut batch.buf[origin..origin + total];
             for (i, (cut, tag)) in batch.cuts[..count].iter().zip(&batch.tags).enumerate() {
-                debug_assert_eq!(cut.start, HEADROOM + (total - dst.len()));
+                debug_assert_eq!(cut.start, origin + (total - dst.len()));
                 let (body, after) = dst.split_at_mut(cut.body());
                 jobs.push((s.next_segment + i as u64, cut.last, body, tag));
                 dst = after;
@@ -248,8 +249,8 @@ impl BackupDecoder {
             }
             if in_place {
                 std::mem::swap(&mut s.plain, &mut batch.buf);
-                s.pos = HEADROOM - rest;
-                s.end = HEADROOM + total;
+                s.pos = origin - rest;
+                s.end = origin + total;
             } else {
                 // Everything before `pos` is digested now: move the tail to the front (once:
                 // nothing is parsed until the record is whole), then append.
@@ -260,7 +261,7 @@ impl BackupDecoder {
                 if s.plain.len() < end {
                     s.plain.resize(end, 0);
                 }
-                s.plain[rest..end].copy_from_slice(&batch.buf[HEADROOM..HEADROOM + total]);
+                s.plain[rest..end].copy_from_slice(&batch.buf[origin..origin + total]);
                 s.pos = 0;
                 s.end = end;
             }
@@ -579,13 +580,8 @@ impl Layout {
 
     /// (offset in the stream, length) of ciphertext segment `i`.
     pub fn segment(&self, i: u64) -> (u64, usize) {
-        let css = self.params.segment_size as u64;
-        let start = if i == 0 {
-            self.params.header_length() as u64
-        } else {
-            i * css
-        };
-        let end = ((i + 1) * css).min(self.stream_len);
+        let start = self.params.segment_offset(i);
+        let end = ((i + 1) * self.params.segment_size as u64).min(self.stream_len);
         (start, (end - start) as usize)
     }
 }
@@ -682,8 +678,11 @@ impl Cut {
 
 #[derive(Default)]
 pub struct Batch {
-    /// From `HEADROOM` on: the segments' ciphertexts without their tags, back to back.
+    /// From `origin` on: the segments' ciphertexts without their tags, back to back.
     buf: Vec<u8>,
+    /// Where the first ciphertext starts: `HEADROOM`, and up to `FILE_ALIGN - 1` bytes more
+    /// to keep it aligned as in the file (`placement`).
+    origin: usize,
     tags: Vec<[u8; TAG_LENGTH]>,
     cuts: Vec<Cut>,
     /// The byte read past the batch: the first of the next one.
@@ -722,6 +721,7 @@ impl Batch {
             .map(|(s, _)| s.len().saturating_sub(TAG_LENGTH))
             .sum();
         self.buf.resize(self.buf.len().max(HEADROOM + bodies), 0);
+        self.origin = HEADROOM;
         self.tags.clear();
         self.cuts.clear();
         let mut start = HEADROOM;
@@ -744,17 +744,20 @@ impl Batch {
 
     /// Reads the segments of full lengths `lens` (each at least a tag long), starting with
     /// `carry` (the byte read past the batch before); fewer when the input ends earlier (the one
-    /// it ends in is flagged last, and may be short or empty).
+    /// it ends in is flagged last, and may be short or empty). `offset`: where the batch starts
+    /// in the source (the carried byte included), for the alignment alone.
     fn fill<E>(
         &mut self,
         carry: Option<u8>,
         lens: &[usize],
+        offset: u64,
         mut read_into: impl FnMut(&mut [u8]) -> std::result::Result<usize, E>,
     ) -> std::result::Result<(), E> {
         let bodies: usize = lens.iter().map(|l| l.saturating_sub(TAG_LENGTH)).sum();
-        if self.buf.len() < HEADROOM + bodies {
-            self.buf.resize(HEADROOM + bodies, 0);
+        if self.buf.len() < HEADROOM + FILE_ALIGN + bodies {
+            self.buf.resize(HEADROOM + FILE_ALIGN + bodies, 0);
         }
+        self.origin = file_aligned(self.buf.as_ptr(), HEADROOM, offset);
         // One more slot for the byte past the batch: what a source is lent must be heap memory
         // that `SegmentReader::leak_buffers` can give up.
         self.tags.clear();
@@ -765,7 +768,7 @@ impl Batch {
         // The input is laid out as: segment k's ciphertext at `body_at`, its tag in tags[k],
         // ..., then the byte past the batch. `(k, at)`: the next byte goes to segment k, `at`
         // bytes into it.
-        let (mut k, mut at, mut body_at, mut placed) = (0usize, 0usize, HEADROOM, 0usize);
+        let (mut k, mut at, mut body_at, mut placed) = (0usize, 0usize, self.origin, 0usize);
         loop {
             let dst: &mut [u8] = match lens.get(k) {
                 Some(&len) => {
@@ -801,7 +804,7 @@ impl Batch {
             }
         }
         self.cuts.clear();
-        let (mut pos, mut start) = (0, HEADROOM);
+        let (mut pos, mut start) = (0, self.origin);
         for (k, &len) in lens.iter().enumerate() {
             let stop = (pos + len).min(placed);
             let last = stop == placed;
@@ -847,14 +850,15 @@ pub struct ReadAhead<'a> {
 }
 
 impl ReadAhead<'_> {
-    /// Reads the segments of full lengths `lens` that follow the current batch; the next
-    /// `advance` must ask for the same lengths.
+    /// Reads the segments of full lengths `lens` that follow the current batch, from `offset`
+    /// in the source on (as `advance`); the next `advance` must ask for the same lengths.
     pub fn read<E>(
         self,
         lens: &[usize],
+        offset: u64,
         read_into: impl FnMut(&mut [u8]) -> std::result::Result<usize, E>,
     ) -> std::result::Result<(), E> {
-        self.next.fill(self.carry, lens, read_into)?;
+        self.next.fill(self.carry, lens, offset, read_into)?;
         *self.ready = true;
         Ok(())
     }
@@ -864,10 +868,12 @@ impl SegmentReader {
     /// Makes the next batch the current one, reading it unless it was read ahead: the segments
     /// of full lengths `lens` (fewer when the input ends earlier; the one it ends in is flagged
     /// last, and may be short or empty). `read_into(dst)` reads up to `dst.len()` bytes into
-    /// `dst` and returns how many, 0 only at the end of the input.
+    /// `dst` and returns how many, 0 only at the end of the input. `offset`: where in the source
+    /// the batch starts (it only decides where the bytes land in memory).
     pub fn advance<E>(
         &mut self,
         lens: &[usize],
+        offset: u64,
         read_into: impl FnMut(&mut [u8]) -> std::result::Result<usize, E>,
     ) -> std::result::Result<(), E> {
         if self.ready {
@@ -876,7 +882,8 @@ impl SegmentReader {
                 "the batch read ahead has other segments"
             );
         } else {
-            self.next.fill(self.current.carry, lens, read_into)?;
+            self.next
+                .fill(self.current.carry, lens, offset, read_into)?;
         }
         std::mem::swap(&mut self.current, &mut self.next);
         self.ready = false;
@@ -993,6 +1000,9 @@ mod tests {
     #[test]
     fn segment_reader_matches_segment_feeder() {
         let lens = |i: u64| if i == 0 { 23 } else { 30 };
+        // Where segment i starts in the source (after a preamble of 5 bytes, say): it moves the
+        // batches in their buffers, never what they hold.
+        let offset = |i: u64| 5 + (0..i).map(lens).sum::<usize>() as u64;
         for total in 0..130usize {
             let data: Vec<u8> = (0..total as u32).map(|i| i as u8).collect();
             // Reference: SegmentFeeder, one segment at a time.
@@ -1027,7 +1037,7 @@ mod tests {
                     };
                     loop {
                         let want: Vec<usize> = (i..i + batch as u64).map(lens).collect();
-                        reader.advance(&want, &mut read).unwrap();
+                        reader.advance(&want, offset(i), &mut read).unwrap();
                         let (current, ahead) = reader.split();
                         let segs = current.joined();
                         assert!(!segs.is_empty());
@@ -1040,7 +1050,7 @@ mod tests {
                         }
                         if read_ahead {
                             let want: Vec<usize> = (i..i + batch as u64).map(lens).collect();
-                            ahead.unwrap().read(&want, &mut read).unwrap();
+                            ahead.unwrap().read(&want, offset(i), &mut read).unwrap();
                         }
                     }
                     assert_eq!(

@@ -81,6 +81,15 @@ impl StreamParams {
     pub fn ciphertext_length(&self, index: u64) -> usize {
         self.plaintext_length(index) + TAG_LENGTH
     }
+
+    /// Where ciphertext segment `index` starts in the stream (segment 0 after the header).
+    pub fn segment_offset(&self, index: u64) -> u64 {
+        if index == 0 {
+            self.header_length() as u64
+        } else {
+            index * self.segment_size as u64
+        }
+    }
 }
 
 pub struct SegmentCipher {

@@ -23,6 +23,7 @@ use crate::format::{
 };
 use crate::keys::{derive_digest_key, derive_key_id, SecretKey};
 use crate::parallel;
+use crate::placement::{file_aligned, FILE_ALIGN};
 use crate::stream::{new_cipher, SegmentCipher, StreamParams};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,9 +53,10 @@ pub struct BackupEncoder {
     plain: Vec<u8>,
     hashed: usize,
     next_segment: u64,
-    /// The output is `out[..out_len]`; the buffer keeps its length from batch to batch, so it is
-    /// not zeroed again for every one.
+    /// The output is `out[out_start..][..out_len]`; the buffer keeps its length from batch to
+    /// batch, so it is not zeroed again for every one.
     out: Vec<u8>,
+    out_start: usize,
     out_len: usize,
     bytes_written: u64,
     /// None while a batch is with the sealer (which digests it first).
@@ -143,13 +145,17 @@ impl Blocks {
 }
 
 /// A batch of whole segments to seal: `plain[hash]` goes into the digests, and the pieces of
-/// `plain` are sealed into `out[..out_len]`, back to back. Run on the caller's thread or on the
-/// sealer's.
+/// `plain` are sealed into `out[out_start..][..out_len]`, back to back. Run on the caller's
+/// thread or on the sealer's.
 struct SealJob {
     plain: Vec<u8>,
     pieces: Vec<(u64, bool, Range<usize>)>,
     hash: Range<usize>,
     out: Vec<u8>,
+    /// Where the output will be in the file: `out_start` keeps it aligned as there
+    /// (`placement`), for the kernel's copy.
+    out_offset: u64,
+    out_start: usize,
     out_len: usize,
     digests: Digests,
     result: Result<()>,
@@ -164,17 +170,20 @@ impl SealJob {
             pieces,
             hash,
             out,
+            out_offset,
+            out_start,
             out_len,
             digests,
             result,
         } = self;
         let sealed: usize = pieces.iter().map(|p| p.2.len()).sum();
         *out_len = sealed + pieces.len() * TAG_LENGTH;
-        if out.len() < *out_len {
-            out.resize(*out_len, 0);
+        if out.len() < *out_len + FILE_ALIGN {
+            out.resize(*out_len + FILE_ALIGN, 0);
         }
+        *out_start = file_aligned(out.as_ptr(), 0, *out_offset);
         let mut jobs = Vec::with_capacity(pieces.len());
-        let mut dst = &mut out[..*out_len];
+        let mut dst = &mut out[*out_start..*out_start + *out_len];
         for (index, last, range) in pieces.iter() {
             let (seg, rest) = dst.split_at_mut(range.len() + TAG_LENGTH);
             jobs.push((*index, *last, &plain[range.clone()], seg));
@@ -319,6 +328,7 @@ impl BackupEncoder {
             plain,
             hashed: 0,
             next_segment: 0,
+            out_start: 0,
             out_len: out.len(),
             out,
             bytes_written: 0,
@@ -410,6 +420,7 @@ impl BackupEncoder {
         let SealJob {
             plain,
             mut out,
+            out_start,
             out_len,
             digests,
             result,
@@ -419,14 +430,17 @@ impl BackupEncoder {
         self.spare_plain = plain;
         if self.out_len == 0 {
             std::mem::swap(&mut self.out, &mut out);
-            self.out_len = out_len;
+            (self.out_start, self.out_len) = (out_start, out_len);
         } else {
-            let end = self.out_len + out_len;
+            let (at, end) = (
+                self.out_start + self.out_len,
+                self.out_start + self.out_len + out_len,
+            );
             if self.out.len() < end {
                 self.out.resize(end, 0);
             }
-            self.out[self.out_len..end].copy_from_slice(&out[..out_len]);
-            self.out_len = end;
+            self.out[at..end].copy_from_slice(&out[out_start..out_start + out_len]);
+            self.out_len += out_len;
         }
         self.spare_out = out;
         result
@@ -650,6 +664,8 @@ impl BackupEncoder {
             pieces,
             hash: self.hashed.min(start)..start,
             out: std::mem::take(&mut self.spare_out),
+            out_offset: self.bytes_written + self.out_len as u64,
+            out_start: 0,
             out_len: 0,
             digests: self.digests.take().expect("collected"),
             result: Ok(()),
@@ -709,7 +725,7 @@ impl BackupEncoder {
 
     /// The ciphertext produced since the last `clear_output`.
     pub fn output(&self) -> &[u8] {
-        &self.out[..self.out_len]
+        &self.out[self.out_start..self.out_start + self.out_len]
     }
 
     /// Marks the output as written; its buffer is kept for reuse (fresh memory is costly here).
@@ -721,7 +737,7 @@ impl BackupEncoder {
     /// Gives up the output buffer without freeing it: for when Python code may still read it.
     pub fn leak_output(&mut self) {
         self.bytes_written += self.out_len as u64;
-        self.out_len = 0;
+        (self.out_start, self.out_len) = (0, 0);
         let cap = self.out.capacity();
         std::mem::forget(std::mem::replace(&mut self.out, Vec::with_capacity(cap)));
     }

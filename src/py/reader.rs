@@ -304,12 +304,16 @@ impl PyBackupReader {
         let dec = self.dec.as_mut().expect("unlocked");
         let params = dec.params();
         let index = dec.next_segment_index();
+        // Where a segment starts in the source (after the preamble), as in a file read from its
+        // start: it decides where the bytes land in memory, not which bytes are read.
+        let preamble_length = self.preamble.raw.len() as u64;
+        let offset = move |index| preamble_length + params.segment_offset(index);
         let mut leaked = false;
-        let read = self
-            .segments
-            .advance(&batch_lengths(params, index, threads), |dst| {
-                read_into(source.bind(py), readinto, dst, &mut leaked)
-            });
+        let read = self.segments.advance(
+            &batch_lengths(params, index, threads),
+            offset(index),
+            |dst| read_into(source.bind(py), readinto, dst, &mut leaked),
+        );
         if let Err(e) = read {
             if leaked {
                 self.segments.leak_buffers();
@@ -329,7 +333,7 @@ impl PyBackupReader {
                     read_ahead = Some(Python::attach(|py| {
                         let mut leaked = false;
                         let lengths = batch_lengths(params, next_index, threads);
-                        let read = ahead.read(&lengths, |dst| {
+                        let read = ahead.read(&lengths, offset(next_index), |dst| {
                             read_into(source.bind(py), readinto, dst, &mut leaked)
                         });
                         (read, leaked)
