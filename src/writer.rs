@@ -145,16 +145,13 @@ impl Blocks {
 }
 
 /// A batch of whole segments to seal: `plain[hash]` goes into the digests, and the pieces of
-/// `plain` are sealed into `out[out_start..][..out_len]`, back to back. Run on the caller's
-/// thread or on the sealer's.
+/// `plain` are sealed into `out[out_start..][..out_len]`, back to back (`out_start` aligns them
+/// as they will be in the file: `placement`). Run on the caller's thread or on the sealer's.
 struct SealJob {
     plain: Vec<u8>,
     pieces: Vec<(u64, bool, Range<usize>)>,
     hash: Range<usize>,
     out: Vec<u8>,
-    /// Where the output will be in the file: `out_start` keeps it aligned as there
-    /// (`placement`), for the kernel's copy.
-    out_offset: u64,
     out_start: usize,
     out_len: usize,
     digests: Digests,
@@ -170,18 +167,12 @@ impl SealJob {
             pieces,
             hash,
             out,
-            out_offset,
             out_start,
             out_len,
             digests,
             result,
         } = self;
-        let sealed: usize = pieces.iter().map(|p| p.2.len()).sum();
-        *out_len = sealed + pieces.len() * TAG_LENGTH;
-        if out.len() < *out_len + FILE_ALIGN {
-            out.resize(*out_len + FILE_ALIGN, 0);
-        }
-        *out_start = file_aligned(out.as_ptr(), 0, *out_offset);
+        let sealed = *out_len - pieces.len() * TAG_LENGTH;
         let mut jobs = Vec::with_capacity(pieces.len());
         let mut dst = &mut out[*out_start..*out_start + *out_len];
         for (index, last, range) in pieces.iter() {
@@ -432,10 +423,8 @@ impl BackupEncoder {
             std::mem::swap(&mut self.out, &mut out);
             (self.out_start, self.out_len) = (out_start, out_len);
         } else {
-            let (at, end) = (
-                self.out_start + self.out_len,
-                self.out_start + self.out_len + out_len,
-            );
+            let at = self.out_start + self.out_len;
+            let end = at + out_len;
             if self.out.len() < end {
                 self.out.resize(end, 0);
             }
@@ -659,14 +648,20 @@ impl BackupEncoder {
         let mut next = std::mem::take(&mut self.spare_plain);
         next.clear();
         next.extend_from_slice(&self.plain[start..]);
+        let out_len = pieces.iter().map(|p| p.2.len() + TAG_LENGTH).sum();
+        let mut out = std::mem::take(&mut self.spare_out);
+        if out.len() < out_len + FILE_ALIGN {
+            out.resize(out_len + FILE_ALIGN, 0);
+        }
+        // Its output follows what is not written yet.
+        let out_start = file_aligned(out.as_ptr(), 0, self.bytes_written + self.out_len as u64);
         let mut job = SealJob {
             plain: std::mem::replace(&mut self.plain, next),
             pieces,
             hash: self.hashed.min(start)..start,
-            out: std::mem::take(&mut self.spare_out),
-            out_offset: self.bytes_written + self.out_len as u64,
-            out_start: 0,
-            out_len: 0,
+            out,
+            out_start,
+            out_len,
             digests: self.digests.take().expect("collected"),
             result: Ok(()),
         };
